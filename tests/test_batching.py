@@ -1,0 +1,62 @@
+"""What one training batch holds: images of different sizes, labels on the caption only, image tokens never cut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+import train
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model):
+    return AutoProcessor.from_pretrained(tiny_model)
+
+
+def test_batch_of_different_sizes(tiny_model, processor):
+    sizes = [(56, 56), (112, 84), (140, 56), (84, 168)]
+    captions = ["a red circle", "a long caption about a small blue square drawn on white", "one", "a green triangle"]
+    images = [Image.new("RGB", s, "white") for s in sizes]
+    examples = [train.encode_example(processor, im, c, "COCO Yes:", 8192) for im, c in zip(images, captions)]
+    batch = train.collate(examples, processor.tokenizer.pad_token_id)
+
+    # Patches of every image concatenated along dim 0, one grid row each; never stacked.
+    grid = batch["image_grid_thw"]
+    assert grid.shape == (4, 3)
+    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum()) == sum(e["pixel_values"].shape[0] for e in examples)
+    assert [tuple(g[1:].tolist()) for g in grid] == [(h // 14, w // 14) for w, h in sizes]
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (batch["input_ids"] == image_token).sum(1).tolist() == (grid.prod(-1) // 4).tolist()
+    assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == image_token)
+
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row, caption in enumerate(captions):
+        labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
+        learnt = labels != -100
+        # Labels are the caption and its closing <|im_end|>, nothing else: not the image, prompt or padding.
+        assert processor.tokenizer.decode(labels[learnt]) == caption + "<|im_end|>"
+        assert labels[learnt][-1] == im_end and torch.equal(labels[learnt], ids[learnt])
+        n_real = int(mask.sum())
+        assert learnt.nonzero().max() == n_real - 1 and learnt.nonzero().min() == n_real - learnt.sum()
+        assert (ids[n_real:] == processor.tokenizer.pad_token_id).all() and not mask[n_real:].any()
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_long_caption_is_cut_never_the_image(processor):
+    image = Image.new("RGB", (112, 112), "white")
+    prompt_len = len(train.encode_example(processor, image, "", "COCO Yes:", 8192)["input_ids"]) - 1
+    long_caption = " ".join(["a red circle on a plain white background"] * 300)
+    example = train.encode_example(processor, image, long_caption, "COCO Yes:", prompt_len + 10)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert len(example["input_ids"]) == prompt_len + 10
+    assert (example["input_ids"] == image_token).sum() == 16  # 112x112 -> 8x8 patches -> 16 tokens, all kept
+    learnt = example["labels"][example["labels"] != -100]
+    assert len(learnt) == 10 and learnt[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    with pytest.raises(ValueError, match="--max-length"):
+        train.encode_example(processor, image, "a caption", "COCO Yes:", prompt_len - 5)

@@ -1,0 +1,105 @@
+"""infer.py with the adapter the learning run saved: batching, settings reuse, bad paths, merging."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from test_train import run_script
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+import infer
+
+
+@pytest.fixture(scope="module")
+def captioner(trained):
+    adapter, _ = trained
+    return infer.load_captioner(adapter, None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def odd_sized_pictures(tmp_path_factory):
+    """Shape pictures of several sizes and modes, so a batch needs real padding."""
+    from make_coco_folder import draw_picture  # tools/ is on sys.path (conftest)
+    import random
+
+    folder = tmp_path_factory.mktemp("odd")
+    rng = random.Random(1)
+    specs = [("red", "circle", (56, 56), "RGB"), ("blue", "square", (112, 56), "RGBA"), ("green", "triangle", (84, 140), "L"),
+             ("yellow", "circle", (168, 112), "CMYK"), ("blue", "triangle", (56, 84), "RGB")]  # fmt: skip
+    paths = []
+    for i, (colour, shape, size, mode) in enumerate(specs):
+        path = folder / f"{i}.{'jpg' if mode in ('L', 'CMYK', 'RGB') else 'png'}"
+        draw_picture(colour, shape, size, rng).convert(mode).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_batched_captions_equal_one_at_a_time(captioner, odd_sized_pictures):
+    model, processor, _ = captioner
+    images = [infer.load_image(p, 0) for p in odd_sized_pictures]  # 0: native sizes, so token counts differ
+    assert len({im.size for im in images}) == len(images)
+    batched = infer.caption_images(model, processor, images, "COCO Yes:", batch_size=8, max_new_tokens=16)
+    single = [infer.caption_images(model, processor, [im], "COCO Yes:", max_new_tokens=16)[0] for im in images]
+    assert batched == single
+    assert all(batched), "the trained adapter should say something for every picture"
+
+
+def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, captioner, odd_sized_pictures, tmp_path):
+    adapter, _ = trained
+    model, processor, settings = captioner
+    assert settings["image_size"] == 56
+    bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "garbage.jpg")]
+    (tmp_path / "garbage.jpg").write_bytes(b"not a picture at all")
+    out = tmp_path / "captions.jsonl"
+    result = run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--output", str(out),
+                        odd_sized_pictures[0], bad[0], odd_sized_pictures[1], bad[1], *odd_sized_pictures[2:])  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for path in bad:
+        assert sum(path in line and "skipped" in line for line in result.stderr.splitlines()) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == odd_sized_pictures
+    # The same captions as captioning in-process with the adapter's prompt and 56x56 images.
+    images = [infer.load_image(p, 56) for p in odd_sized_pictures]
+    expected = infer.caption_images(model, processor, images, settings["prompt"], max_new_tokens=64)
+    assert [r["caption"] for r in records] == expected
+    assert f"captioned {len(odd_sized_pictures)} of {len(odd_sized_pictures) + 2} images" in result.stdout
+
+
+def test_default_adapter_and_split_are_the_latest_training_run(trained, tmp_path):
+    adapter, _ = trained
+    shutil.copytree(adapter, tmp_path / "output" / "run" / "adapter")
+    result = run_script(str(infer.__file__), "--device", "cpu", "--output", "c.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(records) == 36 and all(r["references"] for r in records)
+
+
+def test_merged_model_loads_alone_and_captions_the_same(trained, captioner, odd_sized_pictures, tmp_path):
+    adapter, _ = trained
+    model, processor, _ = captioner
+    result = run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--merge", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    merged_processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    images = [infer.load_image(p, 56) for p in odd_sized_pictures]
+    assert infer.caption_images(merged, merged_processor, images, "COCO Yes:", max_new_tokens=16) == (
+        infer.caption_images(model, processor, images, "COCO Yes:", max_new_tokens=16)
+    )
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "CMYK", "P", "I;16"])
+def test_any_image_mode_loads_as_rgb(tmp_path, mode):
+    path = tmp_path / ("x.png" if mode in ("RGBA", "LA", "P", "I;16") else "x.jpg")
+    Image.new("RGB", (70, 50), (200, 30, 30)).convert(mode).save(path)
+    image = infer.load_image(path, 56)
+    assert image.mode == "RGB" and image.size == (56, 56)
+    assert infer.load_image(path, 0).size == (70, 50)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (28, 28), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert infer.load_image(tmp_path / "clear.png", 0).getpixel((5, 5)) == (255, 255, 255)

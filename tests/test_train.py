@@ -1,0 +1,137 @@
+"""train.py on the tiny Qwen2-VL: what it saves, what it logs, what it learns, and how it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LEARN_ARGS, REPO, make_dataset
+from PIL import Image
+from swanlab_files import only_run, read_run
+from transformers import AutoProcessor, TrainerCallback
+
+import infer
+import train
+
+QUICK = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--grad-accum", "1", "--workers", "0",
+         "--logging-steps", "1", "--sample-max-new-tokens", "8", "--test-size", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes_24(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("shapes24"), 24)
+
+
+def run_script(*args, env=None, cwd=REPO):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+class Spy(TrainerCallback):
+    """Records the trainable parameter names and the LoRA weights before training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.model = model
+
+
+def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
+    spy = Spy()
+    out = tmp_path / "out"
+    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
+                "--max-steps", "4", "--swanlab-mode", "offline", *QUICK], callbacks=[spy])  # fmt: skip
+
+    # Only language-model LoRA weights train; the vision tower and the base weights are frozen.
+    assert spy.trainable and all("language_model" in n and "lora_" in n for n in spy.trainable)
+    assert not any("visual" in n for n in spy.trainable)
+    changed = [n for n, p in spy.model.named_parameters() if n in spy.initial and not torch.equal(p, spy.initial[n])]
+    assert len(changed) == len(spy.trainable), "every LoRA weight should have moved"
+
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    settings = json.loads((adapter / infer.SETTINGS_FILE).read_text())
+    assert settings["prompt"] == "COCO Yes:" and settings["image_size"] == 56 and settings["lora_r"] == 64
+    assert settings["model_dir"] == str(tiny_model) and settings["global_step"] == 4
+    assert {"torch", "transformers", "peft", "swanlab"} <= set(settings["versions"])
+    assert AutoProcessor.from_pretrained(adapter).tokenizer.convert_tokens_to_ids("<|im_end|>") is not None
+
+    run = read_run(only_run(tmp_path / "swanlog"))
+    losses = run["scalars"]["train/loss"]
+    assert len(losses) == 4 and all(v > 0 for _, v in losses)
+    predictions = run["media"]["Prediction"]
+    assert len(predictions) == 2 and all(name.endswith(".png") for name, _ in predictions)
+    assert "lora_r" in run["config"]
+    # The held-out split was written beside the data, in the tutorial's file names.
+    assert len(json.loads((shapes_24.parent / "data_vl_test.json").read_text())) == 2
+
+
+def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shapes_24, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    env.update(HOME=str(tmp_path), SWANLAB_LOG_DIR=str(tmp_path / "swanlog"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--model-dir", str(tiny_model), "--data-json", str(shapes_24),
+         "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
+    assert only_run(tmp_path / "swanlog")
+    assert result.stdout.strip().splitlines()[-1] == f"adapter saved to {tmp_path / 'out' / 'adapter'}"
+
+
+def test_learns_colour_and_shape_from_the_pictures(trained, shapes_132):
+    """The proof that preprocessing, label masking and collation carry the image to the caption."""
+    adapter, _ = trained
+    model, processor, settings = infer.load_captioner(adapter, None, "cpu")
+    test = infer.read_conversations(settings["test_json"])
+    images = [infer.load_image(infer.image_of(it), 56) for it in test]
+    captions = infer.caption_images(model, processor, images, "COCO Yes:", max_new_tokens=16)
+    colour = shape = both = 0
+    for item, caption in zip(test, captions):
+        want_colour, want_shape = infer.caption_of(item).split()[1:3]
+        words = caption.split()
+        colour += want_colour in words
+        shape += want_shape in words
+        both += want_colour in words and want_shape in words
+    n = len(test)
+    print(f"held-out {n}: colour {colour / n:.0%}, shape {shape / n:.0%}, both {both / n:.0%} (chance 8%)")
+    assert both / n >= 2 / 12, f"both right for only {both}/{n}: captions {captions}"
+
+
+def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_run(tiny_model, shapes_24, tmp_path):
+    from safetensors.torch import load_file
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    def common(out):
+        return ["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
+                "--max-steps", "6", "--save-steps", "2", "--swanlab-mode", "disabled", *QUICK]  # fmt: skip
+
+    train.main(common(tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common(tmp_path / "b"), callbacks=[Crash()])
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "adapter").exists()
+
+    # Without --resume, an earlier run's checkpoints are never overwritten silently.
+    result = run_script("train.py", *common(tmp_path / "b"))
+    assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
+
+    train.main([*common(tmp_path / "b"), "--resume"])
+    state = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "b" / "adapter" / infer.SETTINGS_FILE).read_text())["global_step"] == 6
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # same seed, same data order, RNG state restored: the resumed run is the same run
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)

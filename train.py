@@ -1,0 +1,374 @@
+"""LoRA fine-tune Qwen2-VL-2B-Instruct to caption images, logging curves and sample captions to SwanLab.
+
+    python train.py                                    # the tutorial's run: data_vl.json, 2 epochs, adapter in output/
+    python train.py --model-dir models/Qwen2-VL-2B-Instruct --epochs 1
+    python train.py --resume                           # continue an interrupted run from its last checkpoint
+    torchrun --nproc_per_node 2 train.py               # data parallel on 2 GPUs
+
+Every UPPER_CASE setting below is also a --lower-case flag (`python train.py --help` lists them). The last TEST_SIZE
+conversations are held out (data_vl_test.json) and captioned after training. The adapter, its processor and every
+setting of the run (train_settings.json) are saved to OUTPUT_DIR/adapter; infer.py reads them back so it captions with
+the same prompt and image size. The last line printed names the adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cli
+import infer
+
+MODEL_DIR = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
+DATA_JSON = "data_vl.json"  # conversations written by csv2json.py
+OUTPUT_DIR = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
+TEST_SIZE = 4  # last conversations held out (data_vl_test.json) and captioned after training
+PROMPT = "COCO Yes:"  # user prompt before each caption; infer.py reuses the one saved with the adapter
+IMAGE_SIZE = 280  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
+MAX_LENGTH = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
+LORA_R = 64  # LoRA rank
+LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT = 0.05  # dropout on the LoRA input
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model projections given LoRA
+EPOCHS = 2  # passes over the training conversations
+MAX_STEPS = -1  # stop after this many optimizer steps (-1: run all EPOCHS)
+BATCH_SIZE = 4  # conversations per device per forward pass
+GRAD_ACCUM = 4  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x GPUs)
+LEARNING_RATE = 1e-4  # peak learning rate (linear decay to 0)
+GRADIENT_CHECKPOINTING = True  # recompute activations in the backward pass: less memory, slower
+LOGGING_STEPS = 10  # log the loss every this many optimizer steps
+SAVE_STEPS = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
+SEED = 42  # seed for LoRA initialisation, dropout and data order
+DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
+WORKERS = 2  # DataLoader processes decoding images while the GPU trains
+RESUME = False  # continue from the last checkpoint in OUTPUT_DIR
+OVERWRITE = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
+SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out pictures
+SWANLAB_PROJECT = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
+SWANLAB_EXPERIMENT = "qwen2-vl-coco2014"  # SwanLab experiment name
+SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)
+
+
+# ------------------------------------------------------------------------------------------------------------------ data
+def split_paths(data_json: str | Path) -> tuple[Path, Path]:
+    """data_vl.json -> (data_vl_train.json, data_vl_test.json) beside it, the tutorial's file names."""
+    p = Path(data_json)
+    return p.with_name(f"{p.stem}_train.json"), p.with_name(f"{p.stem}_test.json")
+
+
+def hold_out(items: list[dict], test_size: int, data_json: str | Path) -> tuple[list[dict], list[dict]]:
+    """Split off the last test_size conversations and write both halves beside data_json."""
+    if not 0 <= test_size < len(items):
+        raise cli.UserError(f"--test-size {test_size} leaves nothing to train on ({len(items)} conversations).")
+    train, test = items[: len(items) - test_size], items[len(items) - test_size :]
+    for path, part in zip(split_paths(data_json), (train, test)):
+        write_json(path, part)
+    return train, test
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=4), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def drop_missing_images(items: list[dict]) -> list[dict]:
+    """Leave out conversations whose picture is missing or not an image, one warning line each."""
+    from PIL import Image
+
+    kept = []
+    for i, item in enumerate(items):
+        path = infer.image_of(item)
+        try:
+            with Image.open(path):  # reads the header only: cheap, and catches missing and non-image files
+                pass
+            kept.append(item)
+        except (OSError, SyntaxError) as e:
+            reason = "no such file" if isinstance(e, FileNotFoundError) else "not a readable image"
+            print(f"warning: skipped conversation {i + 1} ({item.get('id')}): {path}: {reason}", file=sys.stderr)
+    if not kept:
+        raise cli.UserError("none of the conversations' images could be read; check the paths in the data JSON.")
+    return kept
+
+
+def encode_example(processor, image, caption: str, prompt: str, max_length: int) -> dict:
+    """Token ids, labels and pixels for one picture and its caption.
+
+    The labels are -100 (ignored) on the system prompt, the image tokens and the user prompt: only the caption and the
+    closing <|im_end|> are learnt, so the model learns to answer and to stop. A caption too long for max_length is cut,
+    never the image tokens.
+    """
+    import torch
+
+    tok = processor.tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    enc = processor(text=[infer.prompt_text(processor, prompt)], images=[image], return_tensors="pt")
+    prompt_ids = enc["input_ids"][0]
+    answer = tok(caption, add_special_tokens=False)["input_ids"] + [im_end]
+    room = max_length - len(prompt_ids)
+    if room < 2:
+        raise ValueError(
+            f"the prompt and image need {len(prompt_ids)} tokens, more than MAX_LENGTH {max_length} allows; raise "
+            "--max-length or lower --image-size"
+        )
+    if len(answer) > room:
+        answer = answer[: room - 1] + [im_end]
+    answer = torch.tensor(answer, dtype=prompt_ids.dtype)
+    return {
+        "input_ids": torch.cat([prompt_ids, answer]),
+        "labels": torch.cat([torch.full_like(prompt_ids, -100), answer]),
+        "mm_token_type_ids": torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(answer)]),
+        "pixel_values": enc["pixel_values"],
+        "image_grid_thw": enc["image_grid_thw"],
+    }
+
+
+class CaptionDataset:
+    """Conversations decoded and tokenised as the training loop reads them (in DataLoader workers), never all at once."""
+
+    def __init__(self, items: list[dict], processor, prompt: str, image_size: int, max_length: int):
+        self.items, self.processor, self.prompt = items, processor, prompt
+        self.image_size, self.max_length = image_size, max_length
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.items[i]
+        try:
+            image = infer.load_image(infer.image_of(item), self.image_size)
+            return encode_example(self.processor, image, infer.caption_of(item), self.prompt, self.max_length)
+        except ValueError as e:  # a file that went bad after the start-up check, or too big: skip it, don't stop
+            print(f"warning: skipped {infer.image_of(item)}: {e}", file=sys.stderr)
+            return None
+
+
+def collate(examples: list[dict | None], pad_token_id: int) -> dict:
+    """Pad a batch on the right; concatenate the images' patches (never stack: images may differ in size)."""
+    import torch
+
+    examples = [e for e in examples if e is not None]
+    if not examples:
+        raise RuntimeError("every image of a batch failed to load; see the warnings above")
+    length = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key, value):
+        return torch.stack([torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=value) for e in examples])
+
+    input_ids = pad("input_ids", pad_token_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": pad("input_ids", -1).ne(-1).long(),
+        "labels": pad("labels", -100),
+        "mm_token_type_ids": pad("mm_token_type_ids", 0),
+        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
+        "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------- model
+def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
+    """Wrap the model with LoRA on the language model's projections only; the vision tower stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise cli.UserError("--lora-targets is empty; name at least one projection, e.g. q_proj,v_proj.")
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        # A regex, so that only model.language_model.layers.N.* matches, whatever the vision tower's names are.
+        target_modules=rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise cli.UserError(f"--lora-targets {targets!r} matches no language-model projection ({e}).") from None
+
+
+# ------------------------------------------------------------------------------------------------------------- swanlab
+def swanlab_mode(setting: str | None) -> str:
+    """The SwanLab mode: as set; else cloud when an API key is configured; else offline, saying how to sync later."""
+    import swanlab
+
+    mode = setting or os.environ.get("SWANLAB_MODE")
+    if mode:
+        if mode not in ("cloud", "online", "offline", "local", "disabled"):
+            raise cli.UserError(f"SwanLab mode {mode!r} is not one of cloud, offline, local, disabled.")
+        return mode
+    if os.environ.get("SWANLAB_API_KEY") or swanlab.Settings().api_key:
+        return "cloud"
+    print("SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
+          "`swanlab sync swanlog/run-...` (the folder is printed below).")  # fmt: skip
+    return "offline"
+
+
+def start_swanlab(args, config: dict):
+    """Start the SwanLab run (rank 0 only) and return transformers' callback for it, or None when disabled."""
+    import swanlab
+    from swanlab.integration.transformers import SwanLabCallback
+
+    mode = swanlab_mode(args.swanlab_mode)
+    if mode == "disabled":
+        return None
+    swanlab.init(project=args.swanlab_project, experiment_name=args.swanlab_experiment, mode=mode, config=config)
+    return SwanLabCallback()
+
+
+def log_samples(key: str, items: list[dict], captions: list[str]) -> None:
+    """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
+    import swanlab
+
+    if not swanlab.has_run():
+        return
+    images = []
+    for item, caption in zip(items, captions):
+        images.append(swanlab.Image(infer.image_of(item), caption=caption))
+    swanlab.log({key: images})
+
+
+# ------------------------------------------------------------------------------------------------------------------ main
+def library_versions() -> dict:
+    from importlib.metadata import version
+
+    names = ["torch", "transformers", "peft", "accelerate", "swanlab", "modelscope"]
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def check_output_dir(args) -> str | None:
+    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if args.resume:
+        if last is None:
+            print(f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr)
+        return last
+    if last is not None and not args.overwrite:
+        raise cli.UserError(
+            f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
+            "or another --output-dir."
+        )
+    return None
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
+    args = cli.parse_settings(globals(), argv)
+    infer.check_image_size(args.image_size)
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise cli.UserError("--batch-size and --grad-accum must be at least 1.")
+    device = infer.resolve_device(args.device)
+    resume_from = check_output_dir(args)
+    items = drop_missing_images(infer.read_conversations(args.data_json))
+    train_items, test_items = hold_out(items, args.test_size, args.data_json)
+
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(args.seed)
+    model_dir = infer.resolve_model_dir(args.model_dir)
+    model, processor = infer.load_base_model(model_dir, device)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
+    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    effective_batch = args.batch_size * args.grad_accum * world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_items) / effective_batch) * args.epochs
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    settings = {
+        **vars(args),
+        "model_dir": model_dir,
+        "train_json": str(split_paths(args.data_json)[0].resolve()),
+        "test_json": str(split_paths(args.data_json)[1].resolve()),
+        "train_size": len(train_items),
+        "world_size": world_size,
+        "effective_batch": effective_batch,
+        "optimizer_steps": steps,
+        "trainable_parameters": trainable,
+        "versions": library_versions(),
+    }
+    print(f"training {len(train_items)} conversations, effective batch {effective_batch} "
+          f"({args.batch_size} x {args.grad_accum} accumulation x {world_size} processes), {steps} steps, "
+          f"{trainable / 1e6:.1f}M trainable parameters on {device}")  # fmt: skip
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        activation_checkpointing=args.gradient_checkpointing,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=device.startswith("cuda"),
+        use_cpu=device == "cpu",
+        dataloader_num_workers=args.workers,
+        dataloader_persistent_workers=args.workers > 0,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        report_to="none",
+    )
+    is_main = training_args.process_index == 0
+    swanlab_callback = start_swanlab(args, settings) if is_main else None
+    dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
+    try:  # fail before training, not in a DataLoader worker, when the settings cannot fit an image
+        encode_example(processor, infer.load_image(infer.image_of(train_items[0]), args.image_size),
+                       infer.caption_of(train_items[0]), args.prompt, args.max_length)  # fmt: skip
+    except ValueError as e:
+        raise cli.UserError(f"{infer.image_of(train_items[0])}: {e}.") from None
+    pad_id = processor.tokenizer.pad_token_id
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=lambda batch: collate(batch, pad_id),
+        callbacks=[c for c in [swanlab_callback, *(callbacks or [])] if c],
+    )
+    if resume_from:
+        print(f"resuming from {resume_from}")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    if not is_main:
+        return 0
+
+    adapter_dir = Path(args.output_dir) / "adapter"
+    model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    settings.update(train_seconds=round(seconds, 2), train_loss=result.training_loss, global_step=result.global_step)
+    write_json(adapter_dir / infer.SETTINGS_FILE, settings)
+
+    model.eval()
+    images = [infer.load_image(infer.image_of(it), args.image_size) for it in test_items]
+    captions = infer.caption_images(model, processor, images, args.prompt, max_new_tokens=args.sample_max_new_tokens)
+    for item, caption in zip(test_items, captions):
+        print(f"{infer.image_of(item)}\n  reference: {infer.caption_of(item)}\n  generated: {caption}")
+    log_samples("Prediction", test_items, captions)
+    if swanlab_callback:
+        import swanlab
+
+        swanlab.finish()
+    print(f"trained {result.global_step} steps in {seconds:.1f} s, final loss {result.training_loss:.4f}")
+    print(f"adapter saved to {adapter_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli.run(main)
