@@ -126,13 +126,17 @@ def resolve_model_dir(model_dir: str) -> str:
         ) from None
 
 
-def load_base_model(model_dir: str, device: str):
-    """Qwen2-VL and its processor from a local folder. Never remote code: Qwen2-VL is part of transformers."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+def load_model(model_dir: str, device: str):
+    """Qwen2-VL from a local folder. Never remote code: Qwen2-VL is part of transformers."""
+    from transformers import Qwen2VLForConditionalGeneration
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=model_dtype(device)).to(device)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    return model, processor
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=model_dtype(device)).to(device)
+
+
+def load_processor(model_dir: str | Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_dir))
 
 
 def latest_adapter(root: str | Path = OUTPUT_ROOT) -> Path:
@@ -160,14 +164,14 @@ def load_captioner(adapter: str | Path | None, model_dir: str | None, device: st
     base = str(adapter) if merged else (model_dir or settings.get("model_dir"))
     if not base:
         raise cli.UserError("no base model given; pass --model-dir a Qwen2-VL folder (or --adapter DIR).")
-    model, processor = load_base_model(resolve_model_dir(base), device)
+    model_dir = resolve_model_dir(base)
+    model = load_model(model_dir, device)
+    processor = load_processor(model_dir)
     if adapter and not merged:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(str(adapter))  # the processor saved with the adapter, as trained
+        processor = load_processor(adapter)  # the processor saved with the adapter, as trained
     model.eval()
     return model, processor, settings
 

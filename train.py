@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cli
@@ -77,22 +78,29 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def drop_missing_images(items: list[dict]) -> list[dict]:
-    """Leave out conversations whose picture is missing or not an image, one warning line each."""
+def usable_conversations(items: list[dict]) -> list[dict]:
+    """Leave out conversations whose picture is missing or not an image, or whose caption is empty; a warning each."""
     from PIL import Image
 
     kept = []
     for i, item in enumerate(items):
-        path = infer.image_of(item)
-        try:
-            with Image.open(path):  # reads the header only: cheap, and catches missing and non-image files
-                pass
-            kept.append(item)
-        except (OSError, SyntaxError) as e:
-            reason = "no such file" if isinstance(e, FileNotFoundError) else "not a readable image"
+        path, reason = infer.image_of(item), None
+        if not infer.caption_of(item).strip():
+            reason = "empty caption"
+        else:
+            try:
+                with Image.open(path):  # the header only: cheap, and catches missing and non-image files
+                    pass
+            except FileNotFoundError:
+                reason = "no such file"
+            except (OSError, SyntaxError):
+                reason = "not a readable image"
+        if reason:
             print(f"warning: skipped conversation {i + 1} ({item.get('id')}): {path}: {reason}", file=sys.stderr)
+        else:
+            kept.append(item)
     if not kept:
-        raise cli.UserError("none of the conversations' images could be read; check the paths in the data JSON.")
+        raise cli.UserError("no conversation has a readable image and a caption; check the data JSON.")
     return kept
 
 
@@ -263,19 +271,28 @@ def check_output_dir(args) -> str | None:
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
     args = cli.parse_settings(globals(), argv)
+    # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
     infer.check_image_size(args.image_size)
     if args.batch_size < 1 or args.grad_accum < 1:
         raise cli.UserError("--batch-size and --grad-accum must be at least 1.")
     device = infer.resolve_device(args.device)
     resume_from = check_output_dir(args)
-    items = drop_missing_images(infer.read_conversations(args.data_json))
+    items = usable_conversations(infer.read_conversations(args.data_json))
     train_items, test_items = hold_out(items, args.test_size, args.data_json)
 
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(args.seed)
     model_dir = infer.resolve_model_dir(args.model_dir)
-    model, processor = infer.load_base_model(model_dir, device)
+    processor = infer.load_processor(model_dir)
+    try:  # fail now, not in a DataLoader worker, when the settings cannot fit an image
+        first = train_items[0]
+        image = infer.load_image(infer.image_of(first), args.image_size)
+        encode_example(processor, image, infer.caption_of(first), args.prompt, args.max_length)
+    except ValueError as e:
+        raise cli.UserError(f"{infer.image_of(first)}: {e}.") from None
+    model = infer.load_model(model_dir, device)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
@@ -327,11 +344,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     is_main = training_args.process_index == 0
     swanlab_callback = start_swanlab(args, settings) if is_main else None
     dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
-    try:  # fail before training, not in a DataLoader worker, when the settings cannot fit an image
-        encode_example(processor, infer.load_image(infer.image_of(train_items[0]), args.image_size),
-                       infer.caption_of(train_items[0]), args.prompt, args.max_length)  # fmt: skip
-    except ValueError as e:
-        raise cli.UserError(f"{infer.image_of(train_items[0])}: {e}.") from None
     pad_id = processor.tokenizer.pad_token_id
     trainer = Trainer(
         model=model,

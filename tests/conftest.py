@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,19 @@ from make_offline_model import make_offline_model  # noqa: E402
 LEARN_ARGS = ["--device", "cpu", "--image-size", "56", "--batch-size", "8", "--grad-accum", "1", "--learning-rate", "3e-3",
               "--lora-r", "16", "--lora-dropout", "0", "--no-gradient-checkpointing", "--workers", "0",
               "--logging-steps", "10", "--save-steps", "1000", "--sample-max-new-tokens", "16"]  # fmt: skip
+
+
+# A few quick steps: enough to exercise saving, logging and failure handling.
+QUICK = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--grad-accum", "1", "--workers", "0",
+         "--logging-steps", "1", "--sample-max-new-tokens", "8", "--test-size", "2"]  # fmt: skip
+
+
+def run_script(*args, env=None, cwd=REPO):
+    """Run one of the repository's scripts as a user does: a fresh Python process (in the repository root by default)."""
+    env = {**os.environ, **(env or {})}
+    script, *rest = args
+    command = [sys.executable, str(REPO / script), *rest]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +60,11 @@ def make_dataset(root: Path, n: int, size=(56, 56), split="train2014", seed=0) -
 def shapes_132(tmp_path_factory) -> Path:
     """96 training + 36 held-out pictures of 4 colours x 3 shapes."""
     return make_dataset(tmp_path_factory.mktemp("shapes"), 132)
+
+
+@pytest.fixture(scope="session")
+def shapes_24(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shapes24"), 24)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from PIL import Image
-from test_train import run_script
+from conftest import run_script
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 import infer
@@ -72,7 +72,7 @@ def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, ca
 def test_default_adapter_and_split_are_the_latest_training_run(trained, tmp_path):
     adapter, _ = trained
     shutil.copytree(adapter, tmp_path / "output" / "run" / "adapter")
-    result = run_script(str(infer.__file__), "--device", "cpu", "--output", "c.jsonl", cwd=tmp_path)
+    result = run_script("infer.py", "--device", "cpu", "--output", "c.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(records) == 36 and all(r["references"] for r in records)

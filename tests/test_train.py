@@ -9,27 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import LEARN_ARGS, REPO, make_dataset
-from PIL import Image
+from conftest import QUICK, REPO, run_script
 from swanlab_files import only_run, read_run
 from transformers import AutoProcessor, TrainerCallback
 
 import infer
 import train
-
-QUICK = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--grad-accum", "1", "--workers", "0",
-         "--logging-steps", "1", "--sample-max-new-tokens", "8", "--test-size", "2"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shapes_24(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("shapes24"), 24)
-
-
-def run_script(*args, env=None, cwd=REPO):
-    env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
 
 class Spy(TrainerCallback):
     """Records the trainable parameter names and the LoRA weights before training."""

@@ -1,0 +1,135 @@
+"""The CSV of images and captions -> data_vl.json, the tutorial's conversation format, every row checked.
+
+    python csv2json.py                                 # coco-2014-dataset.csv -> data_vl.json
+    python csv2json.py --csv my-images.csv --json data_vl_mine.json
+
+Each good row becomes `{"id": "identity_K", "conversations": [{"from": "user", "value": "COCO Yes: <|vision_start|>PATH
+<|vision_end|>"}, {"from": "assistant", "value": CAPTION}]}`, plus `"references"` (every reference caption, for scoring)
+when the CSV has a `captions` column. Rows whose image is missing or unreadable, or whose caption is empty, are reported by
+row number (row 1 = the first data row) and left out. The JSON is written whole or not at all. Next step: `python train.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+import cli
+
+CSV = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
+JSON = "data_vl.json"  # the conversation file to write
+WORKERS = min(8, os.cpu_count() or 1)  # images checked in parallel
+
+PROMPT = "COCO Yes:"  # instruction written before each image; keep the default, train.py and infer.py use it
+REQUIRED_COLUMNS = ("image_path", "caption")
+
+
+def conversation(index: int, image_path, caption: str, references: list[str] | None = None, prompt: str = PROMPT) -> dict:
+    """One training example in the tutorial's format; `index` counts from 1."""
+    item = {
+        "id": f"identity_{index}",
+        "conversations": [
+            {"from": "user", "value": f"{prompt} <|vision_start|>{image_path}<|vision_end|>"},
+            {"from": "assistant", "value": caption},
+        ],
+    }
+    if references is not None:
+        item["references"] = list(references)
+    return item
+
+
+def read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
+    """The CSV's column names and rows; a UserError when it is missing or lacks a needed column."""
+    if not csv_path.is_file():
+        raise cli.UserError(f"{csv_path} not found; run data2csv.py first (or pass --csv PATH).")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise cli.UserError(
+                f"{csv_path} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''} "
+                f"(it has: {', '.join(columns) or 'nothing'}); write it with data2csv.py."
+            )
+        return columns, list(reader)
+
+
+def image_problem(image_path: str) -> str | None:
+    """Why an image cannot be used for training, or None when it decodes."""
+    if not image_path.strip():
+        return "no image path"
+    path = Path(image_path)
+    if not path.is_file():
+        return f"image not found: {image_path}"
+    try:
+        with Image.open(path) as image:
+            image.load()  # a full decode: a truncated file only fails here
+    except Exception as e:  # PIL raises many kinds for bad files
+        return f"image unreadable: {image_path} ({' '.join(f'{type(e).__name__}: {e}'.split())[:160]})"
+    return None
+
+
+def row_item(row: dict, has_references: bool) -> tuple[dict | None, str | None]:
+    """(fields of a good row, None) or (None, why the row is left out). Checks the image, so it runs in a worker."""
+    caption = (row.get("caption") or "").strip()
+    if not caption:
+        return None, "empty caption"
+    references = None
+    if has_references:
+        try:
+            references = [str(c).strip() for c in json.loads(row.get("captions") or "[]") if str(c).strip()]
+        except (ValueError, TypeError):
+            return None, "captions is not a JSON list of captions"
+        references = references or [caption]
+    image_path = (row.get("image_path") or "").strip()
+    problem = image_problem(image_path)
+    if problem:
+        return None, problem
+    return {"image_path": str(Path(image_path).resolve()), "caption": caption, "references": references}, None
+
+
+def write_json(path: Path, items: list[dict]) -> None:
+    """Write under a temporary name, then rename: the file is the old one or the whole new one, never a part."""
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "w", encoding="utf-8") as f:
+        json.dump(items, f, ensure_ascii=False, indent=4)
+    os.replace(part, path)
+
+
+def main(argv=None) -> None:
+    settings = cli.parse_settings(globals(), argv)
+    csv_path, json_path = Path(settings.csv).resolve(), Path(settings.json).resolve()
+    columns, rows = read_rows(csv_path)
+    if not rows:
+        raise cli.UserError(f"{csv_path} has no data rows; rerun data2csv.py.")
+    has_references = "captions" in columns
+
+    items, left_out = [], 0
+    with ThreadPoolExecutor(max(1, settings.workers)) as pool:
+        checked = pool.map(lambda row: row_item(row, has_references), rows)
+        for number, (fields, problem) in enumerate(tqdm(checked, total=len(rows), unit="row", desc="rows"), start=1):
+            if problem:
+                left_out += 1
+                tqdm.write(f"warning: row {number} left out: {problem}", file=sys.stderr)
+            else:
+                index = len(items) + 1
+                items.append(
+                    conversation(index, fields["image_path"], fields["caption"], fields["references"], settings.prompt)
+                )
+
+    if not items:
+        raise cli.UserError(f"none of the {len(rows)} rows of {csv_path} is usable (see the warnings); no JSON written.")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, items)
+    print(f"done: {len(items)} conversations in {json_path}, {left_out} of {len(rows)} rows left out; from {csv_path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,398 @@
+"""COCO 2014 captions -> a folder of JPEG images and a CSV of their captions.
+
+    python data2csv.py                                 # the tutorial's 500 images, streamed from ModelScope
+    python data2csv.py --source /data/coco --split val2014 --n 5000      # a local COCO folder, no network
+    python tools/make_coco_folder.py --out coco-local && python data2csv.py --source coco-local   # offline stand-in
+
+By default the images stream from ModelScope (`modelscope/coco_2014_caption`); `--source PATH` reads a local COCO folder
+instead (`PATH/train2014/*.jpg` + `PATH/annotations/captions_train2014.json`, or val2014). Writes `IMAGE_DIR/<image_id>.jpg`
+and the CSV (`image_id`, `image_path`, `caption` = the first reference caption, `captions` = all of them as a JSON list),
+rows ordered by image id. Safe to interrupt and to rerun: every image is written under a temporary name and renamed, a rerun
+writes only what is missing, and the CSV is written once, atomically, after the images. Next step: `python csv2json.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+import cli
+
+SOURCE = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
+N = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
+SPLIT = "train"  # train (= train2014) or validation (= val2014)
+IMAGE_DIR = "coco_2014_caption"  # folder the images are written to, as <image_id>.jpg
+CSV = "coco-2014-dataset.csv"  # the CSV written at the end
+WORKERS = min(8, os.cpu_count() or 1)  # images written in parallel
+MODELSCOPE_TIMEOUT = 120  # seconds to wait for ModelScope's first image before giving up
+
+_MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
+_JPEG_QUALITY = 95
+_PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.part`, then renamed
+
+# Each accepted --split value -> (ModelScope's split name, the local COCO folder's split name).
+SPLITS = {
+    "train": ("train", "train2014"),
+    "train2014": ("train", "train2014"),
+    "validation": ("validation", "val2014"),
+    "val": ("validation", "val2014"),
+    "val2014": ("validation", "val2014"),
+}
+
+
+@dataclass
+class SourceImage:
+    """One image to write: its id, its reference captions, and where its pixels come from (a file or a decoded row)."""
+
+    image_id: int | str
+    captions: list[str] = field(default_factory=list)
+    path: Path | None = None
+    image: object = None
+
+
+class SkippedImage(Exception):
+    """The source image cannot be used; the run goes on without it. `kind` is counted in the summary, `detail` printed."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind} {detail}".strip())
+        self.kind, self.detail = kind, detail
+
+
+def split_names(split: str) -> tuple[str, str]:
+    """(ModelScope split, local folder split) for a --split value."""
+    try:
+        return SPLITS[split.lower()]
+    except KeyError:
+        raise cli.UserError(f"--split {split!r} is not a COCO 2014 split; use train (train2014) or validation (val2014).")
+
+
+def id_order(image_id) -> tuple:
+    """Sort key: numeric ids in numeric order, any others after them as text."""
+    text = str(image_id)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def clean_captions(texts: Iterable[str]) -> list[str]:
+    """Strip captions and drop empty ones; a ModelScope caption may hold several references joined by `&&`."""
+    out = []
+    for text in texts:
+        out += [c.strip() for c in str(text or "").split("&&") if c.strip()]
+    return out
+
+
+def image_file_name(image_id) -> str:
+    # Ids come from the dataset; keep a hostile one from naming a path outside the image folder.
+    return re.sub(r"[^\w.-]", "_", str(image_id)) + ".jpg"
+
+
+# ---------------------------------------------------------------------------------------------------------------- sources
+
+
+def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
+    """The first `n` images by id of a local COCO folder, each with all its captions in annotation-id order."""
+    annotations_file = folder / "annotations" / f"captions_{split}.json"
+    image_folder = folder / split
+    if not folder.is_dir():
+        raise cli.UserError(
+            f"--source {folder}: no such folder; pass a COCO folder with {split}/ and annotations/, or modelscope."
+        )
+    if not annotations_file.is_file():
+        raise cli.UserError(
+            f"{annotations_file} not found; --source needs COCO's annotations/captions_{split}.json (check --split)."
+        )
+    if not image_folder.is_dir():
+        raise cli.UserError(f"{image_folder}/ not found; --source needs COCO's {split}/ image folder beside annotations/.")
+    try:
+        coco = json.loads(annotations_file.read_text(encoding="utf-8"))
+        images = sorted(coco["images"], key=lambda im: id_order(im["id"]))[:n]
+        captions: dict = {}
+        for a in sorted(coco["annotations"], key=lambda a: id_order(a["id"])):
+            captions.setdefault(a["image_id"], []).append(a["caption"])
+        return [
+            SourceImage(im["id"], clean_captions(captions.get(im["id"], [])), path=image_folder / im["file_name"])
+            for im in images
+        ]
+    except (ValueError, KeyError, TypeError) as e:
+        raise cli.UserError(f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file.")
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
+    """ModelScope's COCO rows as a stream, or a UserError within `timeout` seconds when ModelScope cannot be reached."""
+    offline = f"or use a local COCO folder: --source PATH (with PATH/{SPLITS[split][1]}/ and PATH/annotations/captions_{SPLITS[split][1]}.json)"
+    outcome: dict = {}
+
+    def connect():
+        try:
+            from modelscope.msdatasets import MsDataset
+
+            dataset = MsDataset.load(_MODELSCOPE_DATASET, subset_name="coco_2014_caption", split=split, use_streaming=True)
+            rows = iter(dataset)
+            outcome["rows"] = itertools.chain([next(rows)], rows)
+        except BaseException as e:  # reported in the calling thread, whatever it was
+            outcome["error"] = e
+
+    # The hub client has its own retries and deadlines; this bounds the whole wait, whatever the network does.
+    thread = threading.Thread(target=connect, daemon=True)
+    with tempfile.TemporaryDirectory() as empty, working_directory(empty):
+        # MsDataset.load treats 'modelscope/coco_2014_caption' as a local dataset when ./coco_2014_caption exists,
+        # and that is the default image folder, so every rerun would load our own output instead of COCO.
+        thread.start()
+        thread.join(timeout)
+    if thread.is_alive():
+        raise cli.UserError(f"ModelScope could not be reached within {timeout:g} s; check the network, {offline}.")
+    error = outcome.get("error")
+    if isinstance(error, ImportError):
+        raise cli.UserError(f"ModelScope's client is not installed ({error}); pip install modelscope addict, {offline}.")
+    if isinstance(error, StopIteration):
+        raise cli.UserError(f"ModelScope's {_MODELSCOPE_DATASET} split {split!r} is empty; {offline}.")
+    if error is not None:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise cli.UserError(f"ModelScope could not be reached ({reason}); {offline}.")
+    return outcome["rows"]
+
+
+def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
+    """The first `n` distinct images of the stream. Rows of one image may be consecutive (one caption each) or one row may
+    hold several captions joined by `&&`; both become one SourceImage with every caption."""
+    seen: dict = {}
+    current = None  # held back until its last consecutive row is read, so its captions are complete
+    try:
+        for row in rows:
+            image_id, captions = row["image_id"], clean_captions([row.get("caption")])
+            if image_id in seen:
+                seen[image_id].captions += captions  # the CSV is written at the end, so late captions still count
+                continue
+            if current is not None:
+                yield current
+            if len(seen) == n:
+                return
+            current = seen[image_id] = SourceImage(image_id, captions, image=row.get("image"))
+        if current is not None:
+            yield current
+    except KeyError as e:
+        raise cli.UserError(f"ModelScope's rows have no {e} column; this script expects image_id, caption, image.")
+    except cli.UserError:
+        raise
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images ({reason}); rerun to continue.")
+
+
+# ----------------------------------------------------------------------------------------------------------------- images
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels, upright; transparency is laid over white, the background a viewer would show."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def encoded_image(source: SourceImage) -> bytes:
+    """The JPEG bytes to write for a source image. A source file that is already a whole RGB JPEG is kept as it is
+    (lossless and fast); anything else is decoded and re-encoded. Raises SkippedImage for a missing or unreadable source."""
+    if source.path is not None:
+        try:
+            data = source.path.read_bytes()
+        except FileNotFoundError:
+            raise SkippedImage("missing file", str(source.path))
+        except OSError as e:
+            raise SkippedImage("unreadable image", f"{source.path} ({e})")
+        opened = io.BytesIO(data)
+    else:
+        data, opened = None, source.image
+        if isinstance(opened, dict):  # an undecoded datasets Image value
+            opened = io.BytesIO(opened["bytes"]) if opened.get("bytes") else opened.get("path")
+        if opened is None:
+            raise SkippedImage("no image", "in the ModelScope row")
+    try:
+        image = opened if isinstance(opened, Image.Image) else Image.open(opened)
+        image.load()  # decodes everything, so a truncated file fails here and not in training
+        if data is not None and image.format == "JPEG" and image.mode == "RGB":
+            return data
+        out = io.BytesIO()
+        as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
+        return out.getvalue()
+    except Exception as e:  # PIL raises many kinds for bad files; every one means this image is skipped
+        why = (
+            "not an image file" if isinstance(e, UnidentifiedImageError) else " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        )
+        raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip())
+
+
+def _publish(part: Path, final: Path) -> None:
+    """The one step that makes a finished file visible under its final name (atomic on one file system)."""
+    os.replace(part, final)
+
+
+def write_image(source: SourceImage, image_dir: Path) -> tuple[SourceImage, SkippedImage | None]:
+    """Write one image as IMAGE_DIR/<id>.jpg; returns (source, None), or (source, why it was skipped)."""
+    try:
+        data = encoded_image(source)
+    except SkippedImage as e:
+        return source, e
+    final = image_dir / image_file_name(source.image_id)
+    # Written under a temporary name and renamed, so a file with the final name is always complete.
+    part = image_dir / f".{final.name}{_PART_SUFFIX}"
+    part.write_bytes(data)
+    _publish(part, final)
+    return source, None
+
+
+def remove_partial_files(image_dir: Path) -> int:
+    """Delete temporary files an interrupted run left behind; returns how many."""
+    stale = list(image_dir.glob(f".*{_PART_SUFFIX}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def write_images(
+    sources: Iterable[SourceImage], image_dir: Path, workers: int
+) -> Iterator[tuple[SourceImage, SkippedImage | None]]:
+    """Write images in parallel, yielding (source, SkippedImage or None) as each finishes. At most 2 x workers images are in
+    flight, so memory stays flat however many images there are."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="image-writer")
+    in_flight: set = set()
+    try:
+        for source in sources:
+            if len(in_flight) >= 2 * workers:
+                done, in_flight = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+            in_flight.add(pool.submit(write_image, source, image_dir))
+        while in_flight:
+            done, in_flight = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
+            yield from (f.result() for f in done)
+    finally:
+        # On Ctrl-C or an error, drop queued images and let running ones finish their rename; a rerun does the rest.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -------------------------------------------------------------------------------------------------------------------- csv
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write the CSV under a temporary name, then rename: readers see the old file or the whole new one."""
+    part = path.with_name(f".{path.name}{_PART_SUFFIX}")
+    with open(part, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "image_path", "caption", "captions"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    _publish(part, path)
+
+
+def csv_row(source: SourceImage, image_dir: Path) -> dict:
+    return {
+        "image_id": source.image_id,
+        "image_path": str(image_dir / image_file_name(source.image_id)),
+        "caption": source.captions[0],
+        "captions": json.dumps(source.captions, ensure_ascii=False),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    settings = cli.parse_settings(globals(), argv)
+    if settings.n < 1:
+        raise cli.UserError(f"--n {settings.n}: the number of images must be at least 1.")
+    if settings.workers < 1:
+        raise cli.UserError(f"--workers {settings.workers}: must be at least 1.")
+    modelscope_split, local_split = split_names(settings.split)
+    image_dir = Path(settings.image_dir).resolve()
+    csv_path = Path(settings.csv).resolve()
+
+    # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
+    if settings.source == "modelscope":
+        sources: Iterable[SourceImage] = modelscope_images(
+            open_modelscope(modelscope_split, settings.modelscope_timeout), settings.n
+        )
+        source_name = f"ModelScope {_MODELSCOPE_DATASET} ({modelscope_split})"
+    else:
+        sources = local_images(Path(settings.source).resolve(), local_split, settings.n)
+        source_name = f"{Path(settings.source).resolve()} ({local_split})"
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    cleaned = remove_partial_files(image_dir)
+    if cleaned:
+        print(f"removed {cleaned} partial files left by an interrupted run", file=sys.stderr)
+
+    kept, written, rows, skipped = 0, 0, [], Counter()
+
+    def to_write(all_sources: Iterable[SourceImage]) -> Iterator[SourceImage]:
+        nonlocal kept
+        for source in all_sources:
+            if not source.captions:
+                skip(source, SkippedImage("no caption", "in the annotations"))
+            elif (image_dir / image_file_name(source.image_id)).exists():
+                kept += 1  # complete by construction: only finished files carry the final name
+                rows.append(source)
+                bar.update()
+            else:
+                yield source
+
+    def skip(source: SourceImage, reason: SkippedImage) -> None:
+        skipped[reason.kind] += 1
+        tqdm.write(f"warning: skipped image {source.image_id}: {reason}", file=sys.stderr)
+        bar.update()
+
+    total = len(sources) if isinstance(sources, list) else settings.n
+    with tqdm(total=total, unit="img", desc="images", dynamic_ncols=True) as bar:
+        for source, reason in write_images(to_write(sources), image_dir, settings.workers):
+            if reason is not None:
+                skip(source, reason)
+            else:
+                written += 1
+                rows.append(source)
+                bar.update()
+
+    if not rows:
+        raise cli.UserError(f"no usable image among the first {settings.n} of {source_name}; nothing written to {csv_path}.")
+    rows.sort(key=lambda s: id_order(s.image_id))
+    write_csv(csv_path, [csv_row(s, image_dir) for s in rows])
+
+    skipped_text = f"{sum(skipped.values())} skipped"
+    if skipped:
+        counts = ", ".join(f"{count} {kind}" for kind, count in sorted(skipped.items()))
+        skipped_text += f" ({counts}; they count toward --n {settings.n}, so the CSV has fewer rows)"
+    print(
+        f"done: {len(rows)} images in {image_dir} ({written} new, {kept} already there), {skipped_text}; "
+        f"{len(rows)} rows in {csv_path}; source {source_name}"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

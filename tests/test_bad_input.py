@@ -1,0 +1,81 @@
+"""Mistakes a user can make get one clear line (exit status 2) or a warning and a skip; never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from conftest import QUICK, run_script
+
+import infer
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def train_args(model, data, out):
+    return ["train.py", "--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out)]
+
+
+def test_missing_and_malformed_data_json(tiny_model, tmp_path):
+    line = one_error_line(run_script(*train_args(tiny_model, tmp_path / "nope.json", tmp_path / "o"), *QUICK))
+    assert "nope.json does not exist" in line and "csv2json.py" in line
+    (tmp_path / "bad.json").write_text('[{"id": "identity_1", "conversations": [')
+    assert "not valid JSON" in one_error_line(run_script(*train_args(tiny_model, tmp_path / "bad.json", tmp_path / "o"), *QUICK))
+    (tmp_path / "shape.json").write_text(json.dumps([{"id": "identity_1", "conversations": [{"from": "user", "value": "hi"}]}]))
+    assert "item 1" in one_error_line(run_script(*train_args(tiny_model, tmp_path / "shape.json", tmp_path / "o"), *QUICK))
+
+
+def test_no_cuda_without_device_cpu(tiny_model, shapes_24, tmp_path):
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    line = one_error_line(run_script(*train_args(tiny_model, shapes_24, tmp_path / "o"), env=env))
+    assert "--device cpu" in line
+    assert "--device cpu" in one_error_line(run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model), "x.jpg", env=env))
+
+
+def test_bad_settings_values(tiny_model, shapes_24, tmp_path):
+    args = train_args(tiny_model, shapes_24, tmp_path / "o")
+    assert "multiple of 28" in one_error_line(run_script(*args, *QUICK, "--image-size", "100"))
+    assert "--max-length" in one_error_line(run_script(*args, *QUICK, "--max-length", "8"))
+    assert "does not exist" in one_error_line(run_script(*train_args(tmp_path / "no-model", shapes_24, tmp_path / "o"), *QUICK))
+    assert "test-size" in one_error_line(run_script(*args, *QUICK, "--test-size", "100"))
+
+
+def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shapes_24, tmp_path):
+    items = infer.read_conversations(shapes_24)[:12]
+    originals = [infer.image_of(it) for it in items]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    # Four pictures in awkward modes/formats that must train: RGBA PNG, grayscale JPEG, CMYK JPEG, palette PNG.
+    for i, (mode, ext) in enumerate([("RGBA", "png"), ("L", "jpg"), ("CMYK", "jpg"), ("P", "png")]):
+        path = odd / f"{i}.{ext}"
+        Image.open(originals[i]).convert(mode).save(path)
+        items[i]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{path}<|vision_end|>"
+    items[4]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{tmp_path / 'gone.jpg'}<|vision_end|>"
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    items[5]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{tmp_path / 'corrupt.jpg'}<|vision_end|>"
+    items[6]["conversations"][1]["value"] = "   "
+    data = tmp_path / "data_vl.json"
+    data.write_text(json.dumps(items))
+
+    result = run_script(*train_args(tiny_model, data, tmp_path / "o"), *QUICK, "--max-steps", "3", "--swanlab-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 3
+    assert "gone.jpg: no such file" in warnings[0] and "corrupt.jpg: not a readable image" in warnings[1]
+    assert "empty caption" in warnings[2]
+    settings = json.loads((tmp_path / "o" / "adapter" / infer.SETTINGS_FILE).read_text())
+    assert settings["train_size"] == 12 - 3 - 2  # three skipped, two held out
+
+
+def test_infer_bad_arguments(trained, tmp_path):
+    adapter, _ = trained
+    assert "--adapter" in one_error_line(run_script("infer.py", "--device", "cpu", cwd=tmp_path))  # no adapter anywhere
+    assert "not an adapter folder" in one_error_line(run_script("infer.py", "--adapter", str(tmp_path), "--device", "cpu", "x.jpg"))
+    assert "no images" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", str(tmp_path)))
+    assert "reference captions" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--score", "x.jpg"))

@@ -1,0 +1,387 @@
+"""data2csv.py: first N images by id with every caption, safe to interrupt and rerun, bad images skipped out loud."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
+
+import cli  # noqa: E402
+import data2csv  # noqa: E402
+from make_coco_folder import make_coco_folder  # noqa: E402
+
+CANONICAL = r"a (red|green|blue|yellow) (circle|square|triangle) on a plain white background"
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    """A 40-picture COCO folder; tests that change it work on a copy."""
+    return make_coco_folder(tmp_path_factory.mktemp("src") / "coco", 40, seed=7)
+
+
+def annotations(folder: Path, split="train2014") -> dict:
+    return json.loads((folder / "annotations" / f"captions_{split}.json").read_text())
+
+
+def first_ids(folder: Path, n: int, split="train2014") -> list[int]:
+    return sorted(im["id"] for im in annotations(folder, split)["images"])[:n]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(csv_path: Path, image_dir: Path) -> tuple[bytes, dict[str, str]]:
+    """The CSV's bytes and every file of the image folder (temporary ones included) with a hash of its bytes."""
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(image_dir.iterdir())}
+    return csv_path.read_bytes(), files
+
+
+def run_script(args: list[str], cwd: Path, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
+    out_csv, images = tmp_path / "out.csv", tmp_path / "images"
+    data2csv.main(["--source", str(coco), "--n", "10", "--image-dir", str(images), "--csv", str(out_csv)])
+
+    wanted = first_ids(coco, 10)
+    coco_json = annotations(coco)
+    assert [im["id"] for im in coco_json["images"]][:10] != wanted, "the fixture must list images out of id order"
+    references = {}
+    for a in sorted(coco_json["annotations"], key=lambda a: a["id"]):
+        references.setdefault(a["image_id"], []).append(a["caption"])
+    files = {im["id"]: im["file_name"] for im in coco_json["images"]}
+
+    rows = read_csv(out_csv)
+    assert list(rows[0]) == ["image_id", "image_path", "caption", "captions"]
+    assert [int(r["image_id"]) for r in rows] == wanted
+    for row in rows:
+        image_id = int(row["image_id"])
+        assert row["image_path"] == str(images.resolve() / f"{image_id}.jpg")
+        assert json.loads(row["captions"]) == references[image_id]
+        assert len(references[image_id]) == 5
+        assert row["caption"] == references[image_id][0]
+        assert __import__("re").fullmatch(CANONICAL, row["caption"])
+        # A source that is already an RGB JPEG is copied byte for byte.
+        assert Path(row["image_path"]).read_bytes() == (coco / "train2014" / files[image_id]).read_bytes()
+    assert sorted(p.name for p in images.iterdir()) == sorted(f"{i}.jpg" for i in wanted)
+    assert f"done: 10 images in {images.resolve()} (10 new, 0 already there), 0 skipped" in capsys.readouterr().out
+
+
+def test_command_line_defaults_and_rerun_writes_nothing_new(coco, tmp_path):
+    first = run_script(["--source", str(coco), "--n", "6"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "(6 new, 0 already there), 0 skipped; 6 rows in" in first.stdout
+    assert "img/s" in first.stderr  # the progress bar
+    csv_path, image_dir = tmp_path / "coco-2014-dataset.csv", tmp_path / "coco_2014_caption"
+    before = snapshot(csv_path, image_dir)
+    assert len(before[1]) == 6
+
+    second = run_script(["--source", str(coco), "--n", "6"], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "(0 new, 6 already there)" in second.stdout
+    assert snapshot(csv_path, image_dir) == before
+
+
+@pytest.mark.parametrize("split, folder_split", [("validation", "val2014"), ("val2014", "val2014"), ("train2014", "train2014")])
+def test_split_names(tmp_path, split, folder_split):
+    source = make_coco_folder(tmp_path / "coco", 5, split=folder_split, seed=2)
+    out_csv = tmp_path / "out.csv"
+    data2csv.main(
+        ["--source", str(source), "--split", split, "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)]
+    )
+    assert [int(r["image_id"]) for r in read_csv(out_csv)] == first_ids(source, 3, folder_split)
+
+    other = "train" if folder_split == "val2014" else "validation"
+    with pytest.raises(cli.UserError, match="captions_(train|val)2014.json not found"):
+        data2csv.main(
+            ["--source", str(source), "--split", other, "--image-dir", str(tmp_path / "x"), "--csv", str(tmp_path / "x.csv")]
+        )
+    assert not (tmp_path / "x").exists(), "a wrong source must leave nothing behind"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--split", "test"], "is not a COCO 2014 split"),
+        (["--n", "0"], "at least 1"),
+        (["--workers", "0"], "at least 1"),
+        (["--source", "{tmp}/nowhere"], "no such folder"),
+        (["--source", "{tmp}"], "annotations/captions_train2014.json"),
+    ],
+)
+def test_user_mistakes_are_one_clear_sentence(tmp_path, args, message):
+    with pytest.raises(cli.UserError, match=message):
+        data2csv.main(
+            [a.format(tmp=tmp_path) for a in args] + ["--image-dir", str(tmp_path / "i"), "--csv", str(tmp_path / "c.csv")]
+        )
+
+
+def test_settings_are_the_documented_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data2csv.main(["--help"])
+    assert exit_info.value.code == 0
+    flags = set(__import__("re").findall(r"\[(--[a-z-]+)", capsys.readouterr().out))
+    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout"}
+
+
+def test_missing_image_folder(coco, tmp_path):
+    source = tmp_path / "coco"
+    shutil.copytree(coco / "annotations", source / "annotations")
+    with pytest.raises(cli.UserError, match=r"train2014/ not found"):
+        data2csv.main(["--source", str(source), "--image-dir", str(tmp_path / "i"), "--csv", str(tmp_path / "c.csv")])
+
+
+# ------------------------------------------------------------------------------------------------ interruption and rerun
+
+
+@pytest.fixture()
+def reference(coco, tmp_path, monkeypatch):
+    """An uninterrupted run's result, then a clean working folder for the same command."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--source", str(coco), "--n", "10", "--workers", "2"]
+    data2csv.main(args)
+    result = snapshot(tmp_path / "coco-2014-dataset.csv", tmp_path / "coco_2014_caption")
+    shutil.rmtree(tmp_path / "coco_2014_caption")
+    (tmp_path / "coco-2014-dataset.csv").unlink()
+    return args, result
+
+
+def interrupt_at(monkeypatch, k: int) -> None:
+    """Ctrl-C arrives just before the k-th file (10 images, then the CSV) gets its final name."""
+    real, calls, lock = data2csv._publish, [0], threading.Lock()
+
+    def publish(part, final):
+        with lock:
+            calls[0] += 1
+            if calls[0] == k:
+                raise KeyboardInterrupt
+        real(part, final)
+
+    monkeypatch.setattr(data2csv, "_publish", publish)
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 11])
+def test_interrupted_then_rerun_equals_one_run(reference, tmp_path, monkeypatch, capsys, k):
+    args, expected = reference
+    image_dir, csv_path = tmp_path / "coco_2014_caption", tmp_path / "coco-2014-dataset.csv"
+    interrupt_at(monkeypatch, k)
+    with pytest.raises(KeyboardInterrupt):
+        data2csv.main(args)
+    assert not csv_path.exists(), "the CSV is written only once all images are there"
+    finished = [p for p in image_dir.iterdir() if p.suffix == ".jpg"]
+    if k == 11:
+        assert len(finished) == 10
+    else:
+        assert len(finished) < 10
+    partial = list(tmp_path.glob(".*.part")) + list(image_dir.glob(".*.part"))
+    assert len(partial) == 1, "the interrupted file is left under its temporary name"
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    data2csv.main(args)
+    assert snapshot(csv_path, image_dir) == expected, "no temporary file left, no duplicate, same bytes"
+    out = capsys.readouterr()
+    assert f"({10 - len(finished)} new, {len(finished)} already there)" in out.out
+    if k <= 10:
+        assert "removed 1 partial files" in out.err
+
+
+def test_half_the_images_deleted_are_restored(reference, tmp_path):
+    args, expected = reference
+    data2csv.main(args)
+    image_dir = tmp_path / "coco_2014_caption"
+    for path in sorted(image_dir.iterdir())[::2]:
+        path.unlink()
+    assert len(list(image_dir.iterdir())) == 5
+    data2csv.main(args)
+    assert snapshot(tmp_path / "coco-2014-dataset.csv", image_dir) == expected
+
+
+@pytest.fixture(scope="module")
+def big_coco(tmp_path_factory) -> Path:
+    """Enough full-size pictures that a run takes long enough to be killed half way."""
+    return make_coco_folder(tmp_path_factory.mktemp("big") / "coco", 1500, size=(640, 480), seed=4)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_killed_process_then_rerun_equals_one_run(big_coco, tmp_path, sig):
+    args = ["--source", str(big_coco), "--n", "1500", "--workers", "1"]
+    image_dir, csv_path = tmp_path / "coco_2014_caption", tmp_path / "coco-2014-dataset.csv"
+    assert run_script(args, cwd=tmp_path).returncode == 0
+    expected = snapshot(csv_path, image_dir)
+    shutil.rmtree(image_dir)
+    csv_path.unlink()
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "data2csv.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (image_dir.is_dir() and len(list(image_dir.glob("*.jpg"))) >= 30):
+        time.sleep(0.002)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
+    if sig == signal.SIGINT:
+        assert "interrupted; rerun the same command" in err
+    assert not csv_path.exists()
+    assert 30 <= len(list(image_dir.glob("*.jpg"))) < 1500
+
+    rerun = run_script(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert snapshot(csv_path, image_dir) == expected
+
+
+def test_in_flight_images_are_bounded(tmp_path):
+    """Memory must not grow with N: the writer pulls at most 2 x workers images ahead of those finished."""
+    picture = Image.new("RGB", (8, 8), "red")
+    pulled, ahead = [0], []
+
+    def sources():
+        for i in range(200):
+            pulled[0] += 1
+            yield data2csv.SourceImage(i, ["a red square"], image=picture)
+
+    finished = 0
+    for _, reason in data2csv.write_images(sources(), tmp_path, workers=3):
+        assert reason is None
+        finished += 1
+        ahead.append(pulled[0] - finished)
+    assert finished == 200 and len(list(tmp_path.glob("*.jpg"))) == 200
+    assert max(ahead) <= 2 * 3
+
+
+# --------------------------------------------------------------------------------------------------------- bad sources
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, capsys):
+    source = tmp_path / "coco"
+    shutil.copytree(coco, source)
+    coco_json = annotations(source)
+    files = {im["id"]: source / "train2014" / im["file_name"] for im in coco_json["images"]}
+    ids = first_ids(source, 10)
+    files[ids[1]].write_bytes(b"this is not a picture")
+    files[ids[3]].write_bytes(files[ids[3]].read_bytes()[:-60])  # the header survives, the last pixels do not
+    files[ids[5]].unlink()
+    coco_json["annotations"] = [a for a in coco_json["annotations"] if a["image_id"] != ids[7]]
+    (source / "annotations" / "captions_train2014.json").write_text(json.dumps(coco_json))
+
+    out_csv = tmp_path / "out.csv"
+    data2csv.main(["--source", str(source), "--n", "10", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)])
+    assert [int(r["image_id"]) for r in read_csv(out_csv)] == [i for j, i in enumerate(ids) if j not in (1, 3, 5, 7)]
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
+
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if "warning:" in line]
+    assert len(warnings) == 4
+    err = out.err
+    assert f"skipped image {ids[1]}: unreadable image {files[ids[1]]} (not an image file)" in err
+    assert f"skipped image {ids[3]}: unreadable image {files[ids[3]]}" in err
+    assert f"skipped image {ids[5]}: missing file {files[ids[5]]}" in err
+    assert f"skipped image {ids[7]}: no caption in the annotations" in err
+    assert "6 images in" in out.out
+    assert "4 skipped (1 missing file, 1 no caption, 2 unreadable image; they count toward --n 10" in out.out
+
+
+def test_any_picture_mode_becomes_an_rgb_jpeg(coco, tmp_path):
+    source = tmp_path / "coco"
+    shutil.copytree(coco, source)
+    coco_json = annotations(source)
+    ids = first_ids(source, 5)
+    by_id = {im["id"]: im for im in coco_json["images"]}
+
+    rgba = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # transparent black: must come out white, not black
+    rgba.paste((200, 0, 0, 255), (10, 10, 30, 20))
+    palette = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    made = {
+        ids[0]: (rgba, "rgba.png"),
+        ids[1]: (Image.new("L", (40, 30), 90), "grey.jpg"),
+        ids[2]: (Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "cmyk.jpg"),  # red in CMYK
+        ids[3]: (palette, "palette.png"),
+        ids[4]: (Image.new("RGB", (40, 30), (0, 0, 200)), "rgb.webp"),
+    }
+    for image_id, (picture, name) in made.items():
+        picture.save(source / "train2014" / name)
+        by_id[image_id]["file_name"] = name
+    (source / "annotations" / "captions_train2014.json").write_text(json.dumps(coco_json))
+
+    out_csv = tmp_path / "out.csv"
+    data2csv.main(["--source", str(source), "--n", "5", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)])
+    written = {}
+    for row in read_csv(out_csv):
+        with Image.open(row["image_path"]) as picture:
+            assert (picture.format, picture.mode, picture.size) == ("JPEG", "RGB", (40, 30))
+            written[int(row["image_id"])] = picture.copy()
+    assert sorted(written) == ids
+    assert min(written[ids[0]].getpixel((1, 1))) > 240, "transparent pixels become white"
+    red, green, blue = written[ids[0]].getpixel((20, 15))
+    assert red > 150 and green < 60 and blue < 60
+    assert all(abs(c - 90) < 6 for c in written[ids[1]].getpixel((5, 5)))
+    red, green, blue = written[ids[2]].getpixel((5, 5))
+    assert red > 150 and green < 100 and blue < 100
+    red, green, blue = written[ids[3]].getpixel((20, 15))
+    assert red > 150 and green < 60 and blue < 60
+    red, green, blue = written[ids[4]].getpixel((5, 5))
+    assert blue > 150 and red < 60 and green < 60
+
+
+# ----------------------------------------------------------------------------------------------------------- ModelScope
+
+
+def test_modelscope_rows_of_either_shape_become_one_image_each():
+    picture = Image.new("RGB", (8, 8), "blue")
+    joined = [{"image_id": 9, "caption": "a blue square&& one blue square ", "image": picture},
+              {"image_id": 3, "caption": "a red circle", "image": picture},
+              {"image_id": 5, "caption": "x", "image": picture}]  # fmt: skip
+    one_per_row = [{"image_id": "9", "caption": "a blue square", "image": picture},
+                   {"image_id": "9", "caption": "one blue square", "image": picture},
+                   {"image_id": "3", "caption": " ", "image": picture},
+                   {"image_id": "3", "caption": "a red circle", "image": picture},
+                   {"image_id": "5", "caption": "x", "image": picture}]  # fmt: skip
+    for rows in (joined, one_per_row):
+        # Captions as they stand when each image is handed on: an image is written only once all its rows are read.
+        as_yielded = [(str(s.image_id), list(s.captions)) for s in data2csv.modelscope_images(iter(rows), 2)]
+        assert as_yielded == [("9", ["a blue square", "one blue square"]), ("3", ["a red circle"])]
+
+
+def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
+    rgba = Image.new("RGBA", (16, 16), (0, 200, 0, 255))
+    _, reason = data2csv.write_image(data2csv.SourceImage(42, ["a green square"], image=rgba), tmp_path)
+    assert reason is None
+    with Image.open(tmp_path / "42.jpg") as picture:
+        assert (picture.format, picture.mode) == ("JPEG", "RGB")
+        assert picture.getpixel((8, 8))[1] > 150
+    _, reason = data2csv.write_image(data2csv.SourceImage(43, ["x"], image=None), tmp_path)
+    assert reason is not None and reason.kind == "no image"
+
+
+def test_modelscope_unreachable_fails_fast_naming_the_offline_source(tmp_path):
+    # The default image folder sits in the working directory, as it does on any rerun: ModelScope must still be asked.
+    (tmp_path / "coco_2014_caption").mkdir()
+    (tmp_path / "coco_2014_caption" / "1.jpg").write_bytes(b"")
+    start = time.monotonic()
+    done = run_script(["--n", "3"], cwd=tmp_path, timeout=90)
+    assert time.monotonic() - start < 60
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ModelScope could not be reached")
+    assert "--source PATH" in lines[0] and "annotations/captions_train2014.json" in lines[0]
+    assert not (tmp_path / "coco-2014-dataset.csv").exists()

@@ -1,0 +1,114 @@
+"""The offline COCO stand-in: official layout, captions decided by the picture, ids that catch order assumptions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
+
+from make_coco_folder import COLOURS, RGB, SHAPES, make_coco_folder  # noqa: E402
+
+
+def load(folder: Path, split="train2014") -> dict:
+    return json.loads((folder / "annotations" / f"captions_{split}.json").read_text())
+
+
+def test_layout_ids_and_captions(tmp_path):
+    out = make_coco_folder(tmp_path / "coco", 24, seed=3)
+    coco = load(out)
+    ids = [im["id"] for im in coco["images"]]
+    assert len(set(ids)) == 24
+    assert ids != sorted(ids), "images should be listed out of id order"
+    assert sorted(ids) != list(range(1, 25)), "ids should not be 1..N"
+    assert coco["annotations"] != sorted(coco["annotations"], key=lambda a: a["id"])
+    for im in coco["images"]:
+        assert im["file_name"] == f"COCO_train2014_{im['id']:012d}.jpg"
+        assert (im["width"], im["height"]) == (56, 56)
+        with Image.open(out / "train2014" / im["file_name"]) as picture:
+            assert (picture.format, picture.size, picture.mode) == ("JPEG", (56, 56), "RGB")
+
+    by_image: dict = {}
+    for a in sorted(coco["annotations"], key=lambda a: a["id"]):
+        by_image.setdefault(a["image_id"], []).append(a["caption"])
+    assert set(by_image) == set(ids)
+    pairs = Counter()
+    for captions in by_image.values():
+        assert len(captions) == 5
+        colour, shape = captions[0].split()[1:3]
+        assert captions[0] == f"a {colour} {shape} on a plain white background"
+        assert colour in COLOURS and shape in SHAPES
+        pairs[colour, shape] += 1
+        for caption in captions:
+            assert 8 <= len(caption.split()) <= 14, caption
+            assert f"{colour} {shape}" in caption
+        assert len(set(captions)) == 5
+    assert set(pairs.values()) == {2}, "24 pictures should hold each of the 12 colour-shape pairs twice"
+
+
+def shape_of(picture: Image.Image, colour: str) -> tuple[float, str]:
+    """(share of the shape's pixels in the picture's colour, shape guessed from how much of its bounding box it fills)."""
+    pixels = picture.load()
+    inked = [(x, y) for x in range(picture.width) for y in range(picture.height) if sum(pixels[x, y]) < 600]
+    target = RGB[colour]
+    close = sum(1 for x, y in inked if sum(abs(a - b) for a, b in zip(pixels[x, y], target)) < 90)
+    xs, ys = [x for x, _ in inked], [y for _, y in inked]
+    fill = len(inked) / ((max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1))
+    guess = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    return close / len(inked), guess
+
+
+def test_the_picture_decides_the_caption(tmp_path):
+    out = make_coco_folder(tmp_path / "coco", 36, seed=1)
+    coco = load(out)
+    canonical = {a["image_id"]: a["caption"] for a in sorted(coco["annotations"], key=lambda a: -a["id"])}
+    for im in coco["images"]:
+        colour, shape = canonical[im["id"]].split()[1:3]
+        with Image.open(out / "train2014" / im["file_name"]) as picture:
+            share, guessed = shape_of(picture.convert("RGB"), colour)
+        assert share > 0.8, (im["id"], colour)
+        assert guessed == shape, (im["id"], shape)
+
+
+def test_same_seed_same_folder(tmp_path):
+    a = make_coco_folder(tmp_path / "a", 6, seed=5)
+    b = make_coco_folder(tmp_path / "b", 6, seed=5)
+    c = make_coco_folder(tmp_path / "c", 6, seed=6)
+    assert load(a) == load(b) != load(c)
+    for im in load(a)["images"]:
+        assert (a / "train2014" / im["file_name"]).read_bytes() == (b / "train2014" / im["file_name"]).read_bytes()
+
+
+def test_fast_enough_for_5000_pictures(tmp_path):
+    start = time.perf_counter()
+    make_coco_folder(tmp_path / "big", 5000)
+    assert time.perf_counter() - start < 30
+    assert len(list((tmp_path / "big" / "train2014").iterdir())) == 5000
+
+
+def test_command_line_bench_size(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_coco_folder.py"), "--out", str(tmp_path / "v"), "--n", "3",
+         "--split", "val2014", "--width", "640", "--height", "480", "--seed", "2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "wrote 3 pictures of 640x480" in done.stdout
+    coco = load(tmp_path / "v", "val2014")
+    for im in coco["images"]:
+        assert im["file_name"].startswith("COCO_val2014_")
+        with Image.open(tmp_path / "v" / "val2014" / im["file_name"]) as picture:
+            assert picture.size == (640, 480)
+
+    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "make_coco_folder.py")], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "error: --out is required: name the folder to create, e.g. --out coco-local."
+    ]

@@ -1,0 +1,120 @@
+"""Build a small COCO-2014-layout folder offline, with generated pictures whose captions they decide.
+
+    python tools/make_coco_folder.py --out coco-local
+    python tools/make_coco_folder.py --out coco-local --n 5000 --split val2014 --width 640 --height 480
+
+No machine here can download COCO, so tests, the smoke run and the benchmark use this folder instead:
+`OUT/<split>/COCO_<split>_<id>.jpg` and `OUT/annotations/captions_<split>.json`, the official structure, which
+`python data2csv.py --source OUT` reads. Each picture is one shape (circle, square, triangle) in one colour (red, green,
+blue, yellow) on white, so a model can learn its captions. Image ids are spread out and listed out of order, as in the real
+files, so code that assumes ids 1..N in order fails here too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as `python tools/...`, the repository root is not on the path
+import cli  # noqa: E402
+
+OUT = ""  # folder to create (required)
+N = 500  # number of pictures
+SPLIT = "train2014"  # split name: train2014 or val2014 (names the picture folder and the annotations file)
+WIDTH = 56  # picture width in pixels
+HEIGHT = 56  # picture height in pixels
+SEED = 0  # random seed: the same seed gives the same folder
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+RGB = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+
+# Every caption names the colour and the shape and is 8 to 14 words long, like COCO's. The first is the canonical one.
+CAPTION_TEMPLATES = (
+    "a {colour} {shape} on a plain white background",
+    "a single {colour} {shape} drawn in the middle of an empty white picture",
+    "a simple picture of one {colour} {shape} on a white background",
+    "there is a {colour} {shape} shown against a clean white backdrop",
+    "one {colour} {shape} sits alone on an otherwise blank white canvas",
+)
+
+
+def captions_for(colour: str, shape: str) -> list[str]:
+    """The five reference captions of a picture, the canonical one first."""
+    return [t.format(colour=colour, shape=shape) for t in CAPTION_TEMPLATES]
+
+
+def draw_picture(colour: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """One shape on white; size and position jitter a little so no two pictures are the same."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    side = min(width, height) * rng.uniform(0.45, 0.65)
+    cx = width / 2 + rng.uniform(-0.1, 0.1) * side
+    cy = height / 2 + rng.uniform(-0.1, 0.1) * side
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=RGB[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=RGB[colour])
+    else:
+        draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=RGB[colour])
+    return image
+
+
+def make_coco_folder(out, n: int, split: str = "train2014", size: tuple[int, int] = (56, 56), seed: int = 0) -> Path:
+    """Write `n` pictures and their captions in COCO 2014's layout under `out`; return `out` as a Path."""
+    out = Path(out)
+    rng = random.Random(seed)
+    image_dir = out / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+
+    image_ids = sorted(rng.sample(range(9, 40 * n + 1000), n))
+    # Every 12 consecutive ids hold each colour-shape pair once, so any split into first and last ids stays balanced.
+    pairs = []
+    while len(pairs) < n:
+        block = [(c, s) for c in COLOURS for s in SHAPES]
+        rng.shuffle(block)
+        pairs += block
+
+    images, annotations = [], []
+    next_annotation_id = rng.randrange(100, 1000)
+    for image_id, (colour, shape) in zip(image_ids, pairs):
+        file_name = f"COCO_{split}_{image_id:012d}.jpg"
+        draw_picture(colour, shape, size, rng).save(image_dir / file_name, "JPEG", quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
+        for caption in captions_for(colour, shape):
+            # Ids rise within a picture, so ordering by annotation id puts the canonical caption first.
+            annotations.append({"id": next_annotation_id, "image_id": image_id, "caption": caption})
+            next_annotation_id += rng.randrange(1, 50)
+
+    rng.shuffle(images)
+    rng.shuffle(annotations)
+    info = {"description": f"generated stand-in for COCO {split}", "seed": seed}
+    captions_file = out / "annotations" / f"captions_{split}.json"
+    captions_file.write_text(json.dumps({"info": info, "images": images, "annotations": annotations}))
+    return out
+
+
+def main(argv=None) -> None:
+    settings = cli.parse_settings(globals(), argv)
+    if not settings.out:
+        raise cli.UserError("--out is required: name the folder to create, e.g. --out coco-local.")
+    if settings.n < 1 or settings.width < 8 or settings.height < 8:
+        raise cli.UserError("--n must be at least 1 and --width/--height at least 8 pixels.")
+    out = make_coco_folder(settings.out, settings.n, settings.split, (settings.width, settings.height), settings.seed)
+    print(
+        f"wrote {settings.n} pictures of {settings.width}x{settings.height} to {(out / settings.split).resolve()} "
+        f"and captions to {(out / 'annotations' / f'captions_{settings.split}.json').resolve()}"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)
