@@ -1,7 +1,7 @@
 """The command-line layer the four scripts share.
 
-Every script keeps its settings as UPPER_CASE constants in one block at the top, each with a trailing comment. `parse_settings`
-turns that block into argparse flags (`LEARNING_RATE = 1e-4  # peak learning rate` becomes `--learning-rate 1e-4`, help text
+Every script keeps its settings as UPPER_CASE constants in one block at the top, each with a trailing comment (the comment
+is what makes a constant a setting; internal constants have none). `parse_settings` turns that block into argparse flags (`LEARNING_RATE = 1e-4  # peak learning rate` becomes `--learning-rate 1e-4`, help text
 included), so there is exactly one override mechanism and the comments are the documentation. `run` gives every script the
 same behaviour on mistakes a user can make: one line on stderr saying what is wrong and what to do, never a traceback.
 """
@@ -29,7 +29,9 @@ def _setting_comments(source: str) -> dict[str, str]:
         if tok.type == tokenize.NAME and tok.start[1] == 0:
             line_name = tok.string if tok.string.isupper() else None
         elif tok.type == tokenize.COMMENT and line_name and tok.start[1] > 0:
-            comments[line_name] = tok.string.lstrip("#").strip()
+            text = tok.string.lstrip("#").strip()
+            if not text.startswith(("fmt:", "noqa", "type:")):  # tool pragmas are not help texts
+                comments[line_name] = text
         elif tok.type == tokenize.NEWLINE:
             line_name = None
     return comments
@@ -48,8 +50,21 @@ def _value_type(default, annotation):
 
 
 def settings_of(namespace: dict) -> dict[str, object]:
-    """The UPPER_CASE settings of a script's globals, in the order they were written."""
-    return {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+    """The settings of a script, in the order they were written: its UPPER_CASE constants that carry a trailing comment.
+
+    The comment is what makes a constant a setting (it is the flag's help); constants without one stay internal.
+    """
+    source_file = namespace.get("__file__")
+    comments = _setting_comments(Path(source_file).read_text()) if source_file else {}
+    simple = (bool, int, float, str, type(None))
+    return {k: namespace[k] for k in comments if not k.startswith("_") and isinstance(namespace.get(k, ...), simple)}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def parse_settings(
@@ -62,16 +77,15 @@ def parse_settings(
     Returns a namespace with lower_case attributes holding the defaults, overridden by the command line.
     """
     doc = (namespace.get("__doc__") or "").strip()
-    parser = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0] if doc else None, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    source_file = namespace.get("__file__")
-    comments = _setting_comments(Path(source_file).read_text()) if source_file else {}
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None, formatter_class=_HelpFormatter)
+    comments = _setting_comments(Path(namespace["__file__"]).read_text())
     annotations = namespace.get("__annotations__", {})
     for name, default in settings_of(namespace).items():
         flag = "--" + name.lower().replace("_", "-")
-        help_text = comments.get(name, " ")
-        if isinstance(default, bool):
+        help_text = comments[name]
+        if isinstance(default, bool) and name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(

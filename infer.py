@@ -34,8 +34,9 @@ DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
 
-OUTPUT_ROOT = "output"  # where train.py's adapters are looked for when --adapter is not given
-SETTINGS_FILE = "train_settings.json"  # every setting of the training run, saved beside the adapter
+# Where train.py's adapters are looked for when --adapter is not given, and the file beside each adapter holding every
+# setting of its training run.
+OUTPUT_ROOT, SETTINGS_FILE = "output", "train_settings.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_PROMPT, DEFAULT_IMAGE_SIZE = "COCO Yes:", 280
 _VISION_RE = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>")
