@@ -171,7 +171,8 @@ def load_captioner(adapter: str | Path | None, model_dir: str | None, device: st
     if adapter and not merged:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        # Folded into the base weights: the same function, without LoRA's extra kernels in every generation step.
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         processor = load_processor(adapter)  # the processor saved with the adapter, as trained
     model.eval()
     return model, processor, settings
@@ -329,10 +330,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge_adapter(model, processor, adapter: Path, out: str) -> int:
-    """Fold the LoRA weights into the base model and save one folder that loads without peft."""
-    merged = model.merge_and_unload()
+    """Save the model load_captioner merged (base + LoRA) as one folder that loads without peft."""
     out = Path(out)
-    merged.save_pretrained(out)
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     settings = read_train_settings(adapter)
     (out / SETTINGS_FILE).write_text(json.dumps({**settings, "merged_from": str(adapter)}, indent=2))

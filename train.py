@@ -38,15 +38,18 @@ LORA_DROPOUT = 0.05  # dropout on the LoRA input
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model projections given LoRA
 EPOCHS = 2  # passes over the training conversations
 MAX_STEPS = -1  # stop after this many optimizer steps (-1: run all EPOCHS)
-BATCH_SIZE = 4  # conversations per device per forward pass
-GRAD_ACCUM = 4  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x GPUs)
+BATCH_SIZE = 16  # conversations per device per forward pass
+GRAD_ACCUM = 1  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x processes)
 LEARNING_RATE = 1e-4  # peak learning rate (linear decay to 0)
-GRADIENT_CHECKPOINTING = True  # recompute activations in the backward pass: less memory, slower
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, slower
+LOW_MEMORY = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
+VISION_CACHE_GB = 8.0  # run the frozen vision tower once per picture and keep its output if it fits (0: every step)
+CUDA_GRAPHS = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
 LOGGING_STEPS = 10  # log the loss every this many optimizer steps
 SAVE_STEPS = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
 SEED = 42  # seed for LoRA initialisation, dropout and data order
 DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
-WORKERS = 2  # DataLoader processes decoding images while the GPU trains
+WORKERS = 4  # DataLoader processes decoding and tokenising pictures
 RESUME = False  # continue from the last checkpoint in OUTPUT_DIR
 OVERWRITE = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
 SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out pictures
@@ -204,13 +207,13 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
 # ------------------------------------------------------------------------------------------------------------- swanlab
 def swanlab_mode(setting: str | None) -> str:
     """The SwanLab mode: as set; else cloud when an API key is configured; else offline, saying how to sync later."""
-    import swanlab
-
     mode = setting or os.environ.get("SWANLAB_MODE")
     if mode:
         if mode not in ("cloud", "online", "offline", "local", "disabled"):
             raise cli.UserError(f"SwanLab mode {mode!r} is not one of cloud, offline, local, disabled.")
         return mode
+    import swanlab
+
     if os.environ.get("SWANLAB_API_KEY") or swanlab.Settings().api_key:
         return "cloud"
     print("SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
@@ -220,18 +223,20 @@ def swanlab_mode(setting: str | None) -> str:
 
 def start_swanlab(args, config: dict):
     """Start the SwanLab run (rank 0 only) and return transformers' callback for it, or None when disabled."""
-    import swanlab
-    from swanlab.integration.transformers import SwanLabCallback
-
     mode = swanlab_mode(args.swanlab_mode)
     if mode == "disabled":
         return None
+    import swanlab
+    from swanlab.integration.transformers import SwanLabCallback
+
     swanlab.init(project=args.swanlab_project, experiment_name=args.swanlab_experiment, mode=mode, config=config)
     return SwanLabCallback()
 
 
 def log_samples(key: str, items: list[dict], captions: list[str]) -> None:
     """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
+    if "swanlab" not in sys.modules:
+        return
     import swanlab
 
     if not swanlab.has_run():
@@ -268,6 +273,34 @@ def check_output_dir(args) -> str | None:
     return None
 
 
+def resolve_memory_settings(args) -> None:
+    """--low-memory: same effective batch in quarter-size pieces, with checkpointing (and so without CUDA graphs)."""
+    if args.low_memory:
+        pieces = min(4, args.batch_size)
+        args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
+        args.gradient_checkpointing = True
+    if args.gradient_checkpointing:
+        args.cuda_graphs = False  # recomputation inside a captured graph is not supported
+
+
+class StepClock:
+    """Marks when the first optimizer step starts and when training ends (a transformers TrainerCallback)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer.first_step = outer.first_step or time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                outer.end = time.perf_counter()
+
+        self.callback, self.first_step, self.end = _Callback(), None, None
+
+
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
     args = cli.parse_settings(globals(), argv)
@@ -276,14 +309,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     infer.check_image_size(args.image_size)
     if args.batch_size < 1 or args.grad_accum < 1:
         raise cli.UserError("--batch-size and --grad-accum must be at least 1.")
+    resolve_memory_settings(args)
     device = infer.resolve_device(args.device)
     resume_from = check_output_dir(args)
+    started = time.perf_counter()
     items = usable_conversations(infer.read_conversations(args.data_json))
     train_items, test_items = hold_out(items, args.test_size, args.data_json)
 
-    from transformers import Trainer, TrainingArguments, set_seed
+    import torch
+    from transformers import TrainingArguments, set_seed
 
-    set_seed(args.seed)
+    import fastpath
+
     model_dir = infer.resolve_model_dir(args.model_dir)
     processor = infer.load_processor(model_dir)
     try:  # fail now, not in a DataLoader worker, when the settings cannot fit an image
@@ -293,9 +330,32 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except ValueError as e:
         raise cli.UserError(f"{infer.image_of(first)}: {e}.") from None
     model = infer.load_model(model_dir, device)
+    dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
+    pad_id = processor.tokenizer.pad_token_id
+
+    # The fast path when the frozen vision tower's output for every training picture fits the cache (fastpath.py).
+    cache_gb = fastpath.vision_cache_bytes(model, processor, len(dataset), args.image_size) / 1e9 if args.image_size else None
+    cached = cache_gb is not None and cache_gb <= args.vision_cache_gb
+    if cached:
+        examples, features = fastpath.encode_with_vision(model, dataset, args.workers)
+        pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
+        train_dataset, collator = examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to)
+        print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "
+              f"{features.device}; sequences padded to {pad_to} tokens")  # fmt: skip
+    else:
+        train_dataset, collator, features = dataset, (lambda batch: collate(batch, pad_id)), None
+        why = "each image's own size" if not args.image_size else f"{cache_gb:.1f} GB > --vision-cache-gb"
+        print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
+    prepared = time.perf_counter()
+
+    set_seed(args.seed)  # LoRA's initial weights do not depend on what preparing the data drew from the RNG
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    graphs = cached and args.cuda_graphs and device.startswith("cuda")
+    if graphs:
+        model.train()  # captured with dropout active, as training replays it
+        fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     effective_batch = args.batch_size * args.grad_accum * world_size
@@ -311,6 +371,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         "effective_batch": effective_batch,
         "optimizer_steps": steps,
         "trainable_parameters": trainable,
+        "vision_cache": cached,
+        "cuda_graphs_used": graphs,
         "versions": library_versions(),
     }
     print(f"training {len(train_items)} conversations, effective batch {effective_batch} "
@@ -325,6 +387,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
+        optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch",
         activation_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps,
         logging_first_step=True,
@@ -333,37 +396,44 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         save_total_limit=2,
         seed=args.seed,
         data_seed=args.seed,
-        bf16=device.startswith("cuda"),
+        # No autocast: the base weights are bf16 on the GPU, the LoRA weights and their optimizer state fp32, and peft
+        # runs each LoRA branch in fp32, so nothing is lost to bf16 updates and no per-op casts are added.
+        bf16=False,
         use_cpu=device == "cpu",
-        dataloader_num_workers=args.workers,
-        dataloader_persistent_workers=args.workers > 0,
+        dataloader_num_workers=0 if cached else args.workers,
+        dataloader_persistent_workers=not cached and args.workers > 0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         report_to="none",
     )
     is_main = training_args.process_index == 0
     swanlab_callback = start_swanlab(args, settings) if is_main else None
-    dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
-    pad_id = processor.tokenizer.pad_token_id
-    trainer = Trainer(
+    clock = StepClock()
+    trainer = fastpath.CaptionTrainer(
         model=model,
         args=training_args,
-        train_dataset=dataset,
-        data_collator=lambda batch: collate(batch, pad_id),
-        callbacks=[c for c in [swanlab_callback, *(callbacks or [])] if c],
+        train_dataset=train_dataset,
+        data_collator=collator,
+        callbacks=[c for c in [swanlab_callback, clock.callback, *(callbacks or [])] if c],
     )
+    trainer.vision_features = features
     if resume_from:
         print(f"resuming from {resume_from}")
-    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - started
     if not is_main:
         return 0
 
     adapter_dir = Path(args.output_dir) / "adapter"
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
-    settings.update(train_seconds=round(seconds, 2), train_loss=result.training_loss, global_step=result.global_step)
+    train_seconds = clock.end - clock.first_step if clock.first_step else 0.0
+    settings.update(
+        train_loss=result.training_loss,
+        global_step=result.global_step,
+        seconds={"prepare": round(prepared - started, 2), "first_step": round((clock.first_step or prepared) - started, 2),
+                 "train": round(train_seconds, 2)},
+        peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
+    )  # fmt: skip
     write_json(adapter_dir / infer.SETTINGS_FILE, settings)
 
     model.eval()
@@ -376,7 +446,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         import swanlab
 
         swanlab.finish()
-    print(f"trained {result.global_step} steps in {seconds:.1f} s, final loss {result.training_loss:.4f}")
+    print(f"trained {result.global_step} steps in {train_seconds:.1f} s, final loss {result.training_loss:.4f}")
     print(f"adapter saved to {adapter_dir}")
     return 0
 

@@ -1,0 +1,206 @@
+"""Training and captioning speed of train.py / infer.py on one GPU, with the real 2B architecture (random weights).
+
+    python bench/bench.py                          # all variants; appends to bench/RESULTS.md
+    python bench/bench.py --variants fast --n 5000 # one variant on 5,000 pictures (issue: scale)
+
+Offline, in bench/work/: builds the 2B stand-in (tools/make_offline_model.py --size 2b), N generated 640x480 JPEGs with
+COCO-length captions (tools/make_coco_folder.py -> data2csv.py -> csv2json.py), then runs train.py itself with the
+tutorial's recipe (the last 4 held out, 2 epochs, effective batch 16, LoRA r=64/alpha=16/dropout 0.05 on the seven
+language-model projections, lr 1e-4, 280x280) in each variant, each in its own process so peak memory is its own. Prints a
+table and writes the same as a Markdown entry (date, card, versions) to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+# Each variant is train.py's flags on top of the recipe; "fast" is train.py's defaults.
+VARIANTS = {
+    "tutorial-recipe": ["--batch-size", "4", "--grad-accum", "4", "--gradient-checkpointing", "--vision-cache-gb", "0",
+                        "--no-cuda-graphs", "--max-steps", "6"],  # per-step time only: the full run is ~5 minutes
+    "plain": ["--vision-cache-gb", "0", "--no-cuda-graphs"],
+    "cache": ["--no-cuda-graphs"],
+    "fast": [],
+    "low-memory": ["--low-memory"],
+    # CUDA graphs must not change the arithmetic: 8 steps without dropout (whose draws differ by design), eager vs graphs.
+    "check-eager": ["--no-cuda-graphs", "--lora-dropout", "0", "--max-steps", "8"],
+    "check-graphs": ["--lora-dropout", "0", "--max-steps", "8"],
+}  # fmt: skip
+
+
+def logged_losses(out: Path) -> list[float]:
+    (state,) = out.glob("checkpoint-*/trainer_state.json")
+    return [h["loss"] for h in json.loads(state.read_text())["log_history"] if "loss" in h]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.perf_counter() - started
+
+
+def prepare(work: Path, n: int) -> tuple[Path, Path]:
+    model, data = work / "model-2b", work / f"data-{n}"
+    py = sys.executable
+    if not (model / "config.json").exists():
+        print(f"building the 2B stand-in: {run([py, 'tools/make_offline_model.py', '--size', '2b', '--out', str(model)], work / 'model.log'):.0f} s")
+    if not (data / "data_vl.json").exists():
+        data.mkdir(parents=True, exist_ok=True)
+        steps = [
+            [py, "tools/make_coco_folder.py", "--out", str(data / "coco"), "--n", str(n), "--width", "640", "--height", "480"],
+            [py, "data2csv.py", "--source", str(data / "coco"), "--n", str(n), "--image-dir", str(data / "images"),
+             "--csv", str(data / "data.csv"), "--workers", "16"],
+            [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(data / "data_vl.json"), "--workers", "16"],
+        ]  # fmt: skip
+        print(f"{n} pictures: {sum(run(cmd, data / 'prepare.log') for cmd in steps):.0f} s")
+    return model, data / "data_vl.json"
+
+
+def matmul_tflops() -> float:
+    """bf16 matrix-product rate of this card, measured now (the MFU denominator)."""
+    import torch
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int = 4) -> float:
+    """FLOPs the 2-epoch job needs at least: vision forward, language model forward + backward to activations
+    (LoRA's own products are <1% and left out), the LM head on caption tokens only; per sample seen."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+
+    import train
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+    linear = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2)  # noqa: E731
+    vision, language = linear(model.model.visual), linear(model.model.language_model.layers)
+    head = config.text_config.hidden_size * config.text_config.vocab_size
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = json.loads(data_json.read_text())[:-test_size]
+    prompt_tokens = len(train.encode_example(processor, _blank(), "", "COCO Yes:", 8192)["input_ids"]) - 1
+    total = 0.0
+    for item in items:
+        answer = len(processor.tokenizer(item["conversations"][1]["value"])["input_ids"]) + 1
+        total += 2 * vision * 400 + 4 * language * (prompt_tokens + answer) + 4 * head * answer
+    return epochs * total
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (280, 280), "white")
+
+
+def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32) -> dict:
+    """Captions per second: one batched generate of n pictures, and one picture at a time."""
+    import torch
+
+    import infer
+
+    model, processor, settings = infer.load_captioner(adapter, None, "cuda")
+    items = json.loads(data_json.read_text())[:n]
+    images = [infer.load_image(infer.image_of(it), settings["image_size"]) for it in items]
+
+    def timed(batch, batch_size):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        infer.caption_images(model, processor, batch, settings["prompt"], batch_size, new_tokens)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(images[:8], 8)  # warm-up
+    batched = timed(images, n)
+    single = timed(images[:8], 1) / 8
+    return {"batched_per_s": n / batched, "single_per_s": 1 / single}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--n", type=int, default=500, help="generated pictures (the tutorial: 500)")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to append to")
+    parser.add_argument("--no-inference", action="store_true", help="skip the captioning benchmark")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data_json = prepare(work, args.n)
+    rate = matmul_tflops()
+    flops = job_flops(model_dir, data_json)
+    print(f"bf16 matmul {rate:.0f} TFLOP/s; job {flops / 1e15:.2f} PFLOP, floor {flops / rate / 1e12:.2f} s")
+
+    rows = []
+    for name in args.variants.split(","):
+        out = work / f"out-{name}-{args.n}"
+        cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
+               "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled", "--logging-steps", "1",
+               "--save-steps", "100000", "--sample-max-new-tokens", "32", "--workers", "8", *VARIANTS[name]]  # fmt: skip
+        wall = run(cmd, work / f"{name}-{args.n}.log")
+        s = json.loads((out / "adapter" / "train_settings.json").read_text())
+        steps, sec = s["global_step"], s["seconds"]
+        full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name]
+        row = {"variant": name, "steps": steps, "prep_s": sec["first_step"], "train_s": sec["train"],
+               "step_ms": 1000 * sec["train"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
+               "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall,
+               "mfu": flops / (sec["train"] * rate * 1e12) if full else None}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row))
+    check = None
+    if {"check-eager", "check-graphs"} <= {r["variant"] for r in rows}:
+        eager, graphs = (logged_losses(work / f"out-{v}-{args.n}") for v in ("check-eager", "check-graphs"))
+        check = max(abs(a - b) / abs(a) for a, b in zip(eager, graphs))
+        print(f"losses eager {eager}\nlosses graphs {graphs}\nmax relative difference {check:.2e}")
+    training_rows = [r for r in rows if not r["variant"].startswith("check")]
+    infer_row = None if args.no_inference else inference(work / f"out-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
+
+    card = torch.cuda.get_device_name()
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    lines = [f"\n### {datetime.date.today()} — {card}, {versions}, {args.n} pictures\n",
+             f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
+             "| variant | steps | prep s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in training_rows:
+        mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "—"
+        lines.append(f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
+                     f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {mfu} | {r['loss']:.3f} |")  # fmt: skip
+    if check is not None:
+        lines.append(f"\nCUDA graphs vs eager, 8 steps without dropout: largest relative loss difference {check:.1e}.")
+    if infer_row:
+        lines.append(f"\nCaptioning 280x280, 32 new tokens ({training_rows[-1]['variant']} adapter, merged): "
+                     f"{infer_row['batched_per_s']:.0f} captions/s batched (64), "
+                     f"{infer_row['single_per_s']:.1f} captions/s one at a time.")  # fmt: skip
+    entry = "\n".join(lines) + "\n"
+    print(entry)
+    with open(args.results, "a") as f:
+        f.write(entry)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

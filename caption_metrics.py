@@ -1,0 +1,158 @@
+"""Caption quality scores: BLEU-1..4, ROUGE-L and CIDEr, computed with the COCO caption evaluation code (pycocoevalcap).
+
+    from caption_metrics import score_captions, tokenizer_used
+    scores = score_captions({"img1": "a dog on a couch"}, {"img1": ["A dog lies on a sofa.", "A brown dog on a couch."]})
+    print(tokenizer_used(), scores)  # ptb {'BLEU-1': ..., 'BLEU-4': ..., 'ROUGE-L': ..., 'CIDEr': ...}
+
+Why pycocoevalcap: it is the packaged copy of the COCO caption evaluation code (github.com/tylin/coco-caption) behind the
+numbers captioning papers report, so scores here compare with published ones. Its `Cider` class is CIDEr-D, the variant the
+COCO evaluation server reports (read in pycocoevalcap/cider/cider_scorer.py): document frequencies come from the reference
+captions only; each candidate n-gram weight is clipped to the reference's, min(g_cand, g_ref) * g_ref; each cosine is
+multiplied by a Gaussian length penalty exp(-(len_cand - len_ref)^2 / (2 * 6^2)); the scores of n = 1..4 are averaged, then
+averaged over the references and multiplied by 10. BLEU and ROUGE-L are in [0, 1]; CIDEr-D runs from 0 to 10.
+CIDEr-D depends on the set of images scored (its idf is computed over their references): compare CIDEr only over the same
+images, and note that over a single image every weight is log(1) - log(1) = 0, so CIDEr is 0 whatever the caption.
+METEOR and SPICE are not computed: both need Java plus large extra jars and models (SPICE downloads Stanford CoreNLP models).
+
+Tokenization: the official scores tokenize every caption with Stanford CoreNLP's PTBTokenizer (Java), lowercase it and drop the
+punctuation tokens in pycocoevalcap's PUNCTUATIONS list. tokenizer="auto" uses that tokenizer when Java and the jar are
+present, and otherwise a pure-Python imitation ("simple"): lowercase, PTB-style splitting of contractions (is n't, man 's),
+brackets written as PTB does (-lrb-), and the same punctuation removed. It differs from the official one in edge cases the
+imitation does not model (rock 'n' roll, 10:30am -> 10:30 am, abbreviations it does not know), so scores can differ
+slightly. Measured: 184 COCO val2014 captions (cocoapi's captions_val2014_fakecap_results.json), each scored against its four
+neighbours' captions, got the same tokens from both tokenizers and identical scores; with 24 harder captions added
+(contractions, quotes, brackets, $, %, abbreviations; one of them, "10:30am", tokenized differently) the fallback's scores
+moved by +1.9e-4 BLEU-1, +2.1e-5 BLEU-4, +4.3e-5 ROUGE-L and +2.2e-6 CIDEr. The official path is about 0.3 s per call
+(one JVM start), and gives the same numbers as pycocoevalcap's own COCOEvalCap tokenize-then-score sequence.
+Record tokenizer_used() with the scores so numbers from different machines stay comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
+
+PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+PUNCTUATION = set(ptbtokenizer.PUNCTUATIONS)
+TOKENIZERS = ("auto", "ptb", "simple")
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
+
+
+@functools.cache
+def java_available() -> bool:
+    """Whether the official tokenizer can run: the jar is installed and `java` starts (macOS ships a stub that only errors)."""
+    if shutil.which("java") is None or not PTB_JAR.is_file():
+        return False
+    try:
+        return subprocess.run(["java", "-version"], check=False, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tokenizer_used(tokenizer: str = "auto") -> str:
+    """The tokenizer score_captions will run for this setting: "ptb" (official, needs Java) or "simple" (pure Python)."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {tokenizer!r}.")
+    if tokenizer == "ptb" and not java_available():
+        raise RuntimeError(f"tokenizer='ptb' needs Java and {PTB_JAR}; install a Java runtime or pass tokenizer='simple'.")
+    if tokenizer == "auto":
+        return "ptb" if java_available() else "simple"
+    return tokenizer
+
+
+def ptb_tokenize(texts: list[str]) -> list[str]:
+    """Tokenize as pycocoevalcap's PTBTokenizer does (same jar, flags and punctuation list), in one Java call.
+
+    Its own tokenize() writes the input file beside the jar, which fails where site-packages is read-only, and lets Java's
+    chatter through to stderr; here the file goes to the system temp folder and stderr is captured.
+    """
+    # Java also breaks lines at \\r, \\v, \\u2028 ...; joining str.splitlines() keeps one output line per caption.
+    lines = "\n".join(" ".join(text.splitlines()) for text in texts)
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as file:
+        file.write(lines.encode())
+    try:
+        command = ["java", "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+        done = subprocess.run([*command, file.name], check=False, capture_output=True)
+    finally:
+        os.remove(file.name)
+    if done.returncode != 0:
+        raise RuntimeError(f"The PTB tokenizer (Java) failed: {done.stderr.decode(errors='replace').strip()}")
+    out = done.stdout.decode().split("\n")[: len(texts)]
+    if len(out) != len(texts):
+        raise RuntimeError(f"The PTB tokenizer returned {len(out)} lines for {len(texts)} captions.")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATION) for line in out]
+
+
+# PTBTokenizer normalises curly quotes before splitting; -lowerCase then turns its bracket codes into -lrb- and friends, which
+# is why pycocoevalcap's upper-case "-LRB-" entries never match and brackets survive as tokens in the official scores.
+QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "`": "'"})
+BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na", "gimme": "gim me", "lemme": "lem me"}
+CONTRACTIONS = {"n't", "'s", "'re", "'ll", "'d", "'ve", "'m"}
+# Words PTBTokenizer keeps a final period on; dotted forms (u.s., p.m., e.g.) are recognised by pattern instead.
+ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "ft.", "mt.", "vs.", "etc.", "inc.", "ltd.", "co.", "corp."}
+
+
+def simple_tokenize(text: str) -> str:
+    """A pure-Python stand-in for ptb_tokenize on one caption, for machines without Java."""
+    text = " ".join(text.splitlines()).lower().translate(QUOTES)
+    text = re.sub(r"[()\[\]{}]", lambda m: f" {BRACKETS[m[0]]} ", text)
+    text = re.sub(r"(?<!\d)[,:]|[,:](?!\d)|[;!?\"]|--|\.{2,}", " ", text)  # 1,000 and 10:30 stay whole, as in PTB
+    text = re.sub(r"[$#%]", r" \g<0> ", text)
+    text = re.sub(r"(\w)(n't|'s|'re|'ll|'d|'ve|'m)\b", r"\1 \2", text)
+    tokens = []
+    for token in " ".join(SPLIT_WORDS.get(t, t) for t in text.split()).split():
+        if token.endswith(".") and token not in ABBREVIATIONS and not re.fullmatch(r"(\w\.){2,}", token):
+            token = token.rstrip(".")
+        if token not in CONTRACTIONS:
+            token = token.strip("'")  # quotes around words ('stop', dogs') are punctuation
+        if token and token.strip("-"):
+            tokens.append(token)
+    return " ".join(tokens)
+
+
+def mean_words(captions: dict[str, str] | list[str]) -> float:
+    """Mean caption length in whitespace-separated words (0.0 for no captions)."""
+    texts = list(captions.values()) if isinstance(captions, dict) else list(captions)
+    return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
+
+
+def score_captions(captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto") -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr(-D) of one caption per image against that image's reference captions.
+
+    captions maps an image key to the generated caption; references maps image keys (a superset) to reference captions.
+    tokenizer: "auto" (official PTB tokenizer when Java is present, else "simple"), "ptb" or "simple".
+    """
+    used = tokenizer_used(tokenizer)
+    if not captions:
+        raise ValueError("No captions to score: pass at least one caption.")
+    missing = [k for k in captions if not references.get(k)]
+    if missing:
+        raise ValueError(f"{len(missing)} captioned images have no reference captions (first: {missing[0]!r}); "
+                         "pass references for every key of captions.")
+    if any(isinstance(references[k], str) for k in captions):
+        raise ValueError("references must map each image to a list of reference captions, not to one string.")
+    keys = list(captions)
+    texts = [captions[k] for k in keys] + [r for k in keys for r in references[k]]
+    tokens = ptb_tokenize(texts) if used == "ptb" else [simple_tokenize(t) for t in texts]
+    res = {k: [tokens[i]] for i, k in enumerate(keys)}
+    gts, at = {}, len(keys)
+    for k in keys:
+        gts[k], at = tokens[at : at + len(references[k])], at + len(references[k])
+    with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its n-gram counts
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        rouge, _ = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+    return dict(zip(METRICS, [float(b) for b in bleu] + [float(rouge), float(cider)]))

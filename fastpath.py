@@ -1,0 +1,172 @@
+"""The fast training path train.py takes by default: the tutorial's 2-epoch job in seconds instead of minutes.
+
+Where the time went in the plain recipe (bench/RESULTS.md has the measurements) and what this module does about it:
+1. Encode once. Every training picture is decoded, resized and tokenised once, by parallel DataLoader workers, and the frozen
+   vision tower runs once per picture, in large batches; its output is kept on the GPU (`VISION_CACHE_GB` bounds it, else
+   the plain path runs). The M-RoPE position ids are computed once per example on the CPU instead of in every step, where
+   they cost a device round-trip per row. Training steps then run only the language model.
+2. Logits only where there are labels: the LM head (151,936 outputs) runs on the caption positions only, not on the 100
+   image tokens and the prompt, and the loss is the same sum / token count transformers computes.
+3. CUDA graphs: one step of the language model is ~3,000 small kernels (LoRA adds six per projection), so the GPU waits on
+   Python. With every batch padded to one length, each decoder layer's forward and backward are captured once
+   (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer.
+None of this changes the mathematics: tests/test_fastpath.py trains with and without it and compares the losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+
+# ------------------------------------------------------------------------------------------------------- encode once
+def image_token_count(processor, image_size: int) -> int:
+    """Language-model tokens per picture at a fixed image size (14-pixel patches, merged 2x2)."""
+    merge = processor.image_processor.merge_size
+    return (image_size // (14 * merge)) ** 2
+
+
+def vision_cache_bytes(model, processor, n_images: int, image_size: int) -> int:
+    hidden = model.config.text_config.hidden_size
+    return n_images * image_token_count(processor, image_size) * hidden * model.dtype.itemsize
+
+
+@torch.no_grad()
+def encode_with_vision(model, dataset, workers: int, batch_size: int = 64):
+    """Encode every example once and run the vision tower on its picture once.
+
+    Returns (examples, features): examples are dicts of CPU tensors (input_ids, labels, position_ids) with an `index`
+    into features, a (n_examples, tokens_per_image, hidden) tensor on the model's device. Pixels are dropped as soon as
+    the tower has seen them, so host memory holds token ids only.
+    """
+    from tqdm import tqdm
+
+    device, dtype = model.device, model.dtype
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    examples, features = [], []
+    for batch in tqdm(loader, desc="encoding pictures", unit="batch"):
+        batch = [e for e in batch if e is not None]
+        if not batch:
+            continue
+        pixels = torch.cat([e.pop("pixel_values") for e in batch]).to(device, dtype)
+        grids = torch.cat([e["image_grid_thw"] for e in batch])
+        features += model.model.get_image_features(pixels, grids.to(device), return_dict=True).pooler_output
+        for e in batch:
+            positions, _ = model.model.get_rope_index(
+                e["input_ids"][None], e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
+            )
+            examples.append(
+                {"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0], "index": len(examples)}
+            )
+    return examples, torch.stack(features)
+
+
+def collate_encoded(examples: list[dict], pad_token_id: int, pad_to: int) -> dict:
+    """Pad to one fixed length (one shape for every batch: CUDA graphs replay it) and keep logits for captions only.
+
+    `logits_to_keep` are the positions whose next token is a caption token in some row; `shift_labels` are those next
+    tokens (-100 elsewhere), the key transformers' Trainer counts the loss's tokens from; `labels` stays the full labels.
+    """
+    n = len(examples)
+    input_ids = torch.full((n, pad_to), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, pad_to), -100, dtype=torch.long)
+    attention_mask = torch.zeros((n, pad_to), dtype=torch.long)
+    position_ids = torch.zeros((3, n, pad_to), dtype=torch.long)
+    for row, e in enumerate(examples):
+        length = len(e["input_ids"])
+        input_ids[row, :length], labels[row, :length] = e["input_ids"], e["labels"]
+        attention_mask[row, :length] = 1
+        position_ids[:, row, :length] = e["position_ids"]
+    first_label = int((labels != -100).int().argmax(1).min())
+    keep = torch.arange(first_label - 1, pad_to - 1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "shift_labels": labels[:, keep + 1],
+        "logits_to_keep": keep,
+        "image_index": torch.tensor([e["index"] for e in examples]),
+    }
+
+
+class CaptionTrainer(Trainer):
+    """transformers' Trainer, fed from the vision cache, with the loss computed on the kept logits."""
+
+    vision_features: torch.Tensor | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "image_index" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        features = self.vision_features[inputs.pop("image_index")].flatten(0, 1)  # gathered on the GPU: no sync
+        del inputs["labels"]
+        labels = inputs.pop("shift_labels")
+        outputs = model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(features,))})
+        loss = torch.nn.functional.cross_entropy(
+            outputs.logits.float().flatten(0, 1), labels.flatten().to(outputs.logits.device), ignore_index=-100,
+            reduction="sum",
+        )  # fmt: skip
+        # Normalised as transformers' causal-LM loss: by the caption tokens of the whole accumulated batch.
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
+        return (loss, outputs) if return_outputs else loss
+
+
+# ------------------------------------------------------------------------------------------------------- CUDA graphs
+class _LayerCall(torch.nn.Module):
+    """A decoder layer with positional tensor arguments only, the form make_graphed_callables captures."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, cos, sin, attention_mask):
+        return self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=(cos, sin))
+
+
+def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
+    """Capture every decoder layer's forward and backward for (batch_size, seq_len) and route matching calls to them.
+
+    The layers' `forward` is replaced on the instance, so parameter names, saving and peft are untouched; generation,
+    evaluation and any other shape run the original forward.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    language_model = model.base_model.model.model.language_model if hasattr(model, "base_model") else model.model.language_model
+    layers = list(language_model.layers)
+    device, dtype = language_model.embed_tokens.weight.device, language_model.embed_tokens.weight.dtype
+    hidden = torch.randn(batch_size, seq_len, language_model.config.hidden_size, device=device, dtype=dtype)
+    positions = torch.arange(seq_len, device=device).expand(3, batch_size, seq_len)
+    cos, sin = language_model.rotary_emb(hidden, positions)
+    padding = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+    padding[0, -1] = 0  # a padded batch, the shape of mask every training batch has
+    mask = create_causal_mask(config=language_model.config, inputs_embeds=hidden, attention_mask=padding, cache=None,
+                              position_ids=None)  # fmt: skip
+    # The first layer's input (embeddings and cached image features) needs no gradient; every later one does.
+    samples = tuple(
+        (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone(), mask.clone()) for i in range(len(layers))
+    )
+    calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples)
+    for layer, graphed, sample in zip(layers, calls, samples):
+        layer.forward = _routed(layer, graphed, sample)
+
+
+def _routed(layer, graphed, sample):
+    """The layer's new forward: the graph for calls like the captured one (training, with gradients), else eager."""
+    eager_forward, (hidden_s, _, _, mask_s) = layer.forward, sample
+
+    def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        if (
+            layer.training
+            and torch.is_grad_enabled()
+            and hidden_states.shape == hidden_s.shape
+            and hidden_states.requires_grad == hidden_s.requires_grad
+            and isinstance(attention_mask, torch.Tensor)
+            and attention_mask.shape == mask_s.shape
+            and attention_mask.dtype == mask_s.dtype
+        ):
+            return graphed(hidden_states, *position_embeddings, attention_mask)
+        return eager_forward(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
+
+    return forward

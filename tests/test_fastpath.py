@@ -1,0 +1,77 @@
+"""The fast path computes the same training as the plain one: same losses, same weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from conftest import QUICK
+from transformers import AutoProcessor, TrainerCallback
+
+import fastpath
+import train
+
+
+class Losses(TrainerCallback):
+    def __init__(self):
+        self.values = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.values.append(float(logs["loss"]))
+
+
+def test_fast_and_plain_paths_train_the_same(tiny_model, shapes_24, tmp_path):
+    """Plain: pictures decoded per step, vision tower every step, full logits, per-batch padding.
+
+    Fast: vision tower once (cache), precomputed positions, fixed padding, logits on caption positions only. Both fp32
+    on the CPU from the same seed, dropout off (its random draws depend on the padded shape, so they would differ by
+    design). The only differences left are summation order in padded attention and the LM head: ~1e-6 relative, so
+    1e-4 on the losses and 1e-4 on the weights after 6 steps leaves room for rounding but not for a masking or
+    normalisation bug (a wrong label shift or token count moves the loss by far more than 1%).
+    """
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, cache in [("plain", "0"), ("fast", "8")]:
+        losses = Losses()
+        out = tmp_path / name
+        train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
+                    "--max-steps", "6", "--lora-dropout", "0", "--vision-cache-gb", cache, "--swanlab-mode", "disabled",
+                    *QUICK], callbacks=[losses])  # fmt: skip
+        settings = json.loads((out / "adapter" / "train_settings.json").read_text())
+        assert settings["vision_cache"] is (name == "fast")
+        runs[name] = losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+    (plain_losses, plain_weights), (fast_losses, fast_weights) = runs["plain"], runs["fast"]
+    assert len(plain_losses) == len(fast_losses) == 6
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=0)
+    assert plain_losses[0] != plain_losses[-1], "the weights should have moved"
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
+def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    items = json.loads(shapes_24.read_text())[:5]
+    for i, item in enumerate(items):  # captions of different lengths, so rows end at different places
+        item["conversations"][1]["value"] = " ".join(["a red circle"] * (i + 1))
+    dataset = train.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
+    plain = train.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
+    examples = [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
+                 "index": i} for i, e in enumerate(dataset[j] for j in range(5))]  # fmt: skip
+    pad_to = plain["input_ids"].shape[1] + 8
+    batch = fastpath.collate_encoded(examples, processor.tokenizer.pad_token_id, pad_to)
+    assert batch["input_ids"].shape == (5, pad_to)
+    keep = batch["logits_to_keep"]
+    # Position t's logits predict token t + 1: the kept labels are the shifted labels at the kept positions, all of them.
+    shifted = torch.nn.functional.pad(plain["labels"], (0, 8), value=-100)[:, 1:]
+    assert torch.equal(batch["shift_labels"], shifted[:, keep])
+    assert batch["shift_labels"].ne(-100).sum() == plain["labels"].ne(-100).sum()
+    assert keep[0] == int((plain["labels"] != -100).int().argmax(1).min()) - 1
+
+
+def test_low_memory_keeps_the_effective_batch():
+    args = argparse.Namespace(low_memory=True, batch_size=16, grad_accum=1, gradient_checkpointing=False, cuda_graphs=True)
+    train.resolve_memory_settings(args)
+    assert (args.batch_size, args.grad_accum, args.gradient_checkpointing, args.cuda_graphs) == (4, 4, True, False)
