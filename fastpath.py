@@ -9,16 +9,18 @@ Where the time went in the plain recipe (bench/RESULTS.md has the measurements) 
    image tokens and the prompt, and the loss is the same sum / token count transformers computes.
 3. CUDA graphs: one step of the language model is ~3,000 small kernels (LoRA adds six per projection), so the GPU waits on
    Python. With every batch padded to one length, each decoder layer's forward and backward are captured once
-   (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer.
+   (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
+   attention mask, positions and image-token places are built by the collator, so no step waits on the GPU.
 None of this changes the mathematics: tests/test_fastpath.py trains with and without it and compares the losses.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -28,25 +30,29 @@ def image_token_count(processor, image_size: int) -> int:
     return (image_size // (14 * merge)) ** 2
 
 
-def vision_cache_bytes(model, processor, n_images: int, image_size: int) -> int:
-    hidden = model.config.text_config.hidden_size
-    return n_images * image_token_count(processor, image_size) * hidden * model.dtype.itemsize
+def vision_cache_bytes(config, processor, n_images: int, image_size: int, dtype) -> int:
+    return n_images * image_token_count(processor, image_size) * config.text_config.hidden_size * dtype.itemsize
+
+
+def start_encoding(dataset, workers: int, batch_size: int = 64):
+    """Start the DataLoader workers decoding and tokenising pictures; they work ahead while the model loads."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    return iter(loader), len(loader)
 
 
 @torch.no_grad()
-def encode_with_vision(model, dataset, workers: int, batch_size: int = 64):
-    """Encode every example once and run the vision tower on its picture once.
+def finish_encoding(model, batches, n_batches: int, image_token_id: int):
+    """Run the vision tower once on every picture the workers encoded.
 
-    Returns (examples, features): examples are dicts of CPU tensors (input_ids, labels, position_ids) with an `index`
-    into features, a (n_examples, tokens_per_image, hidden) tensor on the model's device. Pixels are dropped as soon as
-    the tower has seen them, so host memory holds token ids only.
+    Returns (examples, features): examples are dicts of CPU tensors (input_ids, labels, position_ids, image_positions)
+    with an `index` into features, a (n_examples, tokens_per_image, hidden) tensor on the model's device. Pixels are
+    dropped as soon as the tower has seen them, so host memory holds token ids only.
     """
     from tqdm import tqdm
 
     device, dtype = model.device, model.dtype
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     examples, features = [], []
-    for batch in tqdm(loader, desc="encoding pictures", unit="batch"):
+    for batch in tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch"):
         batch = [e for e in batch if e is not None]
         if not batch:
             continue
@@ -57,38 +63,49 @@ def encode_with_vision(model, dataset, workers: int, batch_size: int = 64):
             positions, _ = model.model.get_rope_index(
                 e["input_ids"][None], e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
             )
-            examples.append(
-                {"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0], "index": len(examples)}
-            )
+            examples.append({
+                "input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0],
+                "image_positions": (e["input_ids"] == image_token_id).nonzero()[:, 0], "index": len(examples),
+            })  # fmt: skip
     return examples, torch.stack(features)
+
+
+@functools.cache
+def _causal(length: int) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril()
 
 
 def collate_encoded(examples: list[dict], pad_token_id: int, pad_to: int) -> dict:
     """Pad to one fixed length (one shape for every batch: CUDA graphs replay it) and keep logits for captions only.
 
-    `logits_to_keep` are the positions whose next token is a caption token in some row; `shift_labels` are those next
-    tokens (-100 elsewhere), the key transformers' Trainer counts the loss's tokens from; `labels` stays the full labels.
+    Everything the step needs is built here, on the CPU, so the step itself never waits for the GPU: the causal
+    attention mask with padding (the 4-D boolean mask transformers builds for SDPA, True = may attend), the flat
+    positions the cached image features go to, the M-RoPE position ids. `logits_to_keep` are the positions whose next
+    token is a caption token in some row; `shift_labels` are those next tokens (-100 elsewhere), the key transformers'
+    Trainer counts the loss's tokens from; `labels` stays the full labels.
     """
     n = len(examples)
     input_ids = torch.full((n, pad_to), pad_token_id, dtype=torch.long)
     labels = torch.full((n, pad_to), -100, dtype=torch.long)
-    attention_mask = torch.zeros((n, pad_to), dtype=torch.long)
+    attention_mask = torch.zeros((n, pad_to), dtype=torch.bool)
     position_ids = torch.zeros((3, n, pad_to), dtype=torch.long)
     for row, e in enumerate(examples):
         length = len(e["input_ids"])
         input_ids[row, :length], labels[row, :length] = e["input_ids"], e["labels"]
-        attention_mask[row, :length] = 1
+        attention_mask[row, :length] = True
         position_ids[:, row, :length] = e["position_ids"]
+    causal = _causal(pad_to)
     first_label = int((labels != -100).int().argmax(1).min())
     keep = torch.arange(first_label - 1, pad_to - 1)
     return {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "attention_mask": {"full_attention": causal[None, None] & attention_mask[:, None, None, :]},
         "position_ids": position_ids,
         "labels": labels,
         "shift_labels": labels[:, keep + 1],
         "logits_to_keep": keep,
         "image_index": torch.tensor([e["index"] for e in examples]),
+        "image_positions": torch.cat([e["image_positions"] + row * pad_to for row, e in enumerate(examples)]),
     }
 
 
@@ -97,19 +114,37 @@ class CaptionTrainer(Trainer):
 
     vision_features: torch.Tensor | None = None
 
+    def _prepare_input(self, data):
+        # Batches come from pinned memory: copy them without making the CPU wait for the GPU to catch up.
+        if isinstance(data, torch.Tensor) and data.device.type == "cpu" and self.args.device.type == "cuda":
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # On one process the count can stay on the CPU (a scalar the loss divides by); moving it is a blocking copy.
+        return super()._get_num_items_in_batch(batch_samples, torch.device("cpu") if self.args.world_size == 1 else device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "image_index" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        features = self.vision_features[inputs.pop("image_index")].flatten(0, 1)  # gathered on the GPU: no sync
+        # The cached image features take the image tokens' places in the embeddings; every index is on the GPU
+        # already, so nothing here waits for it (transformers' own placeholder check would: a sync per step).
+        embed = self.accelerator.unwrap_model(model).get_input_embeddings()
+        embeds = embed(inputs.pop("input_ids"))
+        features = self.vision_features[inputs.pop("image_index")].flatten(0, 1).to(embeds.dtype)
+        embeds = embeds.flatten(0, 1).index_copy(0, inputs.pop("image_positions"), features).view_as(embeds)
         del inputs["labels"]
         labels = inputs.pop("shift_labels")
-        outputs = model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(features,))})
+        outputs = model(inputs_embeds=embeds, **inputs)
         loss = torch.nn.functional.cross_entropy(
             outputs.logits.float().flatten(0, 1), labels.flatten().to(outputs.logits.device), ignore_index=-100,
             reduction="sum",
         )  # fmt: skip
-        # Normalised as transformers' causal-LM loss: by the caption tokens of the whole accumulated batch.
+        # Normalised as transformers' causal-LM loss: by the caption tokens of the whole accumulated batch, counted over
+        # every process; DDP then averages the gradients, so undo that average as Trainer.compute_loss does.
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 
@@ -147,7 +182,9 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     samples = tuple(
         (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone(), mask.clone()) for i in range(len(layers))
     )
-    calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples)
+    # Captured under bf16 autocast as training runs (without autocast's weight cache, which graphs cannot hold).
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples, num_warmup_iters=1)
     for layer, graphed, sample in zip(layers, calls, samples):
         layer.forward = _routed(layer, graphed, sample)
 

@@ -98,6 +98,9 @@ def resolve_device(device: str) -> str:
             "no CUDA GPU is visible; pass --device cpu to run on the CPU anyway (fine for the tiny test model and the "
             "smoke run, far too slow for Qwen2-VL-2B)."
         )
+    if "LOCAL_RANK" in os.environ:  # under torchrun each process has a GPU of its own
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return f"cuda:{os.environ['LOCAL_RANK']}"
     return "cuda"
 
 
@@ -129,9 +132,16 @@ def resolve_model_dir(model_dir: str) -> str:
 
 def load_model(model_dir: str, device: str):
     """Qwen2-VL from a local folder. Never remote code: Qwen2-VL is part of transformers."""
+    import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=model_dtype(device)).to(device)
+    if device.startswith("cuda"):
+        # cuDNN's attention plans anew for every new sequence length, ~1 ms of CPU a call: the vision tower calls it
+        # once per image and block, generation once per token and layer. Flash / memory-efficient attention don't.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+    # Straight onto the device (one device, not "auto" layer splitting): no full copy in host memory first.
+    return Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=model_dtype(device), device_map=device)
 
 
 def load_processor(model_dir: str | Path):

@@ -52,7 +52,11 @@ DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and th
 WORKERS = 4  # DataLoader processes decoding and tokenising pictures
 RESUME = False  # continue from the last checkpoint in OUTPUT_DIR
 OVERWRITE = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
-SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out pictures
+SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out and evaluation pictures
+EVAL_JSON = "data_vl_eval.json"  # evaluation split with reference captions (csv2json.py of data2csv.py --split validation)
+EVAL_SIZE = 100  # first pictures of EVAL_JSON captioned and scored (BLEU-1..4, ROUGE-L, CIDEr); 0 = no evaluation
+EVAL_BEFORE = True  # also score the base model before training, so every run shows its gain
+EVAL_BATCH_SIZE = 32  # pictures per generate call when captioning for evaluation
 SWANLAB_PROJECT = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
 SWANLAB_EXPERIMENT = "qwen2-vl-coco2014"  # SwanLab experiment name
 SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)
@@ -65,13 +69,14 @@ def split_paths(data_json: str | Path) -> tuple[Path, Path]:
     return p.with_name(f"{p.stem}_train.json"), p.with_name(f"{p.stem}_test.json")
 
 
-def hold_out(items: list[dict], test_size: int, data_json: str | Path) -> tuple[list[dict], list[dict]]:
-    """Split off the last test_size conversations and write both halves beside data_json."""
+def hold_out(items: list[dict], test_size: int, data_json: str | Path, write: bool = True) -> tuple[list[dict], list[dict]]:
+    """Split off the last test_size conversations and write both halves beside data_json (one process writes)."""
     if not 0 <= test_size < len(items):
         raise cli.UserError(f"--test-size {test_size} leaves nothing to train on ({len(items)} conversations).")
     train, test = items[: len(items) - test_size], items[len(items) - test_size :]
-    for path, part in zip(split_paths(data_json), (train, test)):
-        write_json(path, part)
+    if write:
+        for path, part in zip(split_paths(data_json), (train, test)):
+            write_json(path, part)
     return train, test
 
 
@@ -233,6 +238,27 @@ def start_swanlab(args, config: dict):
     return SwanLabCallback()
 
 
+def caption_items(model, processor, items: list[dict], args) -> list[str]:
+    """Captions of the held-out pictures, as the tutorial prints and logs them."""
+    was_training = model.training
+    model.eval()
+    images = [infer.load_image(infer.image_of(it), args.image_size) for it in items]
+    captions = infer.caption_images(model, processor, images, args.prompt, max_new_tokens=args.sample_max_new_tokens)
+    model.train(was_training)
+    return captions
+
+
+def write_eval(output_dir: Path, items: list[dict], results: dict) -> None:
+    """OUTPUT_DIR/eval_scores.json (the scores before and after) and eval_captions.jsonl (every caption, both times)."""
+    write_json(output_dir / "eval_scores.json", {when: scores for when, (_, scores) in results.items()})
+    with (output_dir / "eval_captions.jsonl").open("w", encoding="utf-8") as f:
+        for item in items:
+            path = infer.image_of(item)
+            record = {"image": path, **{when: captions.get(path) for when, (captions, _) in results.items()},
+                      "references": infer.references_of(item)}  # fmt: skip
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def log_samples(key: str, items: list[dict], captions: list[str]) -> None:
     """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
     if "swanlab" not in sys.modules:
@@ -247,12 +273,59 @@ def log_samples(key: str, items: list[dict], captions: list[str]) -> None:
     swanlab.log({key: images})
 
 
+# ------------------------------------------------------------------------------------------------------------ evaluation
+def load_eval_split(args) -> list[dict]:
+    """The first EVAL_SIZE conversations of EVAL_JSON, or [] (with one line saying why) when there are none to score."""
+    if args.eval_size <= 0:
+        return []
+    if not Path(args.eval_json).is_file():
+        print(f"no evaluation split ({args.eval_json} does not exist): captions will not be scored. Make one with "
+              "`python data2csv.py --split validation --n 100 --image-dir coco_2014_caption_val --csv coco-2014-val.csv`"
+              " and `python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`.")  # fmt: skip
+        return []
+    return usable_conversations(infer.read_conversations(args.eval_json))[: args.eval_size]
+
+
+def evaluate(model, processor, items: list[dict], args) -> tuple[dict, dict]:
+    """Caption the evaluation pictures (batched) and score them against their references: (captions, scores)."""
+    from caption_metrics import mean_words, score_captions, tokenizer_used
+
+    paths = [infer.image_of(it) for it in items]
+    was_training = model.training
+    model.eval()
+    captions, _ = infer.caption_paths(model, processor, paths, args.prompt, args.image_size, args.eval_batch_size,
+                                      args.sample_max_new_tokens)  # fmt: skip
+    model.train(was_training)
+    references = {infer.image_of(it): infer.references_of(it) for it in items}
+    scores = score_captions(captions, {p: references[p] for p in captions})
+    scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_used())
+    return captions, scores
+
+
+def report_scores(when: str, scores: dict) -> None:
+    """Print the scores and log them to SwanLab as eval/<when>/<metric>."""
+    numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
+    print(f"caption quality {when} training ({scores['images']} pictures, {scores['tokenizer']} tokenizer): "
+          + "  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))  # fmt: skip
+    if "swanlab" in sys.modules:
+        import swanlab
+
+        if swanlab.has_run():
+            swanlab.log({f"eval/{when}/{k}": v for k, v in numbers.items()})
+
+
 # ------------------------------------------------------------------------------------------------------------------ main
 def library_versions() -> dict:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     names = ["torch", "transformers", "peft", "accelerate", "swanlab", "modelscope"]
-    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+    return {"python": platform.python_version(), **{n: installed(n) for n in names}}
 
 
 def check_output_dir(args) -> str | None:
@@ -312,9 +385,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     resolve_memory_settings(args)
     device = infer.resolve_device(args.device)
     resume_from = check_output_dir(args)
+    # Under torchrun every process runs this script; process 0 alone writes files, logs and captions.
+    is_main = int(os.environ.get("RANK", "0")) == 0
     started = time.perf_counter()
     items = usable_conversations(infer.read_conversations(args.data_json))
-    train_items, test_items = hold_out(items, args.test_size, args.data_json)
+    train_items, test_items = hold_out(items, args.test_size, args.data_json, write=is_main)
 
     import torch
     from transformers import TrainingArguments, set_seed
@@ -329,15 +404,21 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         encode_example(processor, image, infer.caption_of(first), args.prompt, args.max_length)
     except ValueError as e:
         raise cli.UserError(f"{infer.image_of(first)}: {e}.") from None
-    model = infer.load_model(model_dir, device)
     dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
     pad_id = processor.tokenizer.pad_token_id
 
     # The fast path when the frozen vision tower's output for every training picture fits the cache (fastpath.py).
-    cache_gb = fastpath.vision_cache_bytes(model, processor, len(dataset), args.image_size) / 1e9 if args.image_size else None
+    from transformers import AutoConfig
+
+    config, dtype = AutoConfig.from_pretrained(model_dir), infer.model_dtype(device)
+    cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
     cached = cache_gb is not None and cache_gb <= args.vision_cache_gb
     if cached:
-        examples, features = fastpath.encode_with_vision(model, dataset, args.workers)
+        encoding = fastpath.start_encoding(dataset, args.workers)  # the workers decode pictures while the model loads
+    model = infer.load_model(model_dir, device)
+    eval_items = load_eval_split(args) if is_main else []
+    if cached:
+        examples, features = fastpath.finish_encoding(model, *encoding, config.image_token_id)
         pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
         train_dataset, collator = examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to)
         print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "
@@ -348,16 +429,27 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
     prepared = time.perf_counter()
 
+    swanlab_callback = start_swanlab(args, {**vars(args), "model_dir": model_dir}) if is_main else None
+    results = {}
+    if args.eval_before and is_main:
+        if eval_items:
+            results["before"] = evaluate(model, processor, eval_items, args)
+            report_scores("before", results["before"][1])
+        log_samples("Prediction/before", test_items, caption_items(model, processor, test_items, args))
+
     set_seed(args.seed)  # LoRA's initial weights do not depend on what preparing the data drew from the RNG
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
     model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    graphs = cached and args.cuda_graphs and device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Graphs are captured per process before DDP wraps the model; that pairing is untested, so several processes run eager.
+    graphs = cached and args.cuda_graphs and device.startswith("cuda") and world_size == 1
+    capture_started = time.perf_counter()
     if graphs:
         model.train()  # captured with dropout active, as training replays it
         fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
+    capture_seconds = time.perf_counter() - capture_started
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     effective_batch = args.batch_size * args.grad_accum * world_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_items) / effective_batch) * args.epochs
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -396,9 +488,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         save_total_limit=2,
         seed=args.seed,
         data_seed=args.seed,
-        # No autocast: the base weights are bf16 on the GPU, the LoRA weights and their optimizer state fp32, and peft
-        # runs each LoRA branch in fp32, so nothing is lost to bf16 updates and no per-op casts are added.
-        bf16=False,
+        # bf16 autocast on the GPU: the base weights are bf16, the LoRA weights and their optimizer state stay fp32.
+        bf16=device.startswith("cuda"),
+        logging_nan_inf_filter=False,  # its per-step NaN check makes every step wait for the GPU
         use_cpu=device == "cpu",
         dataloader_num_workers=0 if cached else args.workers,
         dataloader_persistent_workers=not cached and args.workers > 0,
@@ -406,8 +498,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         ddp_find_unused_parameters=False,
         report_to="none",
     )
-    is_main = training_args.process_index == 0
-    swanlab_callback = start_swanlab(args, settings) if is_main else None
+    if swanlab_callback:
+        swanlab_callback.update_config(settings)
     clock = StepClock()
     trainer = fastpath.CaptionTrainer(
         model=model,
@@ -426,22 +518,26 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     adapter_dir = Path(args.output_dir) / "adapter"
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
-    train_seconds = clock.end - clock.first_step if clock.first_step else 0.0
+    # Training time: first step to last, plus the CUDA-graph capture (this path's compilation).
+    step_seconds = clock.end - clock.first_step if clock.first_step else 0.0
+    train_seconds = step_seconds + capture_seconds
     settings.update(
         train_loss=result.training_loss,
         global_step=result.global_step,
-        seconds={"prepare": round(prepared - started, 2), "first_step": round((clock.first_step or prepared) - started, 2),
-                 "train": round(train_seconds, 2)},
+        seconds={"prepare": round(prepared - started, 2), "to_first_step": round((clock.first_step or prepared) - started, 2),
+                 "capture": round(capture_seconds, 2), "steps": round(step_seconds, 2), "train": round(train_seconds, 2)},
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
     )  # fmt: skip
     write_json(adapter_dir / infer.SETTINGS_FILE, settings)
 
-    model.eval()
-    images = [infer.load_image(infer.image_of(it), args.image_size) for it in test_items]
-    captions = infer.caption_images(model, processor, images, args.prompt, max_new_tokens=args.sample_max_new_tokens)
+    captions = caption_items(model, processor, test_items, args)
     for item, caption in zip(test_items, captions):
         print(f"{infer.image_of(item)}\n  reference: {infer.caption_of(item)}\n  generated: {caption}")
-    log_samples("Prediction", test_items, captions)
+    log_samples("Prediction/after", test_items, captions)
+    if eval_items:
+        results["after"] = evaluate(model, processor, eval_items, args)
+        report_scores("after", results["after"][1])
+        write_eval(Path(args.output_dir), eval_items, results)
     if swanlab_callback:
         import swanlab
 

@@ -33,8 +33,8 @@ VARIANTS = {
     "fast": [],
     "low-memory": ["--low-memory"],
     # CUDA graphs must not change the arithmetic: 8 steps without dropout (whose draws differ by design), eager vs graphs.
-    "check-eager": ["--no-cuda-graphs", "--lora-dropout", "0", "--max-steps", "8"],
-    "check-graphs": ["--lora-dropout", "0", "--max-steps", "8"],
+    "check-eager": ["--no-cuda-graphs", "--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
+    "check-graphs": ["--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
 }  # fmt: skip
 
 
@@ -52,6 +52,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 def prepare(work: Path, n: int) -> tuple[Path, Path]:
     model, data = work / "model-2b", work / f"data-{n}"
+    work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if not (model / "config.json").exists():
         print(f"building the 2B stand-in: {run([py, 'tools/make_offline_model.py', '--size', '2b', '--out', str(model)], work / 'model.log'):.0f} s")
@@ -159,14 +160,15 @@ def main() -> None:
     for name in args.variants.split(","):
         out = work / f"out-{name}-{args.n}"
         cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
-               "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled", "--logging-steps", "1",
+               "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
                "--save-steps", "100000", "--sample-max-new-tokens", "32", "--workers", "8", *VARIANTS[name]]  # fmt: skip
         wall = run(cmd, work / f"{name}-{args.n}.log")
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]
         full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name]
-        row = {"variant": name, "steps": steps, "prep_s": sec["first_step"], "train_s": sec["train"],
-               "step_ms": 1000 * sec["train"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
+        row = {"variant": name, "steps": steps, "prep_s": sec["prepare"], "setup_s": sec["to_first_step"] - sec["prepare"] - sec["capture"],
+               "capture_s": sec["capture"], "train_s": sec["train"],
+               "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
                "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall,
                "mfu": flops / (sec["train"] * rate * 1e12) if full else None}  # fmt: skip
         rows.append(row)
@@ -183,11 +185,11 @@ def main() -> None:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     lines = [f"\n### {datetime.date.today()} — {card}, {versions}, {args.n} pictures\n",
              f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
-             "| variant | steps | prep s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| variant | steps | prep s | LoRA + Trainer set-up s | graph capture s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in training_rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "—"
-        lines.append(f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
+        lines.append(f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {r['setup_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
                      f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {mfu} | {r['loss']:.3f} |")  # fmt: skip
     if check is not None:
         lines.append(f"\nCUDA graphs vs eager, 8 steps without dropout: largest relative loss difference {check:.1e}.")

@@ -58,8 +58,10 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
         item["conversations"][1]["value"] = " ".join(["a red circle"] * (i + 1))
     dataset = train.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
     plain = train.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
-                 "index": i} for i, e in enumerate(dataset[j] for j in range(5))]  # fmt: skip
+                 "image_positions": (e["input_ids"] == image_token).nonzero()[:, 0], "index": i}
+                for i, e in enumerate(dataset[j] for j in range(5))]  # fmt: skip
     pad_to = plain["input_ids"].shape[1] + 8
     batch = fastpath.collate_encoded(examples, processor.tokenizer.pad_token_id, pad_to)
     assert batch["input_ids"].shape == (5, pad_to)
@@ -69,6 +71,20 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
     assert torch.equal(batch["shift_labels"], shifted[:, keep])
     assert batch["shift_labels"].ne(-100).sum() == plain["labels"].ne(-100).sum()
     assert keep[0] == int((plain["labels"] != -100).int().argmax(1).min()) - 1
+
+    # The attention mask is the one transformers builds for SDPA from the padding (True = may attend).
+    from transformers import AutoConfig
+    from transformers.masking_utils import create_causal_mask
+
+    config = AutoConfig.from_pretrained(tiny_model).text_config
+    config._attn_implementation = "sdpa"
+    padding = (batch["input_ids"] != processor.tokenizer.pad_token_id).long()
+    expected = create_causal_mask(config=config, inputs_embeds=torch.zeros(5, pad_to, 8), attention_mask=padding,
+                                  cache=None, position_ids=None)  # fmt: skip
+    assert torch.equal(batch["attention_mask"]["full_attention"], expected)
+    # Image features go to exactly the image tokens' places, row after row.
+    flat = batch["input_ids"].flatten()
+    assert torch.equal(batch["image_positions"], (flat == image_token).nonzero()[:, 0])
 
 
 def test_low_memory_keeps_the_effective_batch():

@@ -49,8 +49,9 @@ def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_p
     run = read_run(only_run(tmp_path / "swanlog"))
     losses = run["scalars"]["train/loss"]
     assert len(losses) == 4 and all(v > 0 for _, v in losses)
-    predictions = run["media"]["Prediction"]
-    assert len(predictions) == 2 and all(name.endswith(".png") for name, _ in predictions)
+    for key in ("Prediction/before", "Prediction/after"):  # the held-out pictures, captioned before and after training
+        predictions = run["media"][key]
+        assert len(predictions) == 2 and all(name.endswith(".png") for name, _ in predictions)
     assert "lora_r" in run["config"]
     # The held-out split was written beside the data, in the tutorial's file names.
     assert len(json.loads((shapes_24.parent / "data_vl_test.json").read_text())) == 2

@@ -1,0 +1,93 @@
+"""Where a training step and a captioning call spend their time: torch.profiler tables for a few steps of train.py.
+
+    python bench/profile_step.py --work bench/work           # after bench/bench.py has built the model and the pictures
+
+Prints, for steps 10-14 of train.py's default (fast) path and for one batched captioning call, the wall time, the GPU's
+busy time and the top operators by CPU and by GPU time. Writes Chrome traces next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+
+def gpu_busy_ms(prof) -> float:
+    """Union of the GPU kernel intervals, in ms (kernels on several streams overlap; count each instant once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy / 1e3
+
+
+def report(name, prof, wall_ms, out: Path, repeats: int = 1):
+    """Per repeat: wall and GPU-busy time; then the operator tables over all repeats."""
+    print(f"\n=== {name}: wall {wall_ms:.1f} ms, GPU busy {gpu_busy_ms(prof) / repeats:.1f} ms")
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25))
+    print(table.table(sort_by="self_device_time_total", row_limit=15))
+    prof.export_chrome_trace(str(out / f"{name.split()[0]}.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"))
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--train-args", default="", help="extra train.py flags")
+    args = parser.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    import infer
+    import train
+
+    from bench import prepare
+
+    work, out = Path(args.work), Path(args.out)
+    model_dir, data = prepare(work, 500)
+    first, last = 10, 15
+
+    class Profile(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kwargs):
+            if state.global_step == first:
+                torch.cuda.synchronize()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kwargs):
+            if state.global_step == last:
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - self.start) * 1e3 / (last - first)
+                self.prof.__exit__(None, None, None)
+                report(f"train step (mean of {last - first})", self.prof, wall, out, last - first)
+                control.should_training_stop = True
+
+    train.main(["--model-dir", str(model_dir), "--data-json", str(data), "--output-dir", str(work / "out-profile"),
+                "--overwrite", "--swanlab-mode", "disabled", "--save-steps", "100000", "--sample-max-new-tokens", "4",
+                "--workers", "8", *args.train_args.split()], callbacks=[Profile()])  # fmt: skip
+
+    model, processor, settings = infer.load_captioner(work / "out-profile" / "adapter", None, "cuda")
+    items = infer.read_conversations(data)[:64]
+    images = [infer.load_image(infer.image_of(it), 280) for it in items]
+    infer.caption_images(model, processor, images[:8], "COCO Yes:", 8, 32)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        infer.caption_images(model, processor, images, "COCO Yes:", 64, 32)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3
+    report("caption 64 images, 32 new tokens", prof, wall, out)
+
+
+if __name__ == "__main__":
+    main()
