@@ -12,9 +12,11 @@ row number (row 1 = the first data row) and left out. The JSON is written whole 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,8 +47,8 @@ def conversation(index: int, image_path, caption: str, references: list[str] | N
     return item
 
 
-def read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
-    """The CSV's column names and rows; a UserError when it is missing or lacks a needed column."""
+def read_columns(csv_path: Path) -> tuple[list[str], int]:
+    """The CSV's column names and its number of data rows; a UserError when it is missing or lacks a needed column."""
     if not csv_path.is_file():
         raise cli.UserError(f"{csv_path} not found; run data2csv.py first (or pass --csv PATH).")
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -58,7 +60,13 @@ def read_rows(csv_path: Path) -> tuple[list[str], list[dict]]:
                 f"{csv_path} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''} "
                 f"(it has: {', '.join(columns) or 'nothing'}); write it with data2csv.py."
             )
-        return columns, list(reader)
+        return columns, sum(1 for _ in reader)
+
+
+def read_rows(csv_path: Path) -> Iterator[dict]:
+    """The CSV's rows, one at a time (the file is never held in memory)."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        yield from csv.DictReader(f)
 
 
 def image_problem(image_path: str) -> str | None:
@@ -95,40 +103,61 @@ def row_item(row: dict, has_references: bool) -> tuple[dict | None, str | None]:
     return {"image_path": str(Path(image_path).resolve()), "caption": caption, "references": references}, None
 
 
-def write_json(path: Path, items: list[dict]) -> None:
-    """Write under a temporary name, then rename: the file is the old one or the whole new one, never a part."""
-    part = path.with_name(f".{path.name}.part")
-    with open(part, "w", encoding="utf-8") as f:
-        json.dump(items, f, ensure_ascii=False, indent=4)
-    os.replace(part, path)
+class JsonListWriter:
+    """Writes a JSON list one item at a time, byte for byte as json.dump(items, f, ensure_ascii=False, indent=4) would,
+    under a temporary name; `commit` renames it into place, so the file is the old one or the whole new one, never a part.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.part, self.count = path, path.with_name(f".{path.name}.part"), 0
+        self.file = open(self.part, "w", encoding="utf-8")
+
+    def add(self, item: dict) -> None:
+        body = json.dumps(item, ensure_ascii=False, indent=4).replace("\n", "\n    ")
+        self.file.write(("[\n    " if self.count == 0 else ",\n    ") + body)
+        self.count += 1
+
+    def commit(self) -> None:
+        self.file.write("\n]" if self.count else "[]")
+        self.file.close()
+        os.replace(self.part, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.part.unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
     csv_path, json_path = Path(settings.csv).resolve(), Path(settings.json).resolve()
-    columns, rows = read_rows(csv_path)
-    if not rows:
+    columns, n_rows = read_columns(csv_path)
+    if not n_rows:
         raise cli.UserError(f"{csv_path} has no data rows; rerun data2csv.py.")
     has_references = "captions" in columns
 
-    items, left_out = [], 0
-    with ThreadPoolExecutor(max(1, settings.workers)) as pool:
-        checked = pool.map(lambda row: row_item(row, has_references), rows)
-        for number, (fields, problem) in enumerate(tqdm(checked, total=len(rows), unit="row", desc="rows"), start=1):
-            if problem:
-                left_out += 1
-                tqdm.write(f"warning: row {number} left out: {problem}", file=sys.stderr)
-            else:
-                index = len(items) + 1
-                items.append(
-                    conversation(index, fields["image_path"], fields["caption"], fields["references"], settings.prompt)
-                )
-
-    if not items:
-        raise cli.UserError(f"none of the {len(rows)} rows of {csv_path} is usable (see the warnings); no JSON written.")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(json_path, items)
-    print(f"done: {len(items)} conversations in {json_path}, {left_out} of {len(rows)} rows left out; from {csv_path}")
+    out, left_out, number = JsonListWriter(json_path), 0, 0
+    try:
+        # Rows are checked in parallel a chunk at a time and written as they come: memory does not grow with the CSV.
+        with ThreadPoolExecutor(max(1, settings.workers)) as pool, tqdm(total=n_rows, unit="row", desc="rows") as bar:
+            rows = read_rows(csv_path)
+            for chunk in iter(lambda: list(itertools.islice(rows, 256)), []):
+                for fields, problem in pool.map(lambda row: row_item(row, has_references), chunk):
+                    number += 1
+                    if problem:
+                        left_out += 1
+                        tqdm.write(f"warning: row {number} left out: {problem}", file=sys.stderr)
+                    else:
+                        out.add(conversation(out.count + 1, fields["image_path"], fields["caption"], fields["references"],
+                                             settings.prompt))  # fmt: skip
+                bar.update(len(chunk))
+        if not out.count:
+            raise cli.UserError(f"none of the {n_rows} rows of {csv_path} is usable (see the warnings); no JSON written.")
+        out.commit()
+    finally:
+        if not out.file.closed:
+            out.discard()
+    print(f"done: {out.count} conversations in {json_path}, {left_out} of {n_rows} rows left out; from {csv_path}")
 
 
 if __name__ == "__main__":
