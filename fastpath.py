@@ -20,7 +20,7 @@ import functools
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Qwen2VLModel, Trainer
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -34,14 +34,50 @@ def vision_cache_bytes(config, processor, n_images: int, image_size: int, dtype)
     return n_images * image_token_count(processor, image_size) * config.text_config.hidden_size * dtype.itemsize
 
 
-def start_encoding(dataset, workers: int, batch_size: int = 64):
+class RopeIndex:
+    """transformers' own M-RoPE position code (Qwen2VLModel.get_rope_index), runnable without the model: in DataLoader
+    workers, which start before the model loads. It reads nothing but the config."""
+
+    get_rope_index = Qwen2VLModel.get_rope_index
+    get_vision_position_ids = Qwen2VLModel.get_vision_position_ids
+
+    def __init__(self, config, image_token_id: int):
+        self.config, self.image_token_id = config, image_token_id
+
+
+class _EncodedBatches:
+    """A DataLoader collate_fn, run in the workers: positions and image-token places per example, and the batch's
+    pixels as one tensor, so the main process receives one shared-memory tensor per batch and computes nothing."""
+
+    def __init__(self, rope: RopeIndex):
+        self.rope = rope
+
+    def __call__(self, batch: list[dict | None]) -> tuple[list[dict], torch.Tensor | None, torch.Tensor | None]:
+        batch = [e for e in batch if e is not None]
+        if not batch:
+            return [], None, None
+        examples = []
+        for e in batch:
+            positions, _ = self.rope.get_rope_index(
+                e["input_ids"][None], e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
+            )
+            examples.append({
+                "input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0],
+                "image_positions": (e["input_ids"] == self.rope.image_token_id).nonzero()[:, 0],
+            })  # fmt: skip
+        pixels = torch.cat([e["pixel_values"] for e in batch])
+        return examples, pixels, torch.cat([e["image_grid_thw"] for e in batch])
+
+
+def start_encoding(dataset, config, workers: int, batch_size: int = 64):
     """Start the DataLoader workers decoding and tokenising pictures; they work ahead while the model loads."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    collate = _EncodedBatches(RopeIndex(config, config.image_token_id))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return iter(loader), len(loader)
 
 
 @torch.no_grad()
-def finish_encoding(model, batches, n_batches: int, image_token_id: int):
+def finish_encoding(model, batches, n_batches: int):
     """Run the vision tower once on every picture the workers encoded.
 
     Returns (examples, features): examples are dicts of CPU tensors (input_ids, labels, position_ids, image_positions)
@@ -52,21 +88,12 @@ def finish_encoding(model, batches, n_batches: int, image_token_id: int):
 
     device, dtype = model.device, model.dtype
     examples, features = [], []
-    for batch in tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch"):
-        batch = [e for e in batch if e is not None]
+    for batch, pixels, grids in tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch"):
         if not batch:
             continue
-        pixels = torch.cat([e.pop("pixel_values") for e in batch]).to(device, dtype)
-        grids = torch.cat([e["image_grid_thw"] for e in batch])
-        features += model.model.get_image_features(pixels, grids.to(device), return_dict=True).pooler_output
+        features += model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True).pooler_output
         for e in batch:
-            positions, _ = model.model.get_rope_index(
-                e["input_ids"][None], e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
-            )
-            examples.append({
-                "input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0],
-                "image_positions": (e["input_ids"] == image_token_id).nonzero()[:, 0], "index": len(examples),
-            })  # fmt: skip
+            examples.append({**e, "index": len(examples)})
     return examples, torch.stack(features)
 
 
@@ -168,7 +195,8 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     """
     from transformers.masking_utils import create_causal_mask
 
-    language_model = model.base_model.model.model.language_model if hasattr(model, "base_model") else model.model.language_model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = base.model.language_model
     layers = list(language_model.layers)
     device, dtype = language_model.embed_tokens.weight.device, language_model.embed_tokens.weight.dtype
     hidden = torch.randn(batch_size, seq_len, language_model.config.hidden_size, device=device, dtype=dtype)

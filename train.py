@@ -414,11 +414,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
     cached = cache_gb is not None and cache_gb <= args.vision_cache_gb
     if cached:
-        encoding = fastpath.start_encoding(dataset, args.workers)  # the workers decode pictures while the model loads
+        encoding = fastpath.start_encoding(dataset, config, args.workers)  # decoding starts while the model loads
     model = infer.load_model(model_dir, device)
     eval_items = load_eval_split(args) if is_main else []
     if cached:
-        examples, features = fastpath.finish_encoding(model, *encoding, config.image_token_id)
+        examples, features = fastpath.finish_encoding(model, *encoding)
         pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
         train_dataset, collator = examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to)
         print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "

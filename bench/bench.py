@@ -185,7 +185,7 @@ def main() -> None:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     lines = [f"\n### {datetime.date.today()} — {card}, {versions}, {args.n} pictures\n",
              f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
-             "| variant | steps | prep s | LoRA + Trainer set-up s | graph capture s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
+             "| variant | steps | prep s | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in training_rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "—"
