@@ -107,7 +107,7 @@ def resolve_device(device: str) -> str:
 def model_dtype(device: str):
     import torch
 
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
 def resolve_model_dir(model_dir: str) -> str:

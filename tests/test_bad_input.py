@@ -79,3 +79,11 @@ def test_infer_bad_arguments(trained, tmp_path):
     assert "not an adapter folder" in one_error_line(run_script("infer.py", "--adapter", str(tmp_path), "--device", "cpu", "x.jpg"))
     assert "no images" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", str(tmp_path)))
     assert "reference captions" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--score", "x.jpg"))
+
+
+def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_24, tmp_path):
+    """No hub here: the default model id fails in one line that says to pass a local folder (after ModelScope's retries)."""
+    result = run_script(*train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not download Qwen/Qwen2-VL-2B-Instruct")
+    assert "--model-dir" in result.stderr.strip().splitlines()[-1]

@@ -103,3 +103,10 @@ def test_any_image_mode_loads_as_rgb(tmp_path, mode):
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (28, 28), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     assert infer.load_image(tmp_path / "clear.png", 0).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_every_gpu_of_a_torchrun_job_gets_bf16_weights():
+    import torch
+
+    assert infer.model_dtype("cuda") == infer.model_dtype("cuda:3") == torch.bfloat16
+    assert infer.model_dtype("cpu") == torch.float32
