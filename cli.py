@@ -72,7 +72,7 @@ def parse_settings(
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
-    """Parse `argv` into the script's settings: every UPPER_CASE constant in `namespace` is a `--lower-case` flag.
+    """Parse `argv` into the script's settings: each setting (see settings_of) is a `--lower-case` flag.
 
     Returns a namespace with lower_case attributes holding the defaults, overridden by the command line.
     """
@@ -84,7 +84,7 @@ def parse_settings(
         flag = "--" + name.lower().replace("_", "-")
         help_text = comments[name]
         if isinstance(default, bool) and name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -29,8 +29,9 @@ CSV = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
 JSON = "data_vl.json"  # the conversation file to write
 WORKERS = min(8, os.cpu_count() or 1)  # images checked in parallel
 
-PROMPT = "COCO Yes:"  # instruction written before each image; keep the default, train.py and infer.py use it
+PROMPT = "COCO Yes:"  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
 REQUIRED_COLUMNS = ("image_path", "caption")
+_ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark spreadsheet programs write
 
 
 def conversation(index: int, image_path, caption: str, references: list[str] | None = None, prompt: str = PROMPT) -> dict:
@@ -51,21 +52,24 @@ def read_columns(csv_path: Path) -> tuple[list[str], int]:
     """The CSV's column names and its number of data rows; a UserError when it is missing or lacks a needed column."""
     if not csv_path.is_file():
         raise cli.UserError(f"{csv_path} not found; run data2csv.py first (or pass --csv PATH).")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise cli.UserError(
-                f"{csv_path} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''} "
-                f"(it has: {', '.join(columns) or 'nothing'}); write it with data2csv.py."
-            )
-        return columns, sum(1 for _ in reader)
+    try:
+        with open(csv_path, newline="", encoding=_ENCODING) as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise cli.UserError(
+                    f"{csv_path} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''} "
+                    f"(it has: {', '.join(columns) or 'nothing'}); write it with data2csv.py."
+                )
+            return columns, sum(1 for _ in reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise cli.UserError(f"{csv_path} is not a UTF-8 CSV file ({e}); write it with data2csv.py.") from None
 
 
 def read_rows(csv_path: Path) -> Iterator[dict]:
     """The CSV's rows, one at a time (the file is never held in memory)."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding=_ENCODING) as f:
         yield from csv.DictReader(f)
 
 
@@ -92,9 +96,12 @@ def row_item(row: dict, has_references: bool) -> tuple[dict | None, str | None]:
     references = None
     if has_references:
         try:
-            references = [str(c).strip() for c in json.loads(row.get("captions") or "[]") if str(c).strip()]
-        except (ValueError, TypeError):
+            parsed = json.loads(row.get("captions") or "[]")
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list):
             return None, "captions is not a JSON list of captions"
+        references = [str(c).strip() for c in parsed if str(c).strip()]
         references = references or [caption]
     image_path = (row.get("image_path") or "").strip()
     problem = image_problem(image_path)
@@ -135,6 +142,8 @@ def main(argv=None) -> None:
         raise cli.UserError(f"{csv_path} has no data rows; rerun data2csv.py.")
     has_references = "captions" in columns
 
+    if json_path.is_dir():
+        raise cli.UserError(f"--json {json_path} is a folder; name the JSON file to write.")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     out, left_out, number = JsonListWriter(json_path), 0, 0
     try:

@@ -30,10 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import cli
+import infer
 
 SOURCE = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
 N = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
@@ -208,17 +209,6 @@ def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
 # ----------------------------------------------------------------------------------------------------------------- images
 
 
-def as_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels, upright; transparency is laid over white, the background a viewer would show."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGB", image.size, "white")
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
 def encoded_image(source: SourceImage) -> bytes:
     """The JPEG bytes to write for a source image. A source file that is already a whole RGB JPEG is kept as it is
     (lossless and fast); anything else is decoded and re-encoded. Raises SkippedImage for a missing or unreadable source."""
@@ -242,7 +232,7 @@ def encoded_image(source: SourceImage) -> bytes:
         if data is not None and image.format == "JPEG" and image.mode == "RGB":
             return data
         out = io.BytesIO()
-        as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
+        infer.as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
         return out.getvalue()
     except Exception as e:  # PIL raises many kinds for bad files; every one means this image is skipped
         why = (
@@ -333,6 +323,10 @@ def main(argv=None) -> None:
     modelscope_split, local_split = split_names(settings.split)
     image_dir = Path(settings.image_dir).resolve()
     csv_path = Path(settings.csv).resolve()
+    if image_dir.exists() and not image_dir.is_dir():
+        raise cli.UserError(f"--image-dir {image_dir} is a file; name a folder for the images.")
+    if csv_path.is_dir():
+        raise cli.UserError(f"--csv {csv_path} is a folder; name the CSV file to write.")
 
     # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
     if settings.source == "modelscope":

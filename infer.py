@@ -43,23 +43,29 @@ _VISION_RE = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>")
 
 
 # ---------------------------------------------------------------------------------------------------------------- images
+def as_rgb(image):
+    """RGB pixels, upright; transparency is laid over white, the background a viewer would show."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path, image_size: int):
     """Open any picture as RGB, resized to image_size x image_size (0 keeps its size). Raises ValueError saying why not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                # Transparent pixels become white, not black, as on any viewer's background.
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, "white")
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
+            im = as_rgb(im)
     except FileNotFoundError:
         raise ValueError("no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable image ({e})") from None
     if image_size:
         im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
@@ -304,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         items = read_conversations(split)
         paths = [image_of(it) for it in items]
         references = {image_of(it): references_of(it) for it in items}
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise cli.UserError("--batch-size and --max-new-tokens must be at least 1.")
     if args.score and not references:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
     if not paths and not args.merge:
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write
         )
     summary = f"captioned {len(captions)} of {len(paths)} images -> {out}"
-    if args.score:
+    if args.score and captions:
         from caption_metrics import score_captions
 
         scores = score_captions(captions, {p: references[p] for p in captions})

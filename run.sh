@@ -2,7 +2,7 @@
 # The whole pipeline, in order. Extra arguments go to train.py.
 #
 #   bash run.sh                      # COCO 2014 from ModelScope -> CSV -> JSON -> LoRA fine-tune on the GPU -> captions
-#   bash run.sh --smoke              # the same steps offline on a CPU: tiny model, generated pictures, under 3 minutes
+#   bash run.sh --smoke              # the same steps offline on a CPU: tiny model, generated pictures, under a minute
 #   bash run.sh --epochs 1           # any train.py flag
 set -euo pipefail
 cd "$(dirname "$0")"

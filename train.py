@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -101,7 +102,7 @@ def usable_conversations(items: list[dict]) -> list[dict]:
                     pass
             except FileNotFoundError:
                 reason = "no such file"
-            except (OSError, SyntaxError):
+            except (OSError, SyntaxError, Image.DecompressionBombError):
                 reason = "not a readable image"
         if reason:
             print(f"warning: skipped conversation {i + 1} ({item.get('id')}): {path}: {reason}", file=sys.stderr)
@@ -222,7 +223,7 @@ def swanlab_mode(setting: str | None) -> str:
     if os.environ.get("SWANLAB_API_KEY") or swanlab.Settings().api_key:
         return "cloud"
     print("SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
-          "`swanlab sync swanlog/run-...` (the folder is printed below).")  # fmt: skip
+          "`swanlab sync RUN_FOLDER` (SwanLab prints the folder below).")  # fmt: skip
     return "offline"
 
 
@@ -238,12 +239,13 @@ def start_swanlab(args, config: dict):
     return SwanLabCallback()
 
 
-def caption_items(model, processor, items: list[dict], args) -> list[str]:
-    """Captions of the held-out pictures, as the tutorial prints and logs them."""
+def caption_items(model, processor, items: list[dict], args) -> dict[str, str]:
+    """{image path: caption} for conversations' pictures; an unreadable picture is reported and skipped."""
     was_training = model.training
     model.eval()
-    images = [infer.load_image(infer.image_of(it), args.image_size) for it in items]
-    captions = infer.caption_images(model, processor, images, args.prompt, max_new_tokens=args.sample_max_new_tokens)
+    paths = [infer.image_of(it) for it in items]
+    captions, _ = infer.caption_paths(model, processor, paths, args.prompt, args.image_size, args.eval_batch_size,
+                                      args.sample_max_new_tokens)  # fmt: skip
     model.train(was_training)
     return captions
 
@@ -259,18 +261,19 @@ def write_eval(output_dir: Path, items: list[dict], results: dict) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def log_samples(key: str, items: list[dict], captions: list[str]) -> None:
-    """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
-    if "swanlab" not in sys.modules:
-        return
+def swanlab_running() -> bool:
+    if "swanlab" not in sys.modules:  # never imported: disabled
+        return False
     import swanlab
 
-    if not swanlab.has_run():
-        return
-    images = []
-    for item, caption in zip(items, captions):
-        images.append(swanlab.Image(infer.image_of(item), caption=caption))
-    swanlab.log({key: images})
+    return swanlab.has_run()
+
+
+def log_samples(key: str, captions: dict[str, str]) -> None:
+    """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
+    import swanlab
+
+    swanlab.log({key: [swanlab.Image(path, caption=caption) for path, caption in captions.items()]})
 
 
 # ------------------------------------------------------------------------------------------------------------ evaluation
@@ -290,12 +293,7 @@ def evaluate(model, processor, items: list[dict], args) -> tuple[dict, dict]:
     """Caption the evaluation pictures (batched) and score them against their references: (captions, scores)."""
     from caption_metrics import mean_words, score_captions, tokenizer_used
 
-    paths = [infer.image_of(it) for it in items]
-    was_training = model.training
-    model.eval()
-    captions, _ = infer.caption_paths(model, processor, paths, args.prompt, args.image_size, args.eval_batch_size,
-                                      args.sample_max_new_tokens)  # fmt: skip
-    model.train(was_training)
+    captions = caption_items(model, processor, items, args)
     references = {infer.image_of(it): infer.references_of(it) for it in items}
     scores = score_captions(captions, {p: references[p] for p in captions})
     scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_used())
@@ -307,11 +305,10 @@ def report_scores(when: str, scores: dict) -> None:
     numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
     print(f"caption quality {when} training ({scores['images']} pictures, {scores['tokenizer']} tokenizer): "
           + "  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))  # fmt: skip
-    if "swanlab" in sys.modules:
+    if swanlab_running():
         import swanlab
 
-        if swanlab.has_run():
-            swanlab.log({f"eval/{when}/{k}": v for k, v in numbers.items()})
+        swanlab.log({f"eval/{when}/{k}": v for k, v in numbers.items()})
 
 
 # ------------------------------------------------------------------------------------------------------------------ main
@@ -343,13 +340,17 @@ def check_output_dir(args) -> str | None:
             f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
             "or another --output-dir."
         )
+    if last is not None and int(os.environ.get("RANK", "0")) == 0:
+        # --overwrite: the earlier run's checkpoints go, so no later --resume can pick one of them up by mistake.
+        for checkpoint in out.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
     return None
 
 
 def resolve_memory_settings(args) -> None:
-    """--low-memory: same effective batch in quarter-size pieces, with checkpointing (and so without CUDA graphs)."""
+    """--low-memory: same effective batch in up to 4 pieces, with checkpointing (and so without CUDA graphs)."""
     if args.low_memory:
-        pieces = min(4, args.batch_size)
+        pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)  # exact: the effective batch is unchanged
         args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
         args.gradient_checkpointing = True
     if args.gradient_checkpointing:
@@ -380,8 +381,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
     infer.check_image_size(args.image_size)
-    if args.batch_size < 1 or args.grad_accum < 1:
-        raise cli.UserError("--batch-size and --grad-accum must be at least 1.")
+    at_least = {"--batch-size": (args.batch_size, 1), "--grad-accum": (args.grad_accum, 1), "--workers": (args.workers, 0),
+                "--logging-steps": (args.logging_steps, 1), "--save-steps": (args.save_steps, 1),
+                "--eval-batch-size": (args.eval_batch_size, 1), "--sample-max-new-tokens": (args.sample_max_new_tokens, 1)}
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise cli.UserError(f"{flag} must be at least {low}, not {value}.")
     resolve_memory_settings(args)
     device = infer.resolve_device(args.device)
     resume_from = check_output_dir(args)
@@ -435,7 +440,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         if eval_items:
             results["before"] = evaluate(model, processor, eval_items, args)
             report_scores("before", results["before"][1])
-        log_samples("Prediction/before", test_items, caption_items(model, processor, test_items, args))
+        if swanlab_running():  # the held-out pictures as the base model captions them, beside the trained captions
+            log_samples("Prediction/before", caption_items(model, processor, test_items, args))
 
     set_seed(args.seed)  # LoRA's initial weights do not depend on what preparing the data drew from the RNG
     if args.gradient_checkpointing:
@@ -531,9 +537,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     write_json(adapter_dir / infer.SETTINGS_FILE, settings)
 
     captions = caption_items(model, processor, test_items, args)
-    for item, caption in zip(test_items, captions):
-        print(f"{infer.image_of(item)}\n  reference: {infer.caption_of(item)}\n  generated: {caption}")
-    log_samples("Prediction/after", test_items, captions)
+    for item in test_items:
+        if infer.image_of(item) in captions:
+            print(f"{infer.image_of(item)}\n  reference: {infer.caption_of(item)}\n  generated: {captions[infer.image_of(item)]}")
+    if swanlab_running():
+        log_samples("Prediction/after", captions)
     if eval_items:
         results["after"] = evaluate(model, processor, eval_items, args)
         report_scores("after", results["after"][1])

@@ -87,3 +87,45 @@ def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_2
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not download Qwen/Qwen2-VL-2B-Instruct")
     assert "--model-dir" in result.stderr.strip().splitlines()[-1]
+
+
+def test_more_mistakes_get_one_line(tiny_model, shapes_24, tmp_path):
+    args = train_args(tiny_model, shapes_24, tmp_path / "o")
+    assert "--eval-batch-size must be at least 1" in one_error_line(run_script(*args, *QUICK, "--eval-batch-size", "0"))
+    assert "--workers must be at least 0" in one_error_line(run_script(*args, *QUICK, "--workers", "-1"))
+    assert "--save-steps" in one_error_line(run_script(*args, *QUICK, "--save-steps", "0"))
+    assert "--batch-size" in one_error_line(run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model),
+                                                       "--batch-size", "0", "--device", "cpu", "x.jpg"))  # fmt: skip
+    (tmp_path / "latin1.csv").write_bytes("image_path,caption\n/x.jpg,caf\xe9\n".encode("latin-1"))
+    assert "UTF-8" in one_error_line(run_script("csv2json.py", "--csv", str(tmp_path / "latin1.csv"), "--json", str(tmp_path)))
+    (tmp_path / "ok.csv").write_text("image_path,caption\n/x.jpg,a cat\n")
+    assert "is a folder" in one_error_line(run_script("csv2json.py", "--csv", str(tmp_path / "ok.csv"), "--json", str(tmp_path)))
+    (tmp_path / "afile").write_text("")
+    assert "is a file" in one_error_line(run_script("data2csv.py", "--source", str(tmp_path), "--image-dir",
+                                                    str(tmp_path / "afile")))  # fmt: skip
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints(tiny_model, shapes_24, tmp_path):
+    import train
+
+    out = tmp_path / "o"
+    (out / "checkpoint-300").mkdir(parents=True)
+    (out / "checkpoint-300" / "trainer_state.json").write_text("{}")
+    train.main([*train_args(tiny_model, shapes_24, out)[1:], *QUICK, "--max-steps", "2", "--overwrite",
+                "--swanlab-mode", "disabled"])  # fmt: skip
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_truncated_held_out_picture_is_skipped_not_fatal(tiny_model, shapes_24, tmp_path):
+    items = json.loads(shapes_24.read_text())[:10]
+    truncated, noise = tmp_path / "truncated.jpg", tmp_path / "noise.jpg"
+    Image.effect_noise((200, 200), 80).convert("RGB").save(noise)  # big enough that half the file holds the header
+    data = noise.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # a valid header, then half the pixels: only decoding fails
+    items[-1]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{truncated}<|vision_end|>"
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    result = run_script(*train_args(tiny_model, tmp_path / "d.json", tmp_path / "o"), *QUICK, "--max-steps", "1",
+                        "--swanlab-mode", "disabled")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert any("skipped" in line and str(truncated) in line for line in result.stderr.splitlines())

@@ -5,7 +5,7 @@
 
 No machine here can download Qwen2-VL-2B-Instruct, so tests, the smoke run and the GPU benchmark use this folder instead.
 `tiny` (text hidden 64, 2 layers; vision depth 1, width 32) loads and trains in seconds on a CPU. `2b` has the exact shape of
-the real checkpoint (../shared/qwen2-vl-2b-config.json, copied below), so speed and memory figures are the real ones; its
+the real checkpoint (Qwen2-VL-2B-Instruct's config.json, copied below), so speed and memory figures are the real ones; its
 captions are noise. Both carry a byte-level BPE tokenizer trained on caption-like text with Qwen2-VL's special tokens, the
 Qwen2-VL chat template, image and video processors; everything downstream loads them like any local model folder.
 """
@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>assistant\n{% endif %}"
 )
 
-# Architecture of each size. `2b` is ../shared/qwen2-vl-2b-config.json; `tiny` keeps its structure at toy width.
+# Architecture of each size. `2b` is Qwen2-VL-2B-Instruct's config.json; `tiny` keeps its structure at toy width.
 TEXT_CONFIGS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=4096),
