@@ -134,16 +134,6 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
         raise cli.UserError(f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file.")
 
 
-@contextlib.contextmanager
-def working_directory(path):
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
     """ModelScope's COCO rows as a stream, or a UserError within `timeout` seconds when ModelScope cannot be reached."""
     offline = f"or use a local COCO folder: --source PATH (with PATH/{SPLITS[split][1]}/ and PATH/annotations/captions_{SPLITS[split][1]}.json)"
@@ -161,7 +151,8 @@ def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
 
     # The hub client has its own retries and deadlines; this bounds the whole wait, whatever the network does.
     thread = threading.Thread(target=connect, daemon=True)
-    with tempfile.TemporaryDirectory() as empty, working_directory(empty):
+    # A connect thread still running after the timeout may hold the folder: leave it rather than fail removing it.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as empty, contextlib.chdir(empty):
         # MsDataset.load treats 'modelscope/coco_2014_caption' as a local dataset when ./coco_2014_caption exists,
         # and that is the default image folder, so every rerun would load our own output instead of COCO.
         thread.start()

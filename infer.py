@@ -183,13 +183,12 @@ def load_captioner(adapter: str | Path | None, model_dir: str | None, device: st
         raise cli.UserError("no base model given; pass --model-dir a Qwen2-VL folder (or --adapter DIR).")
     model_dir = resolve_model_dir(base)
     model = load_model(model_dir, device)
-    processor = load_processor(model_dir)
+    processor = load_processor(adapter or model_dir)  # an adapter's own processor: the one it was trained with
     if adapter and not merged:
         from peft import PeftModel
 
         # Folded into the base weights: the same function, without LoRA's extra kernels in every generation step.
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        processor = load_processor(adapter)  # the processor saved with the adapter, as trained
     model.eval()
     return model, processor, settings
 

@@ -45,7 +45,7 @@ def logged_losses(out: Path) -> list[float]:
 
 def run(cmd: list[str], log: Path) -> float:
     started = time.perf_counter()
-    with log.open("w") as f:
+    with log.open("a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     return time.perf_counter() - started
 
@@ -179,7 +179,7 @@ def main() -> None:
         check = max(abs(a - b) / abs(a) for a, b in zip(eager, graphs))
         print(f"losses eager {eager}\nlosses graphs {graphs}\nmax relative difference {check:.2e}")
     training_rows = [r for r in rows if not r["variant"].startswith("check")]
-    infer_row = None if args.no_inference else inference(work / f"out-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
+    infer_row = None if args.no_inference or not training_rows else inference(work / f"out-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
 
     card = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
