@@ -96,6 +96,14 @@ def parse_settings(
     return parser.parse_args(argv)
 
 
+def require_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """One line for the first setting below its minimum, e.g. {"batch_size": 1} -> "--batch-size must be at least 1"."""
+    for name, low in minimums.items():
+        value = getattr(args, name)
+        if value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}.")
+
+
 def run(main: Callable[[], object]) -> None:
     """Run a script's main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
     try:

@@ -41,8 +41,8 @@ class RopeIndex:
     get_rope_index = Qwen2VLModel.get_rope_index
     get_vision_position_ids = Qwen2VLModel.get_vision_position_ids
 
-    def __init__(self, config, image_token_id: int):
-        self.config, self.image_token_id = config, image_token_id
+    def __init__(self, config):
+        self.config = config
 
 
 class _EncodedBatches:
@@ -63,7 +63,7 @@ class _EncodedBatches:
             )
             examples.append({
                 "input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0],
-                "image_positions": (e["input_ids"] == self.rope.image_token_id).nonzero()[:, 0],
+                "image_positions": (e["input_ids"] == self.rope.config.image_token_id).nonzero()[:, 0],
             })  # fmt: skip
         pixels = torch.cat([e["pixel_values"] for e in batch])
         return examples, pixels, torch.cat([e["image_grid_thw"] for e in batch])
@@ -71,7 +71,7 @@ class _EncodedBatches:
 
 def start_encoding(dataset, config, workers: int, batch_size: int = 64):
     """Start the DataLoader workers decoding and tokenising pictures; they work ahead while the model loads."""
-    collate = _EncodedBatches(RopeIndex(config, config.image_token_id))
+    collate = _EncodedBatches(RopeIndex(config))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return iter(loader), len(loader)
 

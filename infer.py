@@ -171,12 +171,14 @@ def read_train_settings(adapter: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_captioner(adapter: str | Path | None, model_dir: str | None, device: str):
-    """Base model (+ adapter) and processor, with the training run's settings (empty dict without an adapter).
+def load_captioner(adapter: str | Path | None, model_dir: str | None, device: str, settings: dict | None = None):
+    """Base model (+ adapter) and processor, with the training run's settings (empty dict without an adapter; pass
+    `settings` when they were read already).
 
     A folder written by --merge carries train_settings.json but no adapter_config.json: it is loaded as a plain model.
     """
-    settings = read_train_settings(adapter) if adapter else {}
+    if settings is None:
+        settings = read_train_settings(adapter) if adapter else {}
     merged = adapter is not None and not (Path(adapter) / "adapter_config.json").is_file()
     base = str(adapter) if merged else (model_dir or settings.get("model_dir"))
     if not base:
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_settings(
         globals(), argv, lambda p: p.add_argument("images", nargs="*", help="image files or folders to caption")
     )
+    cli.require_at_least(args, {"batch_size": 1, "max_new_tokens": 1})
     device = resolve_device(args.device)
     if args.no_adapter and args.adapter:
         raise cli.UserError("--no-adapter and --adapter contradict each other; pass one of them.")
@@ -309,16 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         items = read_conversations(split)
         paths = [image_of(it) for it in items]
         references = {image_of(it): references_of(it) for it in items}
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise cli.UserError("--batch-size and --max-new-tokens must be at least 1.")
     if args.score and not references:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
     if not paths and not args.merge:
         raise cli.UserError("no images found in the given paths.")
 
-    model, processor, _ = load_captioner(adapter, args.model_dir, device)
+    model, processor, _ = load_captioner(adapter, args.model_dir, device, settings)
     if args.merge:
-        return merge_adapter(model, processor, adapter, args.merge)
+        return merge_adapter(model, processor, adapter, settings, args.merge)
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,12 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def merge_adapter(model, processor, adapter: Path, out: str) -> int:
+def merge_adapter(model, processor, adapter: Path, settings: dict, out: str) -> int:
     """Save the model load_captioner merged (base + LoRA) as one folder that loads without peft."""
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    settings = read_train_settings(adapter)
     (out / SETTINGS_FILE).write_text(json.dumps({**settings, "merged_from": str(adapter)}, indent=2))
     print(f"merged {adapter} into its base model -> {out}")
     return 0

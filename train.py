@@ -87,12 +87,15 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def usable_conversations(items: list[dict]) -> list[dict]:
-    """Leave out conversations whose picture is missing or not an image, or whose caption is empty; a warning each."""
+def usable_conversations(items: list[dict], limit: int | None = None) -> list[dict]:
+    """Leave out conversations whose picture is missing or not an image, or whose caption is empty; a warning each.
+    With `limit`, stop once that many are kept (the rest are not opened)."""
     from PIL import Image
 
     kept = []
     for i, item in enumerate(items):
+        if limit is not None and len(kept) == limit:
+            break
         path, reason = infer.image_of(item), None
         if not infer.caption_of(item).strip():
             reason = "empty caption"
@@ -286,7 +289,7 @@ def load_eval_split(args) -> list[dict]:
               "`python data2csv.py --split validation --n 100 --image-dir coco_2014_caption_val --csv coco-2014-val.csv`"
               " and `python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`.")  # fmt: skip
         return []
-    return usable_conversations(infer.read_conversations(args.eval_json))[: args.eval_size]
+    return usable_conversations(infer.read_conversations(args.eval_json), limit=args.eval_size)
 
 
 def evaluate(model, processor, items: list[dict], args) -> tuple[dict, dict]:
@@ -381,12 +384,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
     infer.check_image_size(args.image_size)
-    at_least = {"--batch-size": (args.batch_size, 1), "--grad-accum": (args.grad_accum, 1), "--workers": (args.workers, 0),
-                "--logging-steps": (args.logging_steps, 1), "--save-steps": (args.save_steps, 1),
-                "--eval-batch-size": (args.eval_batch_size, 1), "--sample-max-new-tokens": (args.sample_max_new_tokens, 1)}
-    for flag, (value, low) in at_least.items():
-        if value < low:
-            raise cli.UserError(f"{flag} must be at least {low}, not {value}.")
+    cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
+                                "eval_batch_size": 1, "sample_max_new_tokens": 1})  # fmt: skip
     resolve_memory_settings(args)
     device = infer.resolve_device(args.device)
     resume_from = check_output_dir(args)
