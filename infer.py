@@ -33,6 +33,7 @@ IMAGE_SIZE: int | None = None  # side images are resized to, multiple of 28, 0 =
 DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
+FAST_DECODE = True  # greedy search by fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
 
 # Where train.py's adapters are looked for when --adapter is not given, and the file beside each adapter holding every
 # setting of its training run.
@@ -196,21 +197,34 @@ def load_captioner(adapter: str | Path | None, model_dir: str | None, device: st
 
 
 # ------------------------------------------------------------------------------------------------------------ captioning
-def caption_images(model, processor, images: list, prompt: str, batch_size: int = 32, max_new_tokens: int = 64) -> list[str]:
-    """Greedy captions for PIL images, batch_size at a time, left-padded so every row ends where its caption starts."""
+def caption_images(
+    model, processor, images: list, prompt: str, batch_size: int = 32, max_new_tokens: int = 64, fast: bool = True
+) -> list[str]:
+    """Greedy captions for PIL images, batch_size at a time, left-padded so every row ends where its caption starts.
+
+    fast: fastdecode.py's static-cache loop (one CUDA graph per token on the GPU); else transformers' generate. Both
+    are the same greedy search; a model whose generation settings the fast loop lacks always uses generate.
+    """
     import torch
+
+    import fastdecode
+    from fastpath import batched_vision_attention, patches_per_image
 
     text = prompt_text(processor, prompt)
     device = next(model.parameters()).device
+    fast = fast and not fastdecode.unsupported_settings(model.generation_config)
     captions = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        inputs = processor(
-            text=[text] * len(batch), images=batch, padding=True, padding_side="left", return_tensors="pt"
-        ).to(device)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        inputs = processor(text=[text] * len(batch), images=batch, padding=True, padding_side="left", return_tensors="pt")
+        # Pictures of one size: the vision tower attends within all of them in one call per block (fastpath.py).
+        with torch.inference_mode(), batched_vision_attention(model, patches_per_image(inputs["image_grid_thw"])):
+            if fast:
+                new_tokens = fastdecode.greedy_tokens(model, inputs, max_new_tokens)  # takes the CPU tensors
+            else:
+                inputs = inputs.to(device)
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                new_tokens = out[:, inputs["input_ids"].shape[1] :]
         captions += [c.strip() for c in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return captions
 
@@ -262,7 +276,7 @@ def expand_paths(args: list[str]) -> list[str]:
     return paths
 
 
-def caption_paths(model, processor, paths, prompt, image_size, batch_size, max_new_tokens, on_caption=None):
+def caption_paths(model, processor, paths, prompt, image_size, batch_size, max_new_tokens, on_caption=None, fast=True):
     """Caption image files; unreadable ones are reported on stderr and skipped. Returns ({path: caption}, failures)."""
     from tqdm import tqdm
 
@@ -277,7 +291,7 @@ def caption_paths(model, processor, paths, prompt, image_size, batch_size, max_n
                 except ValueError as e:
                     print(f"warning: skipped {path}: {e}", file=sys.stderr)
                     failed.append(path)
-            for path, caption in zip(chunk, caption_images(model, processor, images, prompt, batch_size, max_new_tokens)):
+            for path, caption in zip(chunk, caption_images(model, processor, images, prompt, batch_size, max_new_tokens, fast)):
                 results[path] = caption
                 if on_caption:
                     on_caption(path, caption)
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             f.flush()  # a long run interrupted keeps every caption made so far
 
         captions, failed = caption_paths(
-            model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write
+            model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write, args.fast_decode
         )
     summary = f"captioned {len(captions)} of {len(paths)} images -> {out}"
     if args.score and captions:

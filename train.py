@@ -244,11 +244,14 @@ def start_swanlab(args, config: dict):
 
 def caption_items(model, processor, items: list[dict], args) -> dict[str, str]:
     """{image path: caption} for conversations' pictures; an unreadable picture is reported and skipped."""
+    import fastdecode
+
     was_training = model.training
     model.eval()
     paths = [infer.image_of(it) for it in items]
     captions, _ = infer.caption_paths(model, processor, paths, args.prompt, args.image_size, args.eval_batch_size,
                                       args.sample_max_new_tokens)  # fmt: skip
+    fastdecode.release(model)  # its cache is not needed while training, and LoRA would change the captured modules
     model.train(was_training)
     return captions
 
@@ -391,14 +394,15 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     resume_from = check_output_dir(args)
     # Under torchrun every process runs this script; process 0 alone writes files, logs and captions.
     is_main = int(os.environ.get("RANK", "0")) == 0
-    started = time.perf_counter()
-    items = usable_conversations(infer.read_conversations(args.data_json))
-    train_items, test_items = hold_out(items, args.test_size, args.data_json, write=is_main)
-
+    imports_started = time.perf_counter()
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import AutoConfig, TrainingArguments, set_seed
 
     import fastpath
+
+    started = time.perf_counter()  # preparation: from reading the data to the first training step
+    items = usable_conversations(infer.read_conversations(args.data_json))
+    train_items, test_items = hold_out(items, args.test_size, args.data_json, write=is_main)
 
     model_dir = infer.resolve_model_dir(args.model_dir)
     processor = infer.load_processor(model_dir)
@@ -412,14 +416,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     pad_id = processor.tokenizer.pad_token_id
 
     # The fast path when the frozen vision tower's output for every training picture fits the cache (fastpath.py).
-    from transformers import AutoConfig
-
     config, dtype = AutoConfig.from_pretrained(model_dir), infer.model_dtype(device)
     cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
     cached = cache_gb is not None and cache_gb <= args.vision_cache_gb
     if cached:
         encoding = fastpath.start_encoding(dataset, config, args.workers)  # decoding starts while the model loads
+    loading = time.perf_counter()
     model = infer.load_model(model_dir, device)
+    loaded = time.perf_counter()
     eval_items = load_eval_split(args) if is_main else []
     if cached:
         examples, features = fastpath.finish_encoding(model, *encoding)
@@ -497,6 +501,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         bf16=device.startswith("cuda"),
         logging_nan_inf_filter=False,  # its per-step NaN check makes every step wait for the GPU
         use_cpu=device == "cpu",
+        # Batches are copied from pinned memory without making the CPU wait for the GPU.
+        accelerator_config={"non_blocking": True},
         dataloader_num_workers=0 if cached else args.workers,
         dataloader_persistent_workers=not cached and args.workers > 0,
         remove_unused_columns=False,
@@ -529,7 +535,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     settings.update(
         train_loss=result.training_loss,
         global_step=result.global_step,
-        seconds={"prepare": round(prepared - started, 2), "to_first_step": round((clock.first_step or prepared) - started, 2),
+        seconds={"imports": round(started - imports_started, 2), "prepare": round(prepared - started, 2),
+                 "prepare_parts": {"before_model": round(loading - started, 2), "load_model": round(loaded - loading, 2),
+                                   "after_model": round(prepared - loaded, 2)},
+                 "to_first_step": round((clock.first_step or prepared) - started, 2),
                  "capture": round(capture_seconds, 2), "steps": round(step_seconds, 2), "train": round(train_seconds, 2)},
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
     )  # fmt: skip

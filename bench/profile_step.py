@@ -3,14 +3,19 @@
     python bench/profile_step.py --work bench/work           # after bench/bench.py has built the model and the pictures
 
 Prints, for steps 10-14 of train.py's default (fast) path and for one batched captioning call, the wall time, the GPU's
-busy time and the top operators by CPU and by GPU time. Writes Chrome traces next to --out.
+busy time and the top operators by CPU and by GPU time; then, for steps 20-24 and the captioning call again, every place
+that made the CPU wait for the GPU (torch's sync debug mode), with its Python call stack. Writes Chrome traces to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +40,35 @@ def report(name, prof, wall_ms, out: Path, repeats: int = 1):
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table.table(sort_by="self_device_time_total", row_limit=15))
     prof.export_chrome_trace(str(out / f"{name.split()[0]}.json"))
+
+
+@contextlib.contextmanager
+def sync_sites(name: str):
+    """Count the CPU-GPU synchronisations inside the block by where they happen (torch.cuda.set_sync_debug_mode)."""
+    import torch
+
+    sites = collections.Counter()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        wrappers = ("_call_impl", "_wrapped_call_impl", "record", "decorate_context")
+        frames = [f for f in traceback.extract_stack()[:-1] if f.name not in wrappers][-6:]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = show
+    print(f"\n=== {name}: {sum(sites.values())} synchronisations")
+    for site, count in sites.most_common(20):
+        print(f"{count:5d}  {site}")
 
 
 def main() -> None:
@@ -63,6 +97,9 @@ def main() -> None:
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
                 self.start = time.perf_counter()
+            if state.global_step == first + 10:
+                self.syncs = sync_sites(f"train steps {first + 10}-{last + 9}")
+                self.syncs.__enter__()
 
         def on_step_end(self, a, state, control, **kwargs):
             if state.global_step == last:
@@ -70,6 +107,8 @@ def main() -> None:
                 wall = (time.perf_counter() - self.start) * 1e3 / (last - first)
                 self.prof.__exit__(None, None, None)
                 report(f"train step (mean of {last - first})", self.prof, wall, out, last - first)
+            if state.global_step == last + 10:
+                self.syncs.__exit__(None, None, None)
                 control.should_training_stop = True
 
     train.main(["--model-dir", str(model_dir), "--data-json", str(data), "--output-dir", str(work / "out-profile"),
@@ -79,14 +118,18 @@ def main() -> None:
     model, processor, settings = infer.load_captioner(work / "out-profile" / "adapter", None, "cuda")
     items = infer.read_conversations(data)[:64]
     images = [infer.load_image(infer.image_of(it), 280) for it in items]
-    infer.caption_images(model, processor, images[:8], "COCO Yes:", 8, 32)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        infer.caption_images(model, processor, images, "COCO Yes:", 64, 32)
+    for fast in (False, True):
+        name = "fast loop" if fast else "generate"
+        infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)  # warm-up, graph capture
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) * 1e3
-    report("caption 64 images, 32 new tokens", prof, wall, out)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) * 1e3
+        report(f"caption-{name.replace(' ', '-')} 64 images, 32 new tokens", prof, wall, out)
+        with sync_sites(f"caption 64 images, {name}"):
+            infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
     # Position t's logits predict token t + 1: the kept labels are the shifted labels at the kept positions, all of them.
     shifted = torch.nn.functional.pad(plain["labels"], (0, 8), value=-100)[:, 1:]
     assert torch.equal(batch["shift_labels"], shifted[:, keep])
-    assert batch["shift_labels"].ne(-100).sum() == plain["labels"].ne(-100).sum()
+    assert batch["shift_labels"].ne(-100).sum() == plain["labels"].ne(-100).sum() == batch["caption_tokens"]
     assert keep[0] == int((plain["labels"] != -100).int().argmax(1).min()) - 1
 
     # The attention mask is the one transformers builds for SDPA from the padding (True = may attend).
@@ -85,6 +85,34 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
     # Image features go to exactly the image tokens' places, row after row.
     flat = batch["input_ids"].flatten()
     assert torch.equal(batch["image_positions"], (flat == image_token).nonzero()[:, 0])
+
+
+def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_model):
+    """One attention call for pictures of one size equals transformers' call per picture; other sizes are left alone."""
+    import numpy as np
+    from PIL import Image
+
+    import infer
+
+    model, processor = infer.load_model(str(tiny_model), "cpu"), AutoProcessor.from_pretrained(tiny_model)
+    rng = np.random.default_rng(0)
+
+    def features(sizes, batched):
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        grid = inputs["image_grid_thw"]
+        with torch.no_grad(), fastpath.batched_vision_attention(model, fastpath.patches_per_image(grid) if batched else None):
+            return torch.cat(model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output)
+
+    state = rng.bit_generator.state
+    expected = features([(56, 84)] * 4, batched=False)
+    rng.bit_generator.state = state
+    got = features([(56, 84)] * 4, batched=True)
+    assert expected.shape == (4 * 6, model.config.text_config.hidden_size)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert "forward" not in vars(model.model.visual.blocks[0].attn), "the tower's own forward is back after the block"
+    assert fastpath.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
+    assert fastpath.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
 
 
 def test_low_memory_keeps_the_effective_batch():

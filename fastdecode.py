@@ -1,0 +1,174 @@
+"""Greedy captioning with a static KV cache and, on the GPU, one CUDA graph per new token.
+
+transformers' `generate` is CPU-bound for captions: every new token runs ~30 ms of Python (its logits processors,
+stopping criteria, cache and mask bookkeeping, then 28 decoder layers of small kernels one launch at a time) while the GPU
+needs ~3 ms for a batch of 64 (bench/RESULTS.md). Here the prompt, pictures included, runs once through the model's own
+forward into a transformers `StaticCache`; every later token is one replay of a CUDA graph of the language model's forward,
+the LM head and the greedy choice. Everything the step reads (the last token, its M-RoPE position, the cache length,
+which rows have finished) lives on the GPU and is advanced inside the graph, so the CPU only launches replays and asks,
+every few tokens, whether every caption has ended. On the CPU the same step runs eagerly.
+
+The mathematics is generate's greedy search: the same positions, the same attention (the cache's unused slots are
+masked out), the model's repetition penalty if it has one, and the same stop tokens. tests/test_fastdecode.py compares the
+captions with `model.generate` token for token. Generation settings this loop does not implement fall back to generate.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, StaticCache
+
+CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended (each question waits for it)
+
+# generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
+# whose generation_config sets any other is captioned by generate itself.
+_UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id",
+                "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                "encoder_repetition_penalty", "guidance_scale", "exponential_decay_length_penalty", "num_beams")  # fmt: skip
+
+
+def unsupported_settings(generation_config: GenerationConfig) -> list[str]:
+    """The generation settings of this model that the fast loop does not implement (empty: it runs)."""
+    default = GenerationConfig()
+    return [k for k in _UNSUPPORTED if getattr(generation_config, k, None) != getattr(default, k, None)]
+
+
+class GreedyDecoder:
+    """Greedy decoding for one batch shape (rows x prompt length x new tokens). Holds the cache and the CUDA graph, so
+    later batches of the same shape (infer.py's batches, evaluation) reuse them: call `decode` again."""
+
+    def __init__(self, model, batch: int, prompt_length: int, max_new_tokens: int, graphs: bool):
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA stays in
+        config, generation = self.model.config, self.model.generation_config
+        device = self.model.lm_head.weight.device
+        self.shape = (batch, prompt_length, max_new_tokens)
+        self.graphs, self.graph = graphs and device.type == "cuda", None
+        self.max_len = prompt_length + max_new_tokens
+        self.cache = StaticCache(config=config, max_cache_len=self.max_len)
+        eos = generation.eos_token_id if generation.eos_token_id is not None else config.text_config.eos_token_id
+        self.eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
+        pad = generation.pad_token_id
+        self.pad = int(pad if pad is not None else self.eos[0])
+        self.penalty = generation.repetition_penalty or 1.0
+
+        def buffer(*size, dtype=torch.long, fill=0):
+            return torch.full(size, fill, dtype=dtype, device=device)
+
+        # The graph's inputs and state: fixed tensors, updated in place, never replaced.
+        self.keys_valid = buffer(batch, self.max_len, dtype=torch.bool, fill=True)  # False: left padding
+        self.slots = torch.arange(self.max_len, device=device)
+        self.token = buffer(batch, 1)  # the token the next step feeds
+        self.position = buffer(batch)  # its M-RoPE position (all three axes: text positions after the picture)
+        self.length = buffer()  # tokens in the cache (a 0-d tensor)
+        self.column = buffer(batch, 1)  # where the next chosen token goes in `out`
+        self.finished = buffer(batch, dtype=torch.bool, fill=False)
+        self.out = buffer(batch, max_new_tokens, fill=self.pad)
+        self.seen = buffer(batch, self.max_len)  # prompt + chosen tokens, for the repetition penalty
+
+    @torch.inference_mode()
+    def decode(self, inputs: dict) -> torch.Tensor:
+        """New token ids (rows x max_new_tokens, pad after the end) for processor outputs of this decoder's shape."""
+        self._prefill(inputs)
+        for step in range(1, self.shape[2]):
+            if step % CHECK_EVERY == 0 and bool(self.finished.all()):
+                break
+            self._next()
+        return self.out.clone()
+
+    def _prefill(self, inputs: dict) -> None:
+        """The prompt through the model's forward (vision tower included) into the cache; chooses the first token."""
+        # M-RoPE positions from the CPU copies (transformers' get_rope_index: on GPU tensors it waits on the GPU per row),
+        # then everything to the GPU in one go without waiting.
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )  # fmt: skip
+        inputs = {key: _to(value, self.slots.device) for key, value in {**inputs, "position_ids": positions}.items()}
+        input_ids, attention = inputs["input_ids"], inputs["attention_mask"].bool()
+        n = input_ids.shape[1]
+        self.cache.reset()
+        self.keys_valid.fill_(True)
+        self.keys_valid[:, :n] = attention
+        self.seen.copy_(input_ids[:, :1].expand_as(self.seen))  # unused slots repeat a prompt token: no extra penalty
+        self.seen[:, :n] = input_ids
+        self.out.fill_(self.pad)
+        self.finished.fill_(False)
+        self.column.fill_(0)
+        self.length.fill_(n)
+        self.position.copy_(inputs["position_ids"].amax(dim=(0, 2)) + 1)
+        # Causal over the real tokens; a padding position sees itself only (a row with no key would be NaN).
+        query = torch.arange(n, device=self.slots.device)[:, None]
+        mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
+        hidden = self.model.model(
+            input_ids=input_ids, attention_mask={"full_attention": mask[:, None]}, position_ids=inputs["position_ids"],
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+            mm_token_type_ids=inputs["mm_token_type_ids"], cache=self.cache, use_cache=True,
+        ).last_hidden_state  # fmt: skip
+        self._choose(hidden[:, -1])
+
+    def _step(self) -> None:
+        """One token for every row: what the CUDA graph holds."""
+        mask = self.keys_valid & (self.slots <= self.length)
+        hidden = self.model.model.language_model(
+            input_ids=self.token, attention_mask={"full_attention": mask[:, None, None, :]},
+            position_ids=self.position.view(1, -1, 1).expand(3, -1, 1), cache=self.cache, use_cache=True,
+        ).last_hidden_state  # fmt: skip
+        self.position += 1
+        self.length += 1
+        self._choose(hidden[:, -1])
+
+    def _choose(self, hidden: torch.Tensor) -> None:
+        logits = self.model.lm_head(hidden).float()
+        if self.penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor, over the prompt and the caption so far
+            score = logits.gather(1, self.seen)
+            logits = logits.scatter(1, self.seen, torch.where(score < 0, score * self.penalty, score / self.penalty))
+        chosen = torch.where(self.finished, self.pad, logits.argmax(-1))
+        self.out.scatter_(1, self.column, chosen[:, None])
+        self.seen.scatter_(1, self.column + self.shape[1], chosen[:, None])
+        self.finished |= torch.isin(chosen, self.eos)
+        self.token.copy_(chosen[:, None])
+        self.column += 1
+
+    def _next(self) -> None:
+        if not self.graphs:
+            return self._step()
+        if self.graph is None:
+            # The first step runs for real on a side stream (warming up what capture needs), then is captured.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()  # recorded, not run
+            return
+        self.graph.replay()
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto the GPU without making the CPU wait (through pinned memory)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@torch.inference_mode()  # the decoder's tensors are made and updated in inference mode only
+def greedy_tokens(model, inputs: dict, max_new_tokens: int, graphs: bool = True) -> torch.Tensor:
+    """Greedy new tokens for a batch of processor outputs (left-padded prompts with pictures), rows x max_new_tokens.
+    Pass the processor's CPU tensors: positions are computed there and the rest moved to the model's device.
+
+    The decoder of the last shape is kept on the model object given, so infer.py's equal-size batches capture their graph
+    once. A graph holds the modules as they were: after changing them (adding LoRA, merging) call `release`.
+    """
+    shape = (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], max_new_tokens)
+    decoder = vars(model).get("_greedy_decoder")  # the object's own, never one a wrapper forwards to
+    if decoder is None or decoder.shape != shape:
+        model._greedy_decoder = None  # free the old cache and graph before making new ones
+        decoder = model._greedy_decoder = GreedyDecoder(model, *shape, graphs=graphs)
+    return decoder.decode(inputs)
+
+
+def release(model) -> None:
+    """Drop the decoder kept on the model: its cache and graph memory, and graphs of modules since changed."""
+    model._greedy_decoder = None

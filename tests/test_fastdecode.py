@@ -1,0 +1,88 @@
+"""fastdecode.py's greedy loop against transformers' generate, token for token, on the trained tiny model (CPU: the same
+step the GPU captures in a CUDA graph runs eagerly here; bench/bench.py checks the graphed loop against it on the GPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
+
+import fastdecode
+import infer
+
+NEW_TOKENS = 20
+
+
+def processor_inputs(processor, images):
+    text = infer.prompt_text(processor, "COCO Yes:")
+    return processor(text=[text] * len(images), images=images, padding=True, padding_side="left", return_tensors="pt")
+
+
+def generate_tokens(model, inputs) -> torch.Tensor:
+    """generate's new tokens, padded to NEW_TOKENS columns as the fast loop returns them."""
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    return torch.nn.functional.pad(out, (0, NEW_TOKENS - out.shape[1]), value=model.generation_config.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def pictures(odd_sized_pictures):  # noqa: F811
+    """Five native sizes (so rows are left-padded by different amounts) and the training size."""
+    return [infer.load_image(p, 0) for p in odd_sized_pictures] + [infer.load_image(odd_sized_pictures[0], 56)]
+
+
+def test_fast_loop_equals_generate_on_padded_rows_that_end_at_different_tokens(captioner, pictures):  # noqa: F811
+    model, processor, _ = captioner
+    inputs = processor_inputs(processor, pictures)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 2, "rows should carry different amounts of padding"
+    expected = generate_tokens(model, inputs)
+    fast = fastdecode.greedy_tokens(model, inputs, NEW_TOKENS)
+    assert torch.equal(fast, expected)
+    lengths = (expected != model.generation_config.pad_token_id).sum(1)
+    assert lengths.min() < NEW_TOKENS and len(set(lengths.tolist())) > 1, "captions should end, at different lengths"
+
+
+def test_decoder_is_reused_for_a_batch_of_the_same_shape(captioner, pictures):  # noqa: F811
+    model, processor, _ = captioner
+    first, second = processor_inputs(processor, pictures[:3]), processor_inputs(processor, pictures[3:6][::-1])
+    if first["input_ids"].shape != second["input_ids"].shape:
+        second = processor_inputs(processor, pictures[:3][::-1])
+    fastdecode.greedy_tokens(model, first, NEW_TOKENS)
+    decoder = model._greedy_decoder
+    assert torch.equal(fastdecode.greedy_tokens(model, second, NEW_TOKENS), generate_tokens(model, second))
+    assert model._greedy_decoder is decoder, "the same shape should reuse the cache (and on a GPU the graph)"
+    assert torch.equal(fastdecode.greedy_tokens(model, first, NEW_TOKENS), generate_tokens(model, first))
+    fastdecode.release(model)
+    assert model._greedy_decoder is None
+
+
+def test_repetition_penalty_is_applied_as_generate_applies_it(captioner, pictures):  # noqa: F811
+    model, processor, _ = captioner
+    inputs = processor_inputs(processor, pictures)
+    plain = fastdecode.greedy_tokens(model, inputs, NEW_TOKENS)
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.repetition_penalty = 3.0
+        fastdecode.release(model)
+        penalised = fastdecode.greedy_tokens(model, inputs, NEW_TOKENS)
+        assert torch.equal(penalised, generate_tokens(model, inputs))
+    finally:
+        model.generation_config = saved
+        fastdecode.release(model)
+    assert not torch.equal(penalised, plain), "a penalty of 3 should change some caption"
+
+
+def test_settings_the_loop_lacks_fall_back_to_generate(captioner, pictures):  # noqa: F811
+    model, processor, _ = captioner
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.no_repeat_ngram_size = 1
+        assert fastdecode.unsupported_settings(model.generation_config) == ["no_repeat_ngram_size"]
+        captions = infer.caption_images(model, processor, pictures, "COCO Yes:", 8, NEW_TOKENS)
+        expected = processor.batch_decode(generate_tokens(model, processor_inputs(processor, pictures)), skip_special_tokens=True)
+        assert captions == [c.strip() for c in expected]
+    finally:
+        model.generation_config = saved
+    assert fastdecode.unsupported_settings(model.generation_config) == []
