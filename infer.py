@@ -48,7 +48,7 @@ def as_rgb(image):
     """RGB pixels, upright; transparency is laid over white, the background a viewer would show."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a picture that is upright already
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGB", image.size, "white")

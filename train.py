@@ -50,7 +50,7 @@ LOGGING_STEPS = 10  # log the loss every this many optimizer steps
 SAVE_STEPS = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
 SEED = 42  # seed for LoRA initialisation, dropout and data order
 DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
-WORKERS = 4  # DataLoader processes decoding and tokenising pictures
+WORKERS = 8  # DataLoader processes decoding and tokenising pictures
 RESUME = False  # continue from the last checkpoint in OUTPUT_DIR
 OVERWRITE = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
 SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out and evaluation pictures
@@ -116,19 +116,25 @@ def usable_conversations(items: list[dict], limit: int | None = None) -> list[di
     return kept
 
 
-def encode_example(processor, image, caption: str, prompt: str, max_length: int) -> dict:
+def encode_example(processor, image, caption: str, prompt: str, max_length: int, prompts: dict | None = None) -> dict:
     """Token ids, labels and pixels for one picture and its caption.
 
     The labels are -100 (ignored) on the system prompt, the image tokens and the user prompt: only the caption and the
     closing <|im_end|> are learnt, so the model learns to answer and to stop. A caption too long for max_length is cut,
-    never the image tokens.
+    never the image tokens. `prompts` keeps the prompt's tokens by image grid (they depend on nothing else), so every
+    further picture of a size costs the image processor and the caption's tokens only.
     """
     import torch
 
     tok = processor.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    enc = processor(text=[infer.prompt_text(processor, prompt)], images=[image], return_tensors="pt")
-    prompt_ids = enc["input_ids"][0]
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    key = (prompt, tuple(pixels["image_grid_thw"][0].tolist()))
+    if prompts is None or key not in prompts:
+        text = processor(text=[infer.prompt_text(processor, prompt)], images=[image], return_tensors="pt")
+        prompts = {} if prompts is None else prompts
+        prompts[key] = text["input_ids"][0], text["mm_token_type_ids"][0]
+    prompt_ids, prompt_types = prompts[key]
     answer = tok(caption, add_special_tokens=False)["input_ids"] + [im_end]
     room = max_length - len(prompt_ids)
     if room < 2:
@@ -142,9 +148,9 @@ def encode_example(processor, image, caption: str, prompt: str, max_length: int)
     return {
         "input_ids": torch.cat([prompt_ids, answer]),
         "labels": torch.cat([torch.full_like(prompt_ids, -100), answer]),
-        "mm_token_type_ids": torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(answer)]),
-        "pixel_values": enc["pixel_values"],
-        "image_grid_thw": enc["image_grid_thw"],
+        "mm_token_type_ids": torch.cat([prompt_types, torch.zeros_like(answer)]),
+        "pixel_values": pixels["pixel_values"],
+        "image_grid_thw": pixels["image_grid_thw"],
     }
 
 
@@ -154,6 +160,7 @@ class CaptionDataset:
     def __init__(self, items: list[dict], processor, prompt: str, image_size: int, max_length: int):
         self.items, self.processor, self.prompt = items, processor, prompt
         self.image_size, self.max_length = image_size, max_length
+        self.prompts = {}  # prompt tokens by image grid (encode_example), filled in each worker
 
     def __len__(self) -> int:
         return len(self.items)
@@ -162,7 +169,7 @@ class CaptionDataset:
         item = self.items[i]
         try:
             image = infer.load_image(infer.image_of(item), self.image_size)
-            return encode_example(self.processor, image, infer.caption_of(item), self.prompt, self.max_length)
+            return encode_example(self.processor, image, infer.caption_of(item), self.prompt, self.max_length, self.prompts)
         except ValueError as e:  # a file that went bad after the start-up check, or too big: skip it, don't stop
             print(f"warning: skipped {infer.image_of(item)}: {e}", file=sys.stderr)
             return None

@@ -171,7 +171,7 @@ def main() -> None:
         out = work / f"out-{name}-{args.n}"
         cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
                "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
-               "--save-steps", "100000", "--sample-max-new-tokens", "32", "--workers", "8", *VARIANTS[name]]  # fmt: skip
+               "--save-steps", "100000", "--sample-max-new-tokens", "32", *VARIANTS[name]]  # fmt: skip
         wall = run(cmd, work / f"{name}-{args.n}.log")
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]

@@ -60,3 +60,24 @@ def test_long_caption_is_cut_never_the_image(processor):
 
     with pytest.raises(ValueError, match="--max-length"):
         train.encode_example(processor, image, "a caption", "COCO Yes:", prompt_len - 5)
+
+
+def test_cached_prompt_tokens_give_what_the_processor_gives(processor):
+    """encode_example keeps the prompt's tokens per image grid; every example equals the processor's own output."""
+    import numpy as np
+
+    import infer
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(56, 56), (84, 56)] * 3]
+    prompts = {}
+    text = infer.prompt_text(processor, "COCO Yes:")
+    for image in images:
+        cached = train.encode_example(processor, image, "a red circle", "COCO Yes:", 8192, prompts)
+        full = processor(text=[text], images=[image], return_tensors="pt")
+        n = full["input_ids"].shape[1]
+        assert torch.equal(cached["input_ids"][:n], full["input_ids"][0])
+        assert torch.equal(cached["mm_token_type_ids"][:n], full["mm_token_type_ids"][0])
+        assert torch.equal(cached["pixel_values"], full["pixel_values"])
+        assert torch.equal(cached["image_grid_thw"], full["image_grid_thw"])
+    assert len(prompts) == 2, "one entry per image size"
