@@ -62,9 +62,12 @@ class _EncodedBatches:
             positions, _ = self.rope.get_rope_index(
                 e["input_ids"][None], e["mm_token_type_ids"][None], image_grid_thw=e["image_grid_thw"]
             )
+            # NumPy arrays travel inside the pickled batch. Tensors would each travel as a shared-memory file
+            # descriptor that stays open while the main process keeps the example: 5,000 pictures exceeded the
+            # GPU machine's limit of 20,000 open files.
             examples.append({
-                "input_ids": e["input_ids"], "labels": e["labels"], "position_ids": positions[:, 0],
-                "image_positions": (e["input_ids"] == self.rope.config.image_token_id).nonzero()[:, 0],
+                "input_ids": e["input_ids"].numpy(), "labels": e["labels"].numpy(), "position_ids": positions[:, 0].numpy(),
+                "image_positions": (e["input_ids"] == self.rope.config.image_token_id).nonzero()[:, 0].numpy(),
             })  # fmt: skip
         pixels = torch.cat([e["pixel_values"] for e in batch])
         return examples, pixels, torch.cat([e["image_grid_thw"] for e in batch])
@@ -141,7 +144,7 @@ def finish_encoding(model, batches, n_batches: int):
         with batched_vision_attention(model, patches_per_image(grids)):
             features += model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True).pooler_output
         for e in batch:
-            examples.append({**e, "index": len(examples)})
+            examples.append({**{k: torch.from_numpy(v) for k, v in e.items()}, "index": len(examples)})
     return examples, torch.stack(features)
 
 
