@@ -251,6 +251,25 @@ def write_image(source: SourceImage, image_dir: Path) -> tuple[SourceImage, Skip
     return source, None
 
 
+@contextlib.contextmanager
+def folder_to_itself(image_dir: Path):
+    """Hold the image folder for this run (an advisory lock the system drops when the process ends, however it ends): a
+    second run writing into the same folder at once would delete this run's unfinished files as an interrupted run's."""
+    import fcntl
+
+    fd = os.open(image_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise cli.UserError(
+                f"another data2csv.py run is writing to {image_dir}; wait for it to finish or pass another --image-dir."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def remove_partial_files(image_dir: Path) -> int:
     """Delete temporary files an interrupted run left behind; returns how many."""
     stale = list(image_dir.glob(f".*{_PART_SUFFIX}"))
@@ -331,6 +350,12 @@ def main(argv=None) -> None:
 
     image_dir.mkdir(parents=True, exist_ok=True)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_to_itself(image_dir):
+        write_all(settings, sources, source_name, image_dir, csv_path)
+
+
+def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_dir: Path, csv_path: Path) -> None:
+    """The images (skipping those already complete), then the CSV, then one summary line."""
     cleaned = remove_partial_files(image_dir)
     if cleaned:
         print(f"removed {cleaned} partial files left by an interrupted run", file=sys.stderr)

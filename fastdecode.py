@@ -1,12 +1,13 @@
 """Greedy captioning with a static KV cache and, on the GPU, one CUDA graph per new token.
 
-transformers' `generate` is CPU-bound for captions: every new token runs ~30 ms of Python (its logits processors,
-stopping criteria, cache and mask bookkeeping, then 28 decoder layers of small kernels one launch at a time) while the GPU
-needs ~3 ms for a batch of 64 (bench/RESULTS.md). Here the prompt, pictures included, runs once through the model's own
-forward into a transformers `StaticCache`; every later token is one replay of a CUDA graph of the language model's forward,
-the LM head and the greedy choice. Everything the step reads (the last token, its M-RoPE position, the cache length,
-which rows have finished) lives on the GPU and is advanced inside the graph, so the CPU only launches replays and asks,
-every few tokens, whether every caption has ended. On the CPU the same step runs eagerly.
+transformers' `generate` is CPU-bound for captions: 64 captions of 32 tokens took 1.0 s on an H100 whose GPU was busy for
+0.30 s of them (bench/RESULTS.md, run F). Every new token runs its logits processors, stopping criteria, cache and mask
+bookkeeping and 28 decoder layers of small kernels, one launch at a time, and its M-RoPE positions wait on the GPU once per
+row. Here the prompt, pictures included, runs once through the model's own forward into a transformers `StaticCache`;
+every later token is one replay of a CUDA graph of the language model's forward, the LM head and the greedy choice.
+Everything the step reads (the last token, its M-RoPE position, the cache length, which rows have finished) lives on the
+GPU and is advanced inside the graph, so the CPU only launches replays and asks, every few tokens, whether every caption
+has ended. On the CPU the same step runs eagerly.
 
 The mathematics is generate's greedy search: the same positions, the same attention (the cache's unused slots are
 masked out), the model's repetition penalty if it has one, and the same stop tokens. tests/test_fastdecode.py compares the

@@ -2,15 +2,17 @@
 
 Where the time went in the plain recipe (bench/RESULTS.md has the measurements) and what this module does about it:
 1. Encode once. Every training picture is decoded, resized and tokenised once, by parallel DataLoader workers, and the frozen
-   vision tower runs once per picture, in large batches; its output is kept on the GPU (`VISION_CACHE_GB` bounds it, else
-   the plain path runs). The M-RoPE position ids are computed once per example on the CPU instead of in every step, where
-   they cost a device round-trip per row. Training steps then run only the language model.
+   vision tower runs once per picture, in batches, attending to pictures of one size in one call per block; its output is
+   kept on the GPU (`VISION_CACHE_GB` bounds it, else the plain path runs). The M-RoPE position ids are computed once per
+   example on the CPU instead of in every step, where they cost a device round-trip per row. Training steps then run only
+   the language model.
 2. Logits only where there are labels: the LM head (151,936 outputs) runs on the caption positions only, not on the 100
    image tokens and the prompt, and the loss is the same sum / token count transformers computes.
 3. CUDA graphs: one step of the language model is ~3,000 small kernels (LoRA adds six per projection), so the GPU waits on
    Python. With every batch padded to one length, each decoder layer's forward and backward are captured once
    (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
-   attention mask, positions and image-token places are built by the collator, so no step waits on the GPU.
+   attention mask, positions, image-token places and the loss's token count are built by the collator, and batches are
+   copied without waiting (train.py sets accelerate's non_blocking), so no step waits on the GPU and the CPU runs ahead.
 None of this changes the mathematics: tests/test_fastpath.py trains with and without it and compares the losses.
 """
 

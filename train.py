@@ -57,7 +57,7 @@ SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out and eva
 EVAL_JSON = "data_vl_eval.json"  # evaluation split with reference captions (csv2json.py of data2csv.py --split validation)
 EVAL_SIZE = 100  # first pictures of EVAL_JSON captioned and scored (BLEU-1..4, ROUGE-L, CIDEr); 0 = no evaluation
 EVAL_BEFORE = True  # also score the base model before training, so every run shows its gain
-EVAL_BATCH_SIZE = 32  # pictures per generate call when captioning for evaluation
+EVAL_BATCH_SIZE = 32  # pictures per captioning batch when captioning for evaluation
 SWANLAB_PROJECT = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
 SWANLAB_EXPERIMENT = "qwen2-vl-coco2014"  # SwanLab experiment name
 SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)

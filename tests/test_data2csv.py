@@ -385,3 +385,23 @@ def test_modelscope_unreachable_fails_fast_naming_the_offline_source(tmp_path):
     assert lines[0].startswith("error: ModelScope could not be reached")
     assert "--source PATH" in lines[0] and "annotations/captions_train2014.json" in lines[0]
     assert not (tmp_path / "coco-2014-dataset.csv").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(coco, tmp_path):
+    """Two runs into one image folder would delete each other's unfinished files; the second says so and stops."""
+    import fcntl
+    import os
+
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    args = ["--source", str(coco), "--n", "3", "--image-dir", str(image_dir), "--csv", str(tmp_path / "d.csv")]
+    fd = os.open(image_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running data2csv.py holds
+        second = run_script(args, cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"another data2csv.py run is writing to {image_dir}" in second.stderr
+    assert list(image_dir.iterdir()) == [] and not (tmp_path / "d.csv").exists()
+    assert run_script(args, cwd=tmp_path).returncode == 0, "with the folder free again the run goes ahead"
