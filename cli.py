@@ -49,15 +49,24 @@ def _value_type(default, annotation):
     return type(default) if default is not None else str
 
 
+def _settings_with_help(namespace: dict) -> dict[str, tuple[object, str]]:
+    """{NAME: (default, help text)} for a script's settings, in the order they were written (see settings_of)."""
+    source_file = namespace.get("__file__")
+    comments = _setting_comments(Path(source_file).read_text()) if source_file else {}
+    simple = (bool, int, float, str, type(None))
+    return {
+        k: (namespace[k], help_text)
+        for k, help_text in comments.items()
+        if not k.startswith("_") and isinstance(namespace.get(k, ...), simple)
+    }
+
+
 def settings_of(namespace: dict) -> dict[str, object]:
     """The settings of a script, in the order they were written: its UPPER_CASE constants that carry a trailing comment.
 
     The comment is what makes a constant a setting (it is the flag's help); constants without one stay internal.
     """
-    source_file = namespace.get("__file__")
-    comments = _setting_comments(Path(source_file).read_text()) if source_file else {}
-    simple = (bool, int, float, str, type(None))
-    return {k: namespace[k] for k in comments if not k.startswith("_") and isinstance(namespace.get(k, ...), simple)}
+    return {k: default for k, (default, _) in _settings_with_help(namespace).items()}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,11 +87,9 @@ def parse_settings(
     """
     doc = (namespace.get("__doc__") or "").strip()
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None, formatter_class=_HelpFormatter)
-    comments = _setting_comments(Path(namespace["__file__"]).read_text())
     annotations = namespace.get("__annotations__", {})
-    for name, default in settings_of(namespace).items():
+    for name, (default, help_text) in _settings_with_help(namespace).items():
         flag = "--" + name.lower().replace("_", "-")
-        help_text = comments[name]
         if isinstance(default, bool) and name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
             parser.add_argument(flag, action="store_true", default=default, help=help_text)
         elif isinstance(default, bool):
@@ -102,6 +109,11 @@ def require_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None
         value = getattr(args, name)
         if value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}.")
+
+
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """An exception as one line for a message: its type and text, whitespace folded, at most `limit` characters."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
 def run(main: Callable[[], object]) -> None:

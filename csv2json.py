@@ -84,7 +84,7 @@ def image_problem(image_path: str) -> str | None:
         with Image.open(path) as image:
             image.load()  # a full decode: a truncated file only fails here
     except Exception as e:  # PIL raises many kinds for bad files
-        return f"image unreadable: {image_path} ({' '.join(f'{type(e).__name__}: {e}'.split())[:160]})"
+        return f"image unreadable: {image_path} ({cli.error_text(e, 160)})"
     return None
 
 

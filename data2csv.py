@@ -165,8 +165,7 @@ def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
     if isinstance(error, StopIteration):
         raise cli.UserError(f"ModelScope's {_MODELSCOPE_DATASET} split {split!r} is empty; {offline}.")
     if error is not None:
-        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-        raise cli.UserError(f"ModelScope could not be reached ({reason}); {offline}.")
+        raise cli.UserError(f"ModelScope could not be reached ({cli.error_text(error)}); {offline}.")
     return outcome["rows"]
 
 
@@ -193,7 +192,7 @@ def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
     except cli.UserError:
         raise
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        reason = cli.error_text(e)
         raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images ({reason}); rerun to continue.")
 
 
@@ -226,9 +225,7 @@ def encoded_image(source: SourceImage) -> bytes:
         infer.as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
         return out.getvalue()
     except Exception as e:  # PIL raises many kinds for bad files; every one means this image is skipped
-        why = (
-            "not an image file" if isinstance(e, UnidentifiedImageError) else " ".join(f"{type(e).__name__}: {e}".split())[:160]
-        )
+        why = "not an image file" if isinstance(e, UnidentifiedImageError) else cli.error_text(e, 160)
         raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip())
 
 
@@ -326,10 +323,7 @@ def csv_row(source: SourceImage, image_dir: Path) -> dict:
 
 def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
-    if settings.n < 1:
-        raise cli.UserError(f"--n {settings.n}: the number of images must be at least 1.")
-    if settings.workers < 1:
-        raise cli.UserError(f"--workers {settings.workers}: must be at least 1.")
+    cli.require_at_least(settings, {"n": 1, "workers": 1})
     modelscope_split, local_split = split_names(settings.split)
     image_dir = Path(settings.image_dir).resolve()
     csv_path = Path(settings.csv).resolve()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, StaticCache
 
+import infer
+
 CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended (each question waits for it)
 
 # generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
@@ -39,7 +41,7 @@ class GreedyDecoder:
     later batches of the same shape (infer.py's batches, evaluation) reuse them: call `decode` again."""
 
     def __init__(self, model, batch: int, prompt_length: int, max_new_tokens: int, graphs: bool):
-        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA stays in
+        self.model = infer.base_model(model)  # peft: LoRA stays in
         config, generation = self.model.config, self.model.generation_config
         device = self.model.lm_head.weight.device
         self.shape = (batch, prompt_length, max_new_tokens)

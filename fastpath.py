@@ -18,12 +18,13 @@ None of this changes the mathematics: tests/test_fastpath.py trains with and wit
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Qwen2VLModel, Trainer
+
+import infer
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -86,48 +87,6 @@ def start_encoding(dataset, config, workers: int, batch_size: int = 32):
     return iter(loader), len(loader)
 
 
-def patches_per_image(image_grid_thw: torch.Tensor) -> int | None:
-    """Patches of each picture when every picture of a batch has the same grid (a CPU tensor: no GPU wait), else None."""
-    if len(image_grid_thw) and bool((image_grid_thw == image_grid_thw[0]).all()):
-        return int(image_grid_thw[0].prod())
-    return None
-
-
-@contextlib.contextmanager
-def batched_vision_attention(model, patches: int | None):
-    """Inside the block, the vision tower attends within each picture by one attention call for all the pictures, which
-    must all have `patches` patches (None: leave the tower as it is).
-
-    transformers' SDPA path cuts the patches into pictures and calls attention once per picture and block: for 64
-    pictures 2,048 calls and 32 device round-trips, during which the GPU waits on Python. Pictures of one size are just a
-    batch: the same attention, one call per block.
-    """
-    if not patches:
-        yield
-        return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attentions = [block.attn for block in base.model.visual.blocks]
-    for attention in attentions:
-        attention.forward = functools.partial(_vision_attention, attention, patches)
-    try:
-        yield
-    finally:
-        for attention in attentions:
-            del attention.forward  # the class's forward again
-
-
-def _vision_attention(attention, patches: int, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-    """transformers' VisionAttention.forward for pictures of `patches` patches each, batched (see above)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
-    length, heads = hidden_states.shape[0], attention.num_heads
-    q, k, v = attention.qkv(hidden_states).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
-    q, k, v = (t.reshape(length // patches, patches, heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
-    return attention.proj(out.transpose(1, 2).reshape(length, -1))
-
-
 @torch.no_grad()
 def finish_encoding(model, batches, n_batches: int):
     """Run the vision tower once on every picture the workers encoded.
@@ -143,7 +102,7 @@ def finish_encoding(model, batches, n_batches: int):
     for batch, pixels, grids in tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch"):
         if not batch:
             continue
-        with batched_vision_attention(model, patches_per_image(grids)):
+        with infer.batched_vision_attention(model, infer.patches_per_image(grids)):
             features += model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True).pooler_output
         for e in batch:
             examples.append({**{k: torch.from_numpy(v) for k, v in e.items()}, "index": len(examples)})
@@ -246,8 +205,7 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     """
     from transformers.masking_utils import create_causal_mask
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    language_model = base.model.language_model
+    language_model = infer.base_model(model).model.language_model
     layers = list(language_model.layers)
     device, dtype = language_model.embed_tokens.weight.device, language_model.embed_tokens.weight.dtype
     hidden = torch.randn(batch_size, seq_len, language_model.config.hidden_size, device=device, dtype=dtype)

@@ -13,6 +13,8 @@ A bad image path is reported and skipped; the rest are still captioned, and the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -157,6 +159,53 @@ def load_processor(model_dir: str | Path):
     return AutoProcessor.from_pretrained(str(model_dir))
 
 
+def base_model(model):
+    """The transformers model inside a peft wrapper (its LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def patches_per_image(image_grid_thw: torch.Tensor) -> int | None:
+    """Patches of each picture when every picture of a batch has the same grid (a CPU tensor: no GPU wait), else None."""
+    if len(image_grid_thw) and bool((image_grid_thw == image_grid_thw[0]).all()):
+        return int(image_grid_thw[0].prod())
+    return None
+
+
+@contextlib.contextmanager
+def batched_vision_attention(model, patches: int | None):
+    """Inside the block, the vision tower attends within each picture by one attention call for all the pictures, which
+    must all have `patches` patches (None: leave the tower as it is). Training's encoding pass and captioning use it.
+
+    transformers' SDPA path cuts the patches into pictures and calls attention once per picture and block: for 64
+    pictures 2,048 calls and 32 device round-trips, during which the GPU waits on Python. Pictures of one size are just a
+    batch: the same attention, one call per block.
+    """
+    if not patches:
+        yield
+        return
+    attentions = [block.attn for block in base_model(model).model.visual.blocks]
+    for attention in attentions:
+        attention.forward = functools.partial(_vision_attention, attention, patches)
+    try:
+        yield
+    finally:
+        for attention in attentions:
+            del attention.forward  # the class's forward again
+
+
+def _vision_attention(attention, patches: int, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """transformers' VisionAttention.forward for pictures of `patches` patches each, batched (see above)."""
+    import torch
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    length, heads = hidden_states.shape[0], attention.num_heads
+    q, k, v = attention.qkv(hidden_states).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    q, k, v = (t.reshape(length // patches, patches, heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
+    return attention.proj(out.transpose(1, 2).reshape(length, -1))
+
+
 def latest_adapter(root: str | Path = OUTPUT_ROOT) -> Path:
     """The newest adapter folder train.py saved under root."""
     found = sorted(Path(root).glob(f"**/{SETTINGS_FILE}"), key=lambda p: p.stat().st_mtime)
@@ -208,7 +257,6 @@ def caption_images(
     import torch
 
     import fastdecode
-    from fastpath import batched_vision_attention, patches_per_image
 
     text = prompt_text(processor, prompt)
     device = next(model.parameters()).device

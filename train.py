@@ -338,7 +338,7 @@ def library_versions() -> dict:
     return {"python": platform.python_version(), **{n: installed(n) for n in names}}
 
 
-def check_output_dir(args) -> str | None:
+def check_output_dir(args, is_main: bool = True) -> str | None:
     """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -353,7 +353,7 @@ def check_output_dir(args) -> str | None:
             f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
             "or another --output-dir."
         )
-    if last is not None and int(os.environ.get("RANK", "0")) == 0:
+    if last is not None and is_main:
         # --overwrite: the earlier run's checkpoints go, so no later --resume can pick one of them up by mistake.
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
                                 "eval_batch_size": 1, "sample_max_new_tokens": 1})  # fmt: skip
     resolve_memory_settings(args)
     device = infer.resolve_device(args.device)
-    resume_from = check_output_dir(args)
     # Under torchrun every process runs this script; process 0 alone writes files, logs and captions.
     is_main = int(os.environ.get("RANK", "0")) == 0
+    resume_from = check_output_dir(args, is_main)
     imports_started = time.perf_counter()
     import torch
     from transformers import AutoConfig, TrainingArguments, set_seed

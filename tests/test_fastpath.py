@@ -101,7 +101,7 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
         images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
         inputs = processor.image_processor(images=images, return_tensors="pt")
         grid = inputs["image_grid_thw"]
-        with torch.no_grad(), fastpath.batched_vision_attention(model, fastpath.patches_per_image(grid) if batched else None):
+        with torch.no_grad(), infer.batched_vision_attention(model, infer.patches_per_image(grid) if batched else None):
             return torch.cat(model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output)
 
     state = rng.bit_generator.state
@@ -111,8 +111,8 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
     assert expected.shape == (4 * 6, model.config.text_config.hidden_size)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(model.model.visual.blocks[0].attn), "the tower's own forward is back after the block"
-    assert fastpath.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
-    assert fastpath.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
+    assert infer.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
+    assert infer.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
 
 
 def test_low_memory_keeps_the_effective_batch():

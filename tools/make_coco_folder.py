@@ -107,8 +107,7 @@ def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
     if not settings.out:
         raise cli.UserError("--out is required: name the folder to create, e.g. --out coco-local.")
-    if settings.n < 1 or settings.width < 8 or settings.height < 8:
-        raise cli.UserError("--n must be at least 1 and --width/--height at least 8 pixels.")
+    cli.require_at_least(settings, {"n": 1, "width": 8, "height": 8})
     out = make_coco_folder(settings.out, settings.n, settings.split, (settings.width, settings.height), settings.seed)
     print(
         f"wrote {settings.n} pictures of {settings.width}x{settings.height} to {(out / settings.split).resolve()} "
