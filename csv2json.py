@@ -20,32 +20,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-import cli
+from vlcap import cli, formats, images
 
 CSV = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
 JSON = "data_vl.json"  # the conversation file to write
 WORKERS = min(8, os.cpu_count() or 1)  # images checked in parallel
 
-PROMPT = "COCO Yes:"  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
+PROMPT = formats.DEFAULT_PROMPT  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
 REQUIRED_COLUMNS = ("image_path", "caption")
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark spreadsheet programs write
-
-
-def conversation(index: int, image_path, caption: str, references: list[str] | None = None, prompt: str = PROMPT) -> dict:
-    """One training example in the tutorial's format; `index` counts from 1."""
-    item = {
-        "id": f"identity_{index}",
-        "conversations": [
-            {"from": "user", "value": f"{prompt} <|vision_start|>{image_path}<|vision_end|>"},
-            {"from": "assistant", "value": caption},
-        ],
-    }
-    if references is not None:
-        item["references"] = list(references)
-    return item
 
 
 def read_columns(csv_path: Path) -> tuple[list[str], int]:
@@ -74,18 +59,11 @@ def read_rows(csv_path: Path) -> Iterator[dict]:
 
 
 def image_problem(image_path: str) -> str | None:
-    """Why an image cannot be used for training, or None when it decodes."""
-    if not image_path.strip():
-        return "no image path"
-    path = Path(image_path)
-    if not path.is_file():
-        return f"image not found: {image_path}"
-    try:
-        with Image.open(path) as image:
-            image.load()  # a full decode: a truncated file only fails here
-    except Exception as e:  # PIL raises many kinds for bad files
-        return f"image unreadable: {image_path} ({cli.error_text(e, 160)})"
-    return None
+    """Why a row's picture cannot be used for training (every pixel decoded), or None."""
+    why = images.problem(image_path)
+    if why is None or why == "no image path":
+        return why
+    return f"image not found: {image_path}" if why == "no such file" else f"image unreadable: {image_path} ({why})"
 
 
 def row_item(row: dict, has_references: bool) -> tuple[dict | None, str | None]:
@@ -110,30 +88,6 @@ def row_item(row: dict, has_references: bool) -> tuple[dict | None, str | None]:
     return {"image_path": str(Path(image_path).resolve()), "caption": caption, "references": references}, None
 
 
-class JsonListWriter:
-    """Writes a JSON list one item at a time, byte for byte as json.dump(items, f, ensure_ascii=False, indent=4) would,
-    under a temporary name; `commit` renames it into place, so the file is the old one or the whole new one, never a part.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.part, self.count = path, path.with_name(f".{path.name}.part"), 0
-        self.file = open(self.part, "w", encoding="utf-8")
-
-    def add(self, item: dict) -> None:
-        body = json.dumps(item, ensure_ascii=False, indent=4).replace("\n", "\n    ")
-        self.file.write(("[\n    " if self.count == 0 else ",\n    ") + body)
-        self.count += 1
-
-    def commit(self) -> None:
-        self.file.write("\n]" if self.count else "[]")
-        self.file.close()
-        os.replace(self.part, self.path)
-
-    def discard(self) -> None:
-        self.file.close()
-        self.part.unlink(missing_ok=True)
-
-
 def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
     csv_path, json_path = Path(settings.csv).resolve(), Path(settings.json).resolve()
@@ -145,8 +99,9 @@ def main(argv=None) -> None:
     if json_path.is_dir():
         raise cli.UserError(f"--json {json_path} is a folder; name the JSON file to write.")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    out, left_out, number = JsonListWriter(json_path), 0, 0
-    try:
+    left_out, number = 0, 0
+    with formats.atomic_file(json_path) as f:  # the old file or the whole new one, never a part
+        out = formats.JsonListWriter(f)
         # Rows are checked in parallel a chunk at a time and written as they come: memory does not grow with the CSV.
         with ThreadPoolExecutor(max(1, settings.workers)) as pool, tqdm(total=n_rows, unit="row", desc="rows") as bar:
             rows = read_rows(csv_path)
@@ -157,15 +112,12 @@ def main(argv=None) -> None:
                         left_out += 1
                         tqdm.write(f"warning: row {number} left out: {problem}", file=sys.stderr)
                     else:
-                        out.add(conversation(out.count + 1, fields["image_path"], fields["caption"], fields["references"],
-                                             settings.prompt))  # fmt: skip
+                        out.add(formats.conversation(out.count + 1, fields["image_path"], fields["caption"],
+                                                     fields["references"], settings.prompt))  # fmt: skip
                 bar.update(len(chunk))
         if not out.count:
             raise cli.UserError(f"none of the {n_rows} rows of {csv_path} is usable (see the warnings); no JSON written.")
-        out.commit()
-    finally:
-        if not out.file.closed:
-            out.discard()
+        out.close()
     print(f"done: {out.count} conversations in {json_path}, {left_out} of {n_rows} rows left out; from {csv_path}")
 
 

@@ -33,8 +33,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-import cli
-import infer
+from vlcap import cli, images
 
 SOURCE = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
 N = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
@@ -222,7 +221,7 @@ def encoded_image(source: SourceImage) -> bytes:
         if data is not None and image.format == "JPEG" and image.mode == "RGB":
             return data
         out = io.BytesIO()
-        infer.as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
+        images.as_rgb(image).save(out, "JPEG", quality=_JPEG_QUALITY)
         return out.getvalue()
     except Exception as e:  # PIL raises many kinds for bad files; every one means this image is skipped
         why = "not an image file" if isinstance(e, UnidentifiedImageError) else cli.error_text(e, 160)

@@ -13,25 +13,22 @@ the same prompt and image size. The last line printed names the adapter folder.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 
-import cli
-import infer
+from vlcap import cli, formats, images, timing, tracking
 
 MODEL_DIR = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
 DATA_JSON = "data_vl.json"  # conversations written by csv2json.py
 OUTPUT_DIR = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
 TEST_SIZE = 4  # last conversations held out (data_vl_test.json) and captioned after training
-PROMPT = "COCO Yes:"  # user prompt before each caption; infer.py reuses the one saved with the adapter
-IMAGE_SIZE = 280  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
+PROMPT = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
+IMAGE_SIZE = images.DEFAULT_SIZE  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
 MAX_LENGTH = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
 LORA_R = 64  # LoRA rank
 LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
@@ -61,270 +58,193 @@ EVAL_BATCH_SIZE = 32  # pictures per captioning batch when captioning for evalua
 SWANLAB_PROJECT = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
 SWANLAB_EXPERIMENT = "qwen2-vl-coco2014"  # SwanLab experiment name
 SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)
+SWANLAB_REQUIRE_CLOUD = False  # stop when the cloud rejects the key or cannot be reached, instead of logging offline
 
 
-# ------------------------------------------------------------------------------------------------------------------ data
-def split_paths(data_json: str | Path) -> tuple[Path, Path]:
-    """data_vl.json -> (data_vl_train.json, data_vl_test.json) beside it, the tutorial's file names."""
-    p = Path(data_json)
-    return p.with_name(f"{p.stem}_train.json"), p.with_name(f"{p.stem}_test.json")
-
-
-def hold_out(items: list[dict], test_size: int, data_json: str | Path, write: bool = True) -> tuple[list[dict], list[dict]]:
-    """Split off the last test_size conversations and write both halves beside data_json (one process writes)."""
-    if not 0 <= test_size < len(items):
-        raise cli.UserError(f"--test-size {test_size} leaves nothing to train on ({len(items)} conversations).")
-    train, test = items[: len(items) - test_size], items[len(items) - test_size :]
-    if write:
-        for path, part in zip(split_paths(data_json), (train, test)):
-            write_json(path, part)
-    return train, test
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=4), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def usable_conversations(items: list[dict], limit: int | None = None) -> list[dict]:
-    """Leave out conversations whose picture is missing or not an image, or whose caption is empty; a warning each.
-    With `limit`, stop once that many are kept (the rest are not opened)."""
-    from PIL import Image
-
-    kept = []
-    for i, item in enumerate(items):
-        if limit is not None and len(kept) == limit:
-            break
-        path, reason = infer.image_of(item), None
-        if not infer.caption_of(item).strip():
-            reason = "empty caption"
-        else:
-            try:
-                with Image.open(path):  # the header only: cheap, and catches missing and non-image files
-                    pass
-            except FileNotFoundError:
-                reason = "no such file"
-            except (OSError, SyntaxError, Image.DecompressionBombError):
-                reason = "not a readable image"
-        if reason:
-            print(f"warning: skipped conversation {i + 1} ({item.get('id')}): {path}: {reason}", file=sys.stderr)
-        else:
-            kept.append(item)
-    if not kept:
-        raise cli.UserError("no conversation has a readable image and a caption; check the data JSON.")
-    return kept
-
-
-def encode_example(processor, image, caption: str, prompt: str, max_length: int, prompts: dict | None = None) -> dict:
-    """Token ids, labels and pixels for one picture and its caption.
-
-    The labels are -100 (ignored) on the system prompt, the image tokens and the user prompt: only the caption and the
-    closing <|im_end|> are learnt, so the model learns to answer and to stop. A caption too long for max_length is cut,
-    never the image tokens. `prompts` keeps the prompt's tokens by image grid (they depend on nothing else), so every
-    further picture of a size costs the image processor and the caption's tokens only.
-    """
-    import torch
-
-    tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    pixels = processor.image_processor(images=[image], return_tensors="pt")
-    key = (prompt, tuple(pixels["image_grid_thw"][0].tolist()))
-    if prompts is None or key not in prompts:
-        text = processor(text=[infer.prompt_text(processor, prompt)], images=[image], return_tensors="pt")
-        prompts = {} if prompts is None else prompts
-        prompts[key] = text["input_ids"][0], text["mm_token_type_ids"][0]
-    prompt_ids, prompt_types = prompts[key]
-    answer = tok(caption, add_special_tokens=False)["input_ids"] + [im_end]
-    room = max_length - len(prompt_ids)
-    if room < 2:
-        raise ValueError(
-            f"the prompt and image need {len(prompt_ids)} tokens, more than MAX_LENGTH {max_length} allows; raise "
-            "--max-length or lower --image-size"
-        )
-    if len(answer) > room:
-        answer = answer[: room - 1] + [im_end]
-    answer = torch.tensor(answer, dtype=prompt_ids.dtype)
-    return {
-        "input_ids": torch.cat([prompt_ids, answer]),
-        "labels": torch.cat([torch.full_like(prompt_ids, -100), answer]),
-        "mm_token_type_ids": torch.cat([prompt_types, torch.zeros_like(answer)]),
-        "pixel_values": pixels["pixel_values"],
-        "image_grid_thw": pixels["image_grid_thw"],
-    }
-
-
-class CaptionDataset:
-    """Conversations decoded and tokenised as the training loop reads them (in DataLoader workers), never all at once."""
-
-    def __init__(self, items: list[dict], processor, prompt: str, image_size: int, max_length: int):
-        self.items, self.processor, self.prompt = items, processor, prompt
-        self.image_size, self.max_length = image_size, max_length
-        self.prompts = {}  # prompt tokens by image grid (encode_example), filled in each worker
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict | None:
-        item = self.items[i]
-        try:
-            image = infer.load_image(infer.image_of(item), self.image_size)
-            return encode_example(self.processor, image, infer.caption_of(item), self.prompt, self.max_length, self.prompts)
-        except ValueError as e:  # a file that went bad after the start-up check, or too big: skip it, don't stop
-            print(f"warning: skipped {infer.image_of(item)}: {e}", file=sys.stderr)
-            return None
-
-
-def collate(examples: list[dict | None], pad_token_id: int) -> dict:
-    """Pad a batch on the right; concatenate the images' patches (never stack: images may differ in size)."""
-    import torch
-
-    examples = [e for e in examples if e is not None]
-    if not examples:
-        raise RuntimeError("every image of a batch failed to load; see the warnings above")
-    length = max(len(e["input_ids"]) for e in examples)
-
-    def pad(key, value):
-        return torch.stack([torch.nn.functional.pad(e[key], (0, length - len(e[key])), value=value) for e in examples])
-
-    input_ids = pad("input_ids", pad_token_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": pad("input_ids", -1).ne(-1).long(),
-        "labels": pad("labels", -100),
-        "mm_token_type_ids": pad("mm_token_type_ids", 0),
-        "pixel_values": torch.cat([e["pixel_values"] for e in examples]),
-        "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------- model
-def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
-    """Wrap the model with LoRA on the language model's projections only; the vision tower stays frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise cli.UserError("--lora-targets is empty; name at least one projection, e.g. q_proj,v_proj.")
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        # A regex, so that only model.language_model.layers.N.* matches, whatever the vision tower's names are.
-        target_modules=rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})",
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise cli.UserError(f"--lora-targets {targets!r} matches no language-model projection ({e}).") from None
-
-
-# ------------------------------------------------------------------------------------------------------------- swanlab
-def swanlab_mode(setting: str | None) -> str:
-    """The SwanLab mode: as set; else cloud when an API key is configured; else offline, saying how to sync later."""
-    mode = setting or os.environ.get("SWANLAB_MODE")
-    if mode:
-        if mode not in ("cloud", "online", "offline", "local", "disabled"):
-            raise cli.UserError(f"SwanLab mode {mode!r} is not one of cloud, offline, local, disabled.")
-        return mode
-    import swanlab
-
-    if os.environ.get("SWANLAB_API_KEY") or swanlab.Settings().api_key:
-        return "cloud"
-    print("SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
-          "`swanlab sync RUN_FOLDER` (SwanLab prints the folder below).")  # fmt: skip
-    return "offline"
-
-
-def start_swanlab(args, config: dict):
-    """Start the SwanLab run (rank 0 only) and return transformers' callback for it, or None when disabled."""
-    mode = swanlab_mode(args.swanlab_mode)
-    if mode == "disabled":
-        return None
-    import swanlab
-    from swanlab.integration.transformers import SwanLabCallback
-
-    swanlab.init(project=args.swanlab_project, experiment_name=args.swanlab_experiment, mode=mode, config=config)
-    return SwanLabCallback()
-
-
-def caption_items(model, processor, items: list[dict], args) -> dict[str, str]:
-    """{image path: caption} for conversations' pictures; an unreadable picture is reported and skipped."""
-    import fastdecode
-
-    was_training = model.training
-    model.eval()
-    paths = [infer.image_of(it) for it in items]
-    captions, _ = infer.caption_paths(model, processor, paths, args.prompt, args.image_size, args.eval_batch_size,
-                                      args.sample_max_new_tokens)  # fmt: skip
-    fastdecode.release(model)  # its cache is not needed while training, and LoRA would change the captured modules
-    model.train(was_training)
-    return captions
-
-
-def write_eval(output_dir: Path, items: list[dict], results: dict) -> None:
-    """OUTPUT_DIR/eval_scores.json (the scores before and after) and eval_captions.jsonl (every caption, both times)."""
-    write_json(output_dir / "eval_scores.json", {when: scores for when, (_, scores) in results.items()})
-    with (output_dir / "eval_captions.jsonl").open("w", encoding="utf-8") as f:
-        for item in items:
-            path = infer.image_of(item)
-            record = {"image": path, **{when: captions.get(path) for when, (captions, _) in results.items()},
-                      "references": infer.references_of(item)}  # fmt: skip
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def swanlab_running() -> bool:
-    if "swanlab" not in sys.modules:  # never imported: disabled
-        return False
-    import swanlab
-
-    return swanlab.has_run()
-
-
-def log_samples(key: str, captions: dict[str, str]) -> None:
-    """Held-out pictures with their generated captions, as the tutorial's `Prediction` panel."""
-    import swanlab
-
-    swanlab.log({key: [swanlab.Image(path, caption=caption) for path, caption in captions.items()]})
-
-
-# ------------------------------------------------------------------------------------------------------------ evaluation
-def load_eval_split(args) -> list[dict]:
-    """The first EVAL_SIZE conversations of EVAL_JSON, or [] (with one line saying why) when there are none to score."""
-    if args.eval_size <= 0:
-        return []
-    if not Path(args.eval_json).is_file():
-        print(f"no evaluation split ({args.eval_json} does not exist): captions will not be scored. Make one with "
-              "`python data2csv.py --split validation --n 100 --image-dir coco_2014_caption_val --csv coco-2014-val.csv`"
-              " and `python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`.")  # fmt: skip
-        return []
-    return usable_conversations(infer.read_conversations(args.eval_json), limit=args.eval_size)
-
-
-def evaluate(model, processor, items: list[dict], args) -> tuple[dict, dict]:
-    """Caption the evaluation pictures (batched) and score them against their references: (captions, scores)."""
-    from caption_metrics import mean_words, score_captions, tokenizer_used
-
-    captions = caption_items(model, processor, items, args)
-    references = {infer.image_of(it): infer.references_of(it) for it in items}
-    scores = score_captions(captions, {p: references[p] for p in captions})
-    scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_used())
-    return captions, scores
-
-
-def report_scores(when: str, scores: dict) -> None:
-    """Print the scores and log them to SwanLab as eval/<when>/<metric>."""
-    numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
-    print(f"caption quality {when} training ({scores['images']} pictures, {scores['tokenizer']} tokenizer): "
-          + "  ".join(f"{k} {v:.3f}" for k, v in numbers.items()))  # fmt: skip
-    if swanlab_running():
-        import swanlab
-
-        swanlab.log({f"eval/{when}/{k}": v for k, v in numbers.items()})
 
 
 # ------------------------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
+    args = read_settings(argv)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 alone writes files, logs and captions
+    resume_from = check_output_dir(args, is_main)
+    swanlab_mode = tracking.choose_mode(args.swanlab_mode, args.swanlab_require_cloud) if is_main else "disabled"
+    marks = timing.Marks()
+    marks("imports")
+    global compat, evaluation, fastpath, qwen, training_data  # torch and transformers load once the settings are right
+    from vlcap import compat, evaluation, fastpath, qwen, training_data
+
+    marks("start")
+    device = qwen.resolve_device(args.device)
+    items = training_data.usable_conversations(formats.read_conversations(args.data_json))
+    train_items, test_items = training_data.hold_out(items, args.test_size)
+    model_dir = qwen.resolve_model_dir(args.model_dir)
+    processor = qwen.load_processor(model_dir)
+    dataset = training_data.CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
+    dataset.check_first()
+    if is_main:  # every check that can fail early has passed: now the split files may change
+        for path, part in zip(formats.split_paths(args.data_json), (train_items, test_items)):
+            formats.write_json(path, part)
+    fast = compat.available("fast training")
+    finish_data = start_data(args, dataset, model_dir, processor, device, fast)
+    marks("loading")
+    model = qwen.load_model(model_dir, device)
+    marks("loaded")
+    eval_items = evaluation.load_split(args.eval_json, args.eval_size) if is_main else []
+    train_dataset, collator, features, pad_to = finish_data(model)
+    marks("prepared")
+
+    tracker = tracking.start(swanlab_mode, args.swanlab_project, args.swanlab_experiment, {**vars(args), "model_dir": model_dir})
+    recipe = captioning_recipe(args)
+    results = {}
+    if args.eval_before and eval_items:
+        results["before"] = score(model, processor, eval_items, recipe, "before", tracker)
+    if args.eval_before and tracker.enabled:  # the held-out pictures as the base model captions them, beside the trained
+        tracker.log_pictures("Prediction/before", evaluation.caption_conversations(model, processor, test_items, recipe))
+
+    model, graphs = add_lora(model, args, device, pad_to if features is not None else None, marks)
+    settings = run_settings(args, model_dir, model, len(train_items), features is not None, graphs)
+    tracker.update_config(settings)
+    trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), *(callbacks or [])])
+    trainer.vision_features = features
+    if resume_from:
+        print(f"resuming from {resume_from}")
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        tracker.finish(aborted=True)
+        raise
+    if not is_main:
+        return 0
+
+    adapter_dir = save(model, processor, settings, result, marks, Path(args.output_dir) / "adapter", device)
+    captions = evaluation.caption_conversations(model, processor, test_items, recipe)
+    for item in test_items:
+        if formats.image_of(item) in captions:
+            print(f"{formats.image_of(item)}\n  reference: {formats.caption_of(item)}\n  generated: {captions[formats.image_of(item)]}")
+    tracker.log_pictures("Prediction/after", captions)
+    if eval_items:
+        results["after"] = score(model, processor, eval_items, recipe, "after", tracker)
+        evaluation.write_results(Path(args.output_dir), eval_items, results)
+    tracker.finish()
+    print(f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}")
+    print(f"adapter saved to {adapter_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------- settings
+def read_settings(argv: list[str] | None):
+    """The settings, parsed and checked: every mistake is one line here, before anything is loaded or written."""
+    args = cli.parse_settings(globals(), argv)
+    cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
+                                "eval_batch_size": 1, "sample_max_new_tokens": 1, "lora_r": 1})  # fmt: skip
+    if not args.learning_rate > 0:
+        raise cli.UserError(f"--learning-rate must be a positive number, not {args.learning_rate}.")
+    images.check_size(args.image_size)
+    if args.low_memory:  # the same effective batch in up to 4 pieces, with checkpointing
+        pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)
+        args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
+        args.gradient_checkpointing = True
+    if args.gradient_checkpointing:
+        args.cuda_graphs = False  # recomputation inside a captured graph is not supported
+    return args
+
+
+def check_output_dir(args, is_main: bool) -> str | None:
+    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise cli.UserError(f"--output-dir {out} is a file; name a folder for the checkpoints and the adapter.")
+    checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+    last = str(checkpoints[-1]) if checkpoints else None
+    if args.resume:
+        if last is None:
+            print(f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr)
+        return last
+    if last is not None and not args.overwrite:
+        raise cli.UserError(
+            f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
+            "or another --output-dir."
+        )
+    if last is not None and is_main:
+        # --overwrite: the earlier run's checkpoints go, so no later --resume can pick one of them up by mistake.
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+    return None
+
+
+def captioning_recipe(args):
+    from vlcap.captioning import Recipe
+
+    return Recipe(args.prompt, args.image_size, args.eval_batch_size, args.sample_max_new_tokens)
+
+
+# ------------------------------------------------------------------------------------------------------------------ data
+def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool):
+    """Start what can run before the model loads: the encoding workers when the vision cache will be used.
+
+    Returns finish(model) -> (train dataset, collator, vision features, padded length); features and padded length are
+    None on the plain path (pictures decoded by DataLoader workers, the vision tower every step).
+    """
+    from transformers import AutoConfig
+
+    pad_id = processor.tokenizer.pad_token_id
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = qwen.model_dtype(device)
+    cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
+    if not fast or cache_gb is None or cache_gb > args.vision_cache_gb:
+        why = "the fast path is off" if not fast else "each image's own size" if cache_gb is None else f"{cache_gb:.1f} GB > --vision-cache-gb"
+        print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
+        return lambda model: (dataset, lambda batch: training_data.collate(batch, pad_id), None, None)
+    encoding = fastpath.start_encoding(dataset, config, args.workers)  # the workers decode while the model loads
+
+    def finish(model):
+        examples, features = fastpath.finish_encoding(model, *encoding)
+        pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
+        print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "
+              f"{features.device}; sequences padded to {pad_to} tokens")  # fmt: skip
+        return examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to), features, pad_to
+
+    return finish
+
+
+# ----------------------------------------------------------------------------------------------------------------- model
+def add_lora(model, args, device: str, pad_to: int | None, marks):
+    """The model with LoRA (seeded), and whether its decoder layers run as CUDA graphs (captured here)."""
+    from transformers import set_seed
+
+    set_seed(args.seed)  # LoRA's initial weights do not depend on what preparing the data drew from the RNG
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
+    model = qwen.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    # Graphs are captured per process before DDP wraps the model; that pairing is untested, so several processes run eager.
+    graphs = (pad_to is not None and args.cuda_graphs and device.startswith("cuda")
+              and int(os.environ.get("WORLD_SIZE", "1")) == 1 and compat.available("fast training", model))  # fmt: skip
+    marks("capture")
+    if graphs:
+        model.train()  # captured with dropout active, as training replays it
+        fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
+    marks("captured")
+    return model, graphs
+
+
+def run_settings(args, model_dir: str, model, train_size: int, cached: bool, graphs: bool) -> dict:
+    """Every setting of the run, as saved beside the adapter (train_settings.json) and logged to SwanLab."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    effective_batch = args.batch_size * args.grad_accum * world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(train_size / effective_batch) * args.epochs
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_json, test_json = formats.split_paths(args.data_json)
+    print(f"training {train_size} conversations, effective batch {effective_batch} ({args.batch_size} x "
+          f"{args.grad_accum} accumulation x {world_size} processes), {steps} steps, {trainable / 1e6:.1f}M trainable "
+          f"parameters on {next(model.parameters()).device}")  # fmt: skip
+    return {**vars(args), "model_dir": model_dir, "train_json": str(train_json.resolve()),
+            "test_json": str(test_json.resolve()), "train_size": train_size, "world_size": world_size,
+            "effective_batch": effective_batch, "optimizer_steps": steps, "trainable_parameters": trainable,
+            "vision_cache": cached, "cuda_graphs_used": graphs, "versions": library_versions()}  # fmt: skip
+
+
 def library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -338,154 +258,10 @@ def library_versions() -> dict:
     return {"python": platform.python_version(), **{n: installed(n) for n in names}}
 
 
-def check_output_dir(args, is_main: bool = True) -> str | None:
-    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    out = Path(args.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if args.resume:
-        if last is None:
-            print(f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr)
-        return last
-    if last is not None and not args.overwrite:
-        raise cli.UserError(
-            f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
-            "or another --output-dir."
-        )
-    if last is not None and is_main:
-        # --overwrite: the earlier run's checkpoints go, so no later --resume can pick one of them up by mistake.
-        for checkpoint in out.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
-    return None
-
-
-def resolve_memory_settings(args) -> None:
-    """--low-memory: same effective batch in up to 4 pieces, with checkpointing (and so without CUDA graphs)."""
-    if args.low_memory:
-        pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)  # exact: the effective batch is unchanged
-        args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
-        args.gradient_checkpointing = True
-    if args.gradient_checkpointing:
-        args.cuda_graphs = False  # recomputation inside a captured graph is not supported
-
-
-class StepClock:
-    """Marks when the first optimizer step starts and when training ends (a transformers TrainerCallback)."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                outer.first_step = outer.first_step or time.perf_counter()
-
-            def on_train_end(self, args, state, control, **kwargs):
-                outer.end = time.perf_counter()
-
-        self.callback, self.first_step, self.end = _Callback(), None, None
-
-
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
-    args = cli.parse_settings(globals(), argv)
-    # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
-    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-    infer.check_image_size(args.image_size)
-    cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
-                                "eval_batch_size": 1, "sample_max_new_tokens": 1})  # fmt: skip
-    resolve_memory_settings(args)
-    device = infer.resolve_device(args.device)
-    # Under torchrun every process runs this script; process 0 alone writes files, logs and captions.
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    resume_from = check_output_dir(args, is_main)
-    imports_started = time.perf_counter()
-    import torch
-    from transformers import AutoConfig, TrainingArguments, set_seed
-
-    import fastpath
-
-    started = time.perf_counter()  # preparation: from reading the data to the first training step
-    items = usable_conversations(infer.read_conversations(args.data_json))
-    train_items, test_items = hold_out(items, args.test_size, args.data_json, write=is_main)
-
-    model_dir = infer.resolve_model_dir(args.model_dir)
-    processor = infer.load_processor(model_dir)
-    try:  # fail now, not in a DataLoader worker, when the settings cannot fit an image
-        first = train_items[0]
-        image = infer.load_image(infer.image_of(first), args.image_size)
-        encode_example(processor, image, infer.caption_of(first), args.prompt, args.max_length)
-    except ValueError as e:
-        raise cli.UserError(f"{infer.image_of(first)}: {e}.") from None
-    dataset = CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
-    pad_id = processor.tokenizer.pad_token_id
-
-    # The fast path when the frozen vision tower's output for every training picture fits the cache (fastpath.py).
-    config, dtype = AutoConfig.from_pretrained(model_dir), infer.model_dtype(device)
-    cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
-    cached = cache_gb is not None and cache_gb <= args.vision_cache_gb
-    if cached:
-        encoding = fastpath.start_encoding(dataset, config, args.workers)  # decoding starts while the model loads
-    loading = time.perf_counter()
-    model = infer.load_model(model_dir, device)
-    loaded = time.perf_counter()
-    eval_items = load_eval_split(args) if is_main else []
-    if cached:
-        examples, features = fastpath.finish_encoding(model, *encoding)
-        pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
-        train_dataset, collator = examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to)
-        print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "
-              f"{features.device}; sequences padded to {pad_to} tokens")  # fmt: skip
-    else:
-        train_dataset, collator, features = dataset, (lambda batch: collate(batch, pad_id)), None
-        why = "each image's own size" if not args.image_size else f"{cache_gb:.1f} GB > --vision-cache-gb"
-        print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
-    prepared = time.perf_counter()
-
-    swanlab_callback = start_swanlab(args, {**vars(args), "model_dir": model_dir}) if is_main else None
-    results = {}
-    if args.eval_before and is_main:
-        if eval_items:
-            results["before"] = evaluate(model, processor, eval_items, args)
-            report_scores("before", results["before"][1])
-        if swanlab_running():  # the held-out pictures as the base model captions them, beside the trained captions
-            log_samples("Prediction/before", caption_items(model, processor, test_items, args))
-
-    set_seed(args.seed)  # LoRA's initial weights do not depend on what preparing the data drew from the RNG
-    if args.gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
-    model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Graphs are captured per process before DDP wraps the model; that pairing is untested, so several processes run eager.
-    graphs = cached and args.cuda_graphs and device.startswith("cuda") and world_size == 1
-    capture_started = time.perf_counter()
-    if graphs:
-        model.train()  # captured with dropout active, as training replays it
-        fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
-    capture_seconds = time.perf_counter() - capture_started
-
-    effective_batch = args.batch_size * args.grad_accum * world_size
-    steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_items) / effective_batch) * args.epochs
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    settings = {
-        **vars(args),
-        "model_dir": model_dir,
-        "train_json": str(split_paths(args.data_json)[0].resolve()),
-        "test_json": str(split_paths(args.data_json)[1].resolve()),
-        "train_size": len(train_items),
-        "world_size": world_size,
-        "effective_batch": effective_batch,
-        "optimizer_steps": steps,
-        "trainable_parameters": trainable,
-        "vision_cache": cached,
-        "cuda_graphs_used": graphs,
-        "versions": library_versions(),
-    }
-    print(f"training {len(train_items)} conversations, effective batch {effective_batch} "
-          f"({args.batch_size} x {args.grad_accum} accumulation x {world_size} processes), {steps} steps, "
-          f"{trainable / 1e6:.1f}M trainable parameters on {device}")  # fmt: skip
+# ----------------------------------------------------------------------------------------------------------------- train
+def make_trainer(args, model, device: str, train_dataset, collator, callbacks: list):
+    """transformers' Trainer (vlcap.fastpath.CaptionTrainer: the plain Trainer when given no vision cache)."""
+    from transformers import TrainingArguments
 
     training_args = TrainingArguments(
         output_dir=args.output_dir,
@@ -510,66 +286,54 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         use_cpu=device == "cpu",
         # Batches are copied from pinned memory without making the CPU wait for the GPU.
         accelerator_config={"non_blocking": True},
-        dataloader_num_workers=0 if cached else args.workers,
-        dataloader_persistent_workers=not cached and args.workers > 0,
+        dataloader_pin_memory=device.startswith("cuda"),
+        dataloader_num_workers=0 if isinstance(train_dataset, list) else args.workers,
+        dataloader_persistent_workers=not isinstance(train_dataset, list) and args.workers > 0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         report_to="none",
     )
-    if swanlab_callback:
-        swanlab_callback.update_config(settings)
-    clock = StepClock()
-    trainer = fastpath.CaptionTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        data_collator=collator,
-        callbacks=[c for c in [swanlab_callback, clock.callback, *(callbacks or [])] if c],
-    )
-    trainer.vision_features = features
-    if resume_from:
-        print(f"resuming from {resume_from}")
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if not is_main:
-        return 0
+    return fastpath.CaptionTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+        callbacks=[c for c in callbacks if c],
+    )  # fmt: skip
 
-    adapter_dir = Path(args.output_dir) / "adapter"
+
+# ------------------------------------------------------------------------------------------------------------------ save
+def save(model, processor, settings: dict, result, marks, adapter_dir: Path, device: str) -> Path:
+    """The adapter, its processor, and train_settings.json with the run's outcome and timings."""
+    import torch
+
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
-    # Training time: first step to last, plus the CUDA-graph capture (this path's compilation).
-    step_seconds = clock.end - clock.first_step if clock.first_step else 0.0
-    train_seconds = step_seconds + capture_seconds
+    capture = marks.seconds("capture", "captured")
+    steps = marks.seconds("first_step", "train_end")
     settings.update(
         train_loss=result.training_loss,
         global_step=result.global_step,
-        seconds={"imports": round(started - imports_started, 2), "prepare": round(prepared - started, 2),
-                 "prepare_parts": {"before_model": round(loading - started, 2), "load_model": round(loaded - loading, 2),
-                                   "after_model": round(prepared - loaded, 2)},
-                 "to_first_step": round((clock.first_step or prepared) - started, 2),
-                 "capture": round(capture_seconds, 2), "steps": round(step_seconds, 2), "train": round(train_seconds, 2)},
+        # Training time: first step to last, plus the CUDA-graph capture (this path's compilation).
+        seconds={"imports": marks.seconds("imports", "start"), "prepare": marks.seconds("start", "prepared"),
+                 "prepare_parts": {"before_model": marks.seconds("start", "loading"),
+                                   "load_model": marks.seconds("loading", "loaded"),
+                                   "after_model": marks.seconds("loaded", "prepared")},
+                 "to_first_step": marks.seconds("start", "first_step"), "capture": capture, "steps": steps,
+                 "train": round(steps + capture, 2)},
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
     )  # fmt: skip
-    write_json(adapter_dir / infer.SETTINGS_FILE, settings)
+    formats.write_train_settings(adapter_dir, settings)
+    return adapter_dir
 
-    captions = caption_items(model, processor, test_items, args)
-    for item in test_items:
-        if infer.image_of(item) in captions:
-            print(f"{infer.image_of(item)}\n  reference: {infer.caption_of(item)}\n  generated: {captions[infer.image_of(item)]}")
-    if swanlab_running():
-        log_samples("Prediction/after", captions)
-    if eval_items:
-        results["after"] = evaluate(model, processor, eval_items, args)
-        report_scores("after", results["after"][1])
-        write_eval(Path(args.output_dir), eval_items, results)
-    if swanlab_callback:
-        import swanlab
 
-        swanlab.finish()
-    print(f"trained {result.global_step} steps in {train_seconds:.1f} s, final loss {result.training_loss:.4f}")
-    print(f"adapter saved to {adapter_dir}")
-    return 0
+def score(model, processor, items: list[dict], recipe, when: str, tracker):
+    """(captions, scores) of the evaluation split, printed and logged."""
+    captions, scores = evaluation.evaluate(model, processor, items, recipe)
+    print(evaluation.summary(when, scores))
+    tracker.log(evaluation.metrics(when, scores))
+    return captions, scores
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
     cli.run(main)

@@ -92,7 +92,7 @@ def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int 
     import torch
     from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
-    import train
+    from vlcap.training_data import encode_example
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -102,7 +102,7 @@ def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int 
     head = config.text_config.hidden_size * config.text_config.vocab_size
     processor = AutoProcessor.from_pretrained(model_dir)
     items = json.loads(data_json.read_text())[:-test_size]
-    prompt_tokens = len(train.encode_example(processor, _blank(), "", "COCO Yes:", 8192)["input_ids"]) - 1
+    prompt_tokens = len(encode_example(processor, _blank(), "", "COCO Yes:", 8192)["input_ids"]) - 1
     total = 0.0
     for item in items:
         answer = len(processor.tokenizer(item["conversations"][1]["value"])["input_ids"]) + 1
@@ -122,28 +122,29 @@ def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32)
     how many of the n captions the two give alike."""
     import torch
 
-    import infer
+    from vlcap import captioning, formats, images, qwen
 
-    model, processor, settings = infer.load_captioner(adapter, None, "cuda")
+    settings = formats.read_adapter_settings(adapter)
+    model, processor = qwen.load_for_captioning(adapter, settings, None, "cuda")
     items = json.loads(data_json.read_text())[:n]
-    images = [infer.load_image(infer.image_of(it), settings["image_size"]) for it in items]
+    pictures = [images.load(formats.image_of(it), settings.image_size) for it in items]
     captions = {}
 
     def timed(batch, batch_size, fast):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        captions[fast] = infer.caption_images(model, processor, batch, settings["prompt"], batch_size, new_tokens, fast=fast)
+        captions[fast] = captioning.caption_images(model, processor, batch, settings.prompt, batch_size, new_tokens, fast=fast)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
     result = {}
     for fast in (False, True):
         name = "fast" if fast else "generate"
-        timed(images[:8], 8, fast)  # warm-up (another shape: the timed call below captures its own graph)
-        result[f"{name}_batched_per_s"] = n / timed(images, n, fast)
-        result[f"{name}_again_per_s"] = n / timed(images, n, fast)
-        result[f"{name}_single_per_s"] = 8 / timed(images[:8], 1, fast)
-        timed(images, n, fast)
+        timed(pictures[:8], 8, fast)  # warm-up (another shape: the timed call below captures its own graph)
+        result[f"{name}_batched_per_s"] = n / timed(pictures, n, fast)
+        result[f"{name}_again_per_s"] = n / timed(pictures, n, fast)
+        result[f"{name}_single_per_s"] = 8 / timed(pictures[:8], 1, fast)
+        timed(pictures, n, fast)
     result["same_captions"] = sum(a == b for a, b in zip(captions[False], captions[True]))
     return result
 

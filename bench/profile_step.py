@@ -81,8 +81,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    import infer
     import train
+    from vlcap import captioning, formats, images, qwen
 
     from bench import prepare
 
@@ -115,21 +115,22 @@ def main() -> None:
                 "--overwrite", "--swanlab-mode", "disabled", "--save-steps", "100000", "--sample-max-new-tokens", "4",
                 "--workers", "8", *args.train_args.split()], callbacks=[Profile()])  # fmt: skip
 
-    model, processor, settings = infer.load_captioner(work / "out-profile" / "adapter", None, "cuda")
-    items = infer.read_conversations(data)[:64]
-    images = [infer.load_image(infer.image_of(it), 280) for it in items]
+    adapter = work / "out-profile" / "adapter"
+    model, processor = qwen.load_for_captioning(adapter, formats.read_adapter_settings(adapter), None, "cuda")
+    items = formats.read_conversations(data)[:64]
+    pictures = [images.load(formats.image_of(it), 280) for it in items]
     for fast in (False, True):
         name = "fast loop" if fast else "generate"
-        infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)  # warm-up, graph capture
+        captioning.caption_images(model, processor, pictures, "COCO Yes:", 64, 32, fast=fast)  # warm-up, graph capture
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
-            infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)
+            captioning.caption_images(model, processor, pictures, "COCO Yes:", 64, 32, fast=fast)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) * 1e3
         report(f"caption-{name.replace(' ', '-')} 64 images, 32 new tokens", prof, wall, out)
         with sync_sites(f"caption 64 images, {name}"):
-            infer.caption_images(model, processor, images, "COCO Yes:", 64, 32, fast=fast)
+            captioning.caption_images(model, processor, pictures, "COCO Yes:", 64, 32, fast=fast)
 
 
 if __name__ == "__main__":

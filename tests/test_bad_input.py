@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from PIL import Image
-from conftest import QUICK, run_script
+from helpers import QUICK, run_script
+from vlcap import formats
 
-import infer
 
 
 def one_error_line(result) -> str:
@@ -46,8 +46,8 @@ def test_bad_settings_values(tiny_model, shapes_24, tmp_path):
 
 
 def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shapes_24, tmp_path):
-    items = infer.read_conversations(shapes_24)[:12]
-    originals = [infer.image_of(it) for it in items]
+    items = formats.read_conversations(shapes_24)[:12]
+    originals = [formats.image_of(it) for it in items]
     odd = tmp_path / "odd"
     odd.mkdir()
     # Four pictures in awkward modes/formats that must train: RGBA PNG, grayscale JPEG, CMYK JPEG, palette PNG.
@@ -69,7 +69,7 @@ def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shape
     assert len(warnings) == 3
     assert "gone.jpg: no such file" in warnings[0] and "corrupt.jpg: not a readable image" in warnings[1]
     assert "empty caption" in warnings[2]
-    settings = json.loads((tmp_path / "o" / "adapter" / infer.SETTINGS_FILE).read_text())
+    settings = json.loads((tmp_path / "o" / "adapter" / formats.SETTINGS_FILE).read_text())
     assert settings["train_size"] == 12 - 3 - 2  # three skipped, two held out
 
 

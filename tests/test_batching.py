@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from vlcap import qwen, training_data
 
-import train
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def test_batch_of_different_sizes(tiny_model, processor):
     sizes = [(56, 56), (112, 84), (140, 56), (84, 168)]
     captions = ["a red circle", "a long caption about a small blue square drawn on white", "one", "a green triangle"]
     images = [Image.new("RGB", s, "white") for s in sizes]
-    examples = [train.encode_example(processor, im, c, "COCO Yes:", 8192) for im, c in zip(images, captions)]
-    batch = train.collate(examples, processor.tokenizer.pad_token_id)
+    examples = [training_data.encode_example(processor, im, c, "COCO Yes:", 8192) for im, c in zip(images, captions)]
+    batch = training_data.collate(examples, processor.tokenizer.pad_token_id)
 
     # Patches of every image concatenated along dim 0, one grid row each; never stacked.
     grid = batch["image_grid_thw"]
@@ -49,9 +49,9 @@ def test_batch_of_different_sizes(tiny_model, processor):
 
 def test_long_caption_is_cut_never_the_image(processor):
     image = Image.new("RGB", (112, 112), "white")
-    prompt_len = len(train.encode_example(processor, image, "", "COCO Yes:", 8192)["input_ids"]) - 1
+    prompt_len = len(training_data.encode_example(processor, image, "", "COCO Yes:", 8192)["input_ids"]) - 1
     long_caption = " ".join(["a red circle on a plain white background"] * 300)
-    example = train.encode_example(processor, image, long_caption, "COCO Yes:", prompt_len + 10)
+    example = training_data.encode_example(processor, image, long_caption, "COCO Yes:", prompt_len + 10)
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert len(example["input_ids"]) == prompt_len + 10
     assert (example["input_ids"] == image_token).sum() == 16  # 112x112 -> 8x8 patches -> 16 tokens, all kept
@@ -59,7 +59,7 @@ def test_long_caption_is_cut_never_the_image(processor):
     assert len(learnt) == 10 and learnt[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     with pytest.raises(ValueError, match="--max-length"):
-        train.encode_example(processor, image, "a caption", "COCO Yes:", prompt_len - 5)
+        training_data.encode_example(processor, image, "a caption", "COCO Yes:", prompt_len - 5)
 
 
 def test_cached_prompt_tokens_give_what_the_processor_gives(processor):
@@ -71,9 +71,9 @@ def test_cached_prompt_tokens_give_what_the_processor_gives(processor):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(56, 56), (84, 56)] * 3]
     prompts = {}
-    text = infer.prompt_text(processor, "COCO Yes:")
+    text = qwen.prompt_text(processor, "COCO Yes:")
     for image in images:
-        cached = train.encode_example(processor, image, "a red circle", "COCO Yes:", 8192, prompts)
+        cached = training_data.encode_example(processor, image, "a red circle", "COCO Yes:", 8192, prompts)
         full = processor(text=[text], images=[image], return_tensors="pt")
         n = full["input_ids"].shape[1]
         assert torch.equal(cached["input_ids"][:n], full["input_ids"][0])

@@ -9,8 +9,8 @@ import os
 import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-import caption_metrics
-from caption_metrics import METRICS, mean_words, ptb_tokenize, score_captions, simple_tokenize, tokenizer_used
+from vlcap import caption_metrics
+from vlcap.caption_metrics import METRICS, mean_words, ptb_tokenize, score_captions, simple_tokenize, tokenizer_used
 
 needs_java = pytest.mark.skipif(not caption_metrics.java_available(), reason="the official PTB tokenizer needs Java")
 BOTH = ["simple", pytest.param("ptb", marks=needs_java)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import cli
+from vlcap import cli
 
 SCRIPT = '''"""A script."""
 LEARNING_RATE = 1e-4  # peak learning rate

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
 
-import cli  # noqa: E402
+from vlcap import cli, formats  # noqa: E402
 import csv2json  # noqa: E402
 import data2csv  # noqa: E402
 from make_coco_folder import make_coco_folder  # noqa: E402
@@ -84,14 +84,14 @@ def test_exact_tutorial_format_with_references(tmp_path):
 
 def test_conversation_item_is_reusable():
     assert csv2json.PROMPT == "COCO Yes:"
-    assert csv2json.conversation(3, "/x.jpg", "a cat") == {
+    assert formats.conversation(3, "/x.jpg", "a cat") == {
         "id": "identity_3",
         "conversations": [
             {"from": "user", "value": "COCO Yes: <|vision_start|>/x.jpg<|vision_end|>"},
             {"from": "assistant", "value": "a cat"},
         ],
     }
-    assert csv2json.conversation(1, "/x.jpg", "a cat", ["a cat", "one cat"])["references"] == ["a cat", "one cat"]
+    assert formats.conversation(1, "/x.jpg", "a cat", ["a cat", "one cat"])["references"] == ["a cat", "one cat"]
 
 
 def test_tutorial_csv_without_references(tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_tutorial_csv_without_references(tmp_path, monkeypatch):
     pd.DataFrame({"image_path": ["a.jpg"], "caption": ["A red picture. "]}).to_csv("coco-2014-dataset.csv", index=False)
     csv2json.main([])
     items = json.loads((tmp_path / "data_vl.json").read_text())
-    assert items == [csv2json.conversation(1, str(tmp_path / "a.jpg"), "A red picture.")]
+    assert items == [formats.conversation(1, str(tmp_path / "a.jpg"), "A red picture.")]
     assert "references" not in items[0]
 
 
@@ -178,7 +178,7 @@ def test_pipeline_from_a_coco_folder_on_the_command_line(tmp_path):
     items = json.loads((tmp_path / "data_vl.json").read_text())
     assert [i["id"] for i in items] == [f"identity_{k}" for k in range(1, 9)]
     for index, (row, item) in enumerate(zip(rows, items), start=1):
-        assert item == csv2json.conversation(index, row["image_path"], row["caption"], json.loads(row["captions"]))
+        assert item == formats.conversation(index, row["image_path"], row["caption"], json.loads(row["captions"]))
         assert len(item["references"]) == 5
 
     (tmp_path / "coco-2014-dataset.csv").unlink()

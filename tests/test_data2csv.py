@@ -19,7 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
 
-import cli  # noqa: E402
+from vlcap import cli  # noqa: E402
 import data2csv  # noqa: E402
 from make_coco_folder import make_coco_folder  # noqa: E402
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 from swanlab_files import only_run, read_run
 
 import train

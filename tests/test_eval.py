@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import QUICK, make_dataset, run_script
+from helpers import QUICK, make_dataset, run_script
 from swanlab_files import only_run, read_run
 
 import train

@@ -9,14 +9,14 @@ import pytest
 import torch
 from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
-import fastdecode
-import infer
+from vlcap import fastdecode
+from vlcap import captioning, images, qwen
 
 NEW_TOKENS = 20
 
 
 def processor_inputs(processor, images):
-    text = infer.prompt_text(processor, "COCO Yes:")
+    text = qwen.prompt_text(processor, "COCO Yes:")
     return processor(text=[text] * len(images), images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
@@ -30,7 +30,7 @@ def generate_tokens(model, inputs) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pictures(odd_sized_pictures):  # noqa: F811
     """Five native sizes (so rows are left-padded by different amounts) and the training size."""
-    return [infer.load_image(p, 0) for p in odd_sized_pictures] + [infer.load_image(odd_sized_pictures[0], 56)]
+    return [images.load(p, 0) for p in odd_sized_pictures] + [images.load(odd_sized_pictures[0], 56)]
 
 
 def test_fast_loop_equals_generate_on_padded_rows_that_end_at_different_tokens(captioner, pictures):  # noqa: F811
@@ -80,7 +80,7 @@ def test_settings_the_loop_lacks_fall_back_to_generate(captioner, pictures):  # 
     try:
         model.generation_config.no_repeat_ngram_size = 1
         assert fastdecode.unsupported_settings(model.generation_config) == ["no_repeat_ngram_size"]
-        captions = infer.caption_images(model, processor, pictures, "COCO Yes:", 8, NEW_TOKENS)
+        captions = captioning.caption_images(model, processor, pictures, "COCO Yes:", 8, NEW_TOKENS)
         expected = processor.batch_decode(generate_tokens(model, processor_inputs(processor, pictures)), skip_special_tokens=True)
         assert captions == [c.strip() for c in expected]
     finally:

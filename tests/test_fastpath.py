@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
-from conftest import QUICK
+from helpers import QUICK
 from transformers import AutoProcessor, TrainerCallback
 
-import fastpath
+from vlcap import fastpath
 import train
+from vlcap import qwen, training_data, vision_attention
 
 
 class Losses(TrainerCallback):
@@ -56,8 +56,8 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
     items = json.loads(shapes_24.read_text())[:5]
     for i, item in enumerate(items):  # captions of different lengths, so rows end at different places
         item["conversations"][1]["value"] = " ".join(["a red circle"] * (i + 1))
-    dataset = train.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
-    plain = train.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
+    dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
+    plain = training_data.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
                  "image_positions": (e["input_ids"] == image_token).nonzero()[:, 0], "index": i}
@@ -94,14 +94,14 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 
     import infer
 
-    model, processor = infer.load_model(str(tiny_model), "cpu"), AutoProcessor.from_pretrained(tiny_model)
+    model, processor = qwen.load_model(str(tiny_model), "cpu"), AutoProcessor.from_pretrained(tiny_model)
     rng = np.random.default_rng(0)
 
     def features(sizes, batched):
         images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
         inputs = processor.image_processor(images=images, return_tensors="pt")
         grid = inputs["image_grid_thw"]
-        with torch.no_grad(), infer.batched_vision_attention(model, infer.patches_per_image(grid) if batched else None):
+        with torch.no_grad(), vision_attention.batched(model, vision_attention.patches_per_image(grid) if batched else None):
             return torch.cat(model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output)
 
     state = rng.bit_generator.state
@@ -111,13 +111,12 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
     assert expected.shape == (4 * 6, model.config.text_config.hidden_size)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert "forward" not in vars(model.model.visual.blocks[0].attn), "the tower's own forward is back after the block"
-    assert infer.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
-    assert infer.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
+    assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
+    assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
 
 
 def test_low_memory_keeps_the_effective_batch():
-    args = argparse.Namespace(low_memory=True, batch_size=16, grad_accum=1, gradient_checkpointing=False, cuda_graphs=True)
-    train.resolve_memory_settings(args)
+    args = train.read_settings(["--low-memory", "--batch-size", "16", "--grad-accum", "1"])
     assert (args.batch_size, args.grad_accum, args.gradient_checkpointing, args.cuda_graphs) == (4, 4, True, False)
 
 
@@ -128,19 +127,19 @@ def test_encoding_holds_no_open_file_per_picture(tiny_model, shapes_132):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     script = f"""
 import resource, sys
 sys.path[:0] = [{str(REPO)!r}]
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-import infer, train, fastpath
+from vlcap import fastpath, formats, qwen, training_data
 from transformers import AutoConfig
-items = infer.read_conversations({str(shapes_132)!r})
-processor = infer.load_processor({str(tiny_model)!r})
-dataset = train.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
+items = formats.read_conversations({str(shapes_132)!r})
+processor = qwen.load_processor({str(tiny_model)!r})
+dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
 encoding = fastpath.start_encoding(dataset, AutoConfig.from_pretrained({str(tiny_model)!r}), workers=2)
-examples, features = fastpath.finish_encoding(infer.load_model({str(tiny_model)!r}, "cpu"), *encoding)
+examples, features = fastpath.finish_encoding(qwen.load_model({str(tiny_model)!r}, "cpu"), *encoding)
 print(len(examples), tuple(features.shape))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

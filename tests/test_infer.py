@@ -7,16 +7,16 @@ import shutil
 
 import pytest
 from PIL import Image
-from conftest import run_script
+from helpers import load_captioner, run_script
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from vlcap import captioning, images, qwen
 
-import infer
 
 
 @pytest.fixture(scope="module")
 def captioner(trained):
     adapter, _ = trained
-    return infer.load_captioner(adapter, None, "cpu")
+    return load_captioner(adapter)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def odd_sized_pictures(tmp_path_factory):
 
 def test_batched_captions_equal_one_at_a_time(captioner, odd_sized_pictures):
     model, processor, _ = captioner
-    images = [infer.load_image(p, 0) for p in odd_sized_pictures]  # 0: native sizes, so token counts differ
-    assert len({im.size for im in images}) == len(images)
-    batched = infer.caption_images(model, processor, images, "COCO Yes:", batch_size=8, max_new_tokens=16)
-    single = [infer.caption_images(model, processor, [im], "COCO Yes:", max_new_tokens=16)[0] for im in images]
+    pictures = [images.load(p, 0) for p in odd_sized_pictures]  # 0: native sizes, so token counts differ
+    assert len({im.size for im in pictures}) == len(pictures)
+    batched = captioning.caption_images(model, processor, pictures, "COCO Yes:", batch_size=8, max_new_tokens=16)
+    single = [captioning.caption_images(model, processor, [im], "COCO Yes:", max_new_tokens=16)[0] for im in pictures]
     assert batched == single
     assert all(batched), "the trained adapter should say something for every picture"
 
@@ -63,8 +63,8 @@ def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, ca
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in records] == odd_sized_pictures
     # The same captions as captioning in-process with the adapter's prompt and 56x56 images.
-    images = [infer.load_image(p, 56) for p in odd_sized_pictures]
-    expected = infer.caption_images(model, processor, images, settings["prompt"], max_new_tokens=64)
+    pictures = [images.load(p, 56) for p in odd_sized_pictures]
+    expected = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=64)
     assert [r["caption"] for r in records] == expected
     assert f"captioned {len(odd_sized_pictures)} of {len(odd_sized_pictures) + 2} images" in result.stdout
 
@@ -85,9 +85,9 @@ def test_merged_model_loads_alone_and_captions_the_same(trained, captioner, odd_
     assert result.returncode == 0, result.stderr[-2000:]
     merged = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     merged_processor = AutoProcessor.from_pretrained(tmp_path / "merged")
-    images = [infer.load_image(p, 56) for p in odd_sized_pictures]
-    assert infer.caption_images(merged, merged_processor, images, "COCO Yes:", max_new_tokens=16) == (
-        infer.caption_images(model, processor, images, "COCO Yes:", max_new_tokens=16)
+    pictures = [images.load(p, 56) for p in odd_sized_pictures]
+    assert captioning.caption_images(merged, merged_processor, pictures, "COCO Yes:", max_new_tokens=16) == (
+        captioning.caption_images(model, processor, pictures, "COCO Yes:", max_new_tokens=16)
     )
 
 
@@ -95,18 +95,18 @@ def test_merged_model_loads_alone_and_captions_the_same(trained, captioner, odd_
 def test_any_image_mode_loads_as_rgb(tmp_path, mode):
     path = tmp_path / ("x.png" if mode in ("RGBA", "LA", "P", "I;16") else "x.jpg")
     Image.new("RGB", (70, 50), (200, 30, 30)).convert(mode).save(path)
-    image = infer.load_image(path, 56)
+    image = images.load(path, 56)
     assert image.mode == "RGB" and image.size == (56, 56)
-    assert infer.load_image(path, 0).size == (70, 50)
+    assert images.load(path, 0).size == (70, 50)
 
 
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (28, 28), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    assert infer.load_image(tmp_path / "clear.png", 0).getpixel((5, 5)) == (255, 255, 255)
+    assert images.load(tmp_path / "clear.png", 0).getpixel((5, 5)) == (255, 255, 255)
 
 
 def test_every_gpu_of_a_torchrun_job_gets_bf16_weights():
     import torch
 
-    assert infer.model_dtype("cuda") == infer.model_dtype("cuda:3") == torch.bfloat16
-    assert infer.model_dtype("cpu") == torch.float32
+    assert qwen.model_dtype("cuda") == qwen.model_dtype("cuda:3") == torch.bfloat16
+    assert qwen.model_dtype("cpu") == torch.float32

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
-import cli
+from vlcap import cli
 
 SCRIPTS = ["data2csv", "csv2json", "train", "infer", "make_offline_model", "make_coco_folder"]
 

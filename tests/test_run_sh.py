@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 from swanlab_files import only_run, read_run
 
 

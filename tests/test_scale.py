@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 
 from make_coco_folder import make_coco_folder
 

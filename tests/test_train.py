@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import QUICK, REPO, run_script
+from helpers import QUICK, REPO, load_captioner, run_script
 from swanlab_files import only_run, read_run
 from transformers import AutoProcessor, TrainerCallback
 
-import infer
 import train
+from vlcap import captioning, formats, images
 
 class Spy(TrainerCallback):
     """Records the trainable parameter names and the LoRA weights before training."""
@@ -40,7 +40,7 @@ def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_p
 
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    settings = json.loads((adapter / infer.SETTINGS_FILE).read_text())
+    settings = json.loads((adapter / formats.SETTINGS_FILE).read_text())
     assert settings["prompt"] == "COCO Yes:" and settings["image_size"] == 56 and settings["lora_r"] == 64
     assert settings["model_dir"] == str(tiny_model) and settings["global_step"] == 4
     assert {"torch", "transformers", "peft", "swanlab"} <= set(settings["versions"])
@@ -74,13 +74,13 @@ def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shape
 def test_learns_colour_and_shape_from_the_pictures(trained, shapes_132):
     """The proof that preprocessing, label masking and collation carry the image to the caption."""
     adapter, _ = trained
-    model, processor, settings = infer.load_captioner(adapter, None, "cpu")
-    test = infer.read_conversations(settings["test_json"])
-    images = [infer.load_image(infer.image_of(it), 56) for it in test]
-    captions = infer.caption_images(model, processor, images, "COCO Yes:", max_new_tokens=16)
+    model, processor, settings = load_captioner(adapter)
+    test = formats.read_conversations(settings["test_json"])
+    pictures = [images.load(formats.image_of(it), 56) for it in test]
+    captions = captioning.caption_images(model, processor, pictures, "COCO Yes:", max_new_tokens=16)
     colour = shape = both = 0
     for item, caption in zip(test, captions):
-        want_colour, want_shape = infer.caption_of(item).split()[1:3]
+        want_colour, want_shape = formats.caption_of(item).split()[1:3]
         words = caption.split()
         colour += want_colour in words
         shape += want_shape in words
@@ -115,7 +115,7 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
     state = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
-    assert json.loads((tmp_path / "b" / "adapter" / infer.SETTINGS_FILE).read_text())["global_step"] == 6
+    assert json.loads((tmp_path / "b" / "adapter" / formats.SETTINGS_FILE).read_text())["global_step"] == 6
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as `python tools/...`, the repository root is not on the path
-import cli  # noqa: E402
+from vlcap import cli  # noqa: E402
 
 OUT = ""  # folder to create (required)
 N = 500  # number of pictures

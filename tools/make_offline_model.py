@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli  # noqa: E402
+from vlcap import cli  # noqa: E402
 
 SIZE = "tiny"  # tiny (tests, CPU smoke run) or 2b (the real architecture, random weights, for GPU benchmarks)
 OUT = "models/tiny-qwen2-vl"  # folder to write the model into

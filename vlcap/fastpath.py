@@ -1,19 +1,25 @@
-"""The fast training path train.py takes by default: the tutorial's 2-epoch job in seconds instead of minutes.
+"""The fast training path train.py takes by default: the same training as the plain Trainer path, in seconds.
 
-Where the time went in the plain recipe (bench/RESULTS.md has the measurements) and what this module does about it:
-1. Encode once. Every training picture is decoded, resized and tokenised once, by parallel DataLoader workers, and the frozen
-   vision tower runs once per picture, in batches, attending to pictures of one size in one call per block; its output is
-   kept on the GPU (`VISION_CACHE_GB` bounds it, else the plain path runs). The M-RoPE position ids are computed once per
-   example on the CPU instead of in every step, where they cost a device round-trip per row. Training steps then run only
-   the language model.
-2. Logits only where there are labels: the LM head (151,936 outputs) runs on the caption positions only, not on the 100
-   image tokens and the prompt, and the loss is the same sum / token count transformers computes.
-3. CUDA graphs: one step of the language model is ~3,000 small kernels (LoRA adds six per projection), so the GPU waits on
-   Python. With every batch padded to one length, each decoder layer's forward and backward are captured once
+    encoding = fastpath.start_encoding(dataset, config, workers)       # before the model loads: workers start decoding
+    examples, features = fastpath.finish_encoding(model, *encoding)    # the vision tower, once per picture
+    trainer = fastpath.CaptionTrainer(..., train_dataset=examples, data_collator=partial(collate_encoded, ...))
+    trainer.vision_features = features
+    fastpath.graph_decoder_layers(model, batch_size, pad_to)           # GPU: CUDA graphs of each decoder layer
+
+What it does (bench/RESULTS.md has what each part bought):
+1. Encode once. Every training picture is decoded, resized and tokenised once, by parallel DataLoader workers, and the
+   frozen vision tower runs once per picture, in batches; its output is kept on the GPU (`VISION_CACHE_GB` bounds it,
+   else the plain path runs). The M-RoPE position ids are computed once per example on the CPU, in the workers. Training
+   steps then run only the language model.
+2. Logits only where there are labels: the LM head runs on the caption positions only, not on the image tokens and the
+   prompt, and the loss is the same sum / token count transformers computes.
+3. CUDA graphs: with every batch padded to one length, each decoder layer's forward and backward are captured once
    (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
    attention mask, positions, image-token places and the loss's token count are built by the collator, and batches are
-   copied without waiting (train.py sets accelerate's non_blocking), so no step waits on the GPU and the CPU runs ahead.
-None of this changes the mathematics: tests/test_fastpath.py trains with and without it and compares the losses.
+   copied without waiting, so no step waits on the GPU.
+It leans on transformers internals (the mask builder, get_rope_index, the decoder layer's call): train.py uses it only
+where vlcap/compat.py says the installed transformers has them. None of it changes the mathematics:
+tests/test_fastpath.py trains with and without it and compares the losses and weights.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Qwen2VLModel, Trainer
 
-import infer
+from vlcap import vision_attention
+from vlcap.qwen import base_model
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -79,8 +86,7 @@ class _EncodedBatches:
 def start_encoding(dataset, config, workers: int, batch_size: int = 32):
     """Start the DataLoader workers decoding and tokenising pictures; they work ahead while the model loads.
 
-    Batches of 32: the vision tower encodes each as it arrives while the workers still decode the rest (measured on the
-    H100 machine, 8 workers, 496 pictures: 0.1 s sooner than batches of 64, whose tower waited for whole batches).
+    Batches of 32: the vision tower encodes each as it arrives while the workers still decode the rest.
     """
     collate = _EncodedBatches(RopeIndex(config))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -102,7 +108,7 @@ def finish_encoding(model, batches, n_batches: int):
     for batch, pixels, grids in tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch"):
         if not batch:
             continue
-        with infer.batched_vision_attention(model, infer.patches_per_image(grids)):
+        with vision_attention.batched(model, vision_attention.patches_per_image(grids)):
             features += model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True).pooler_output
         for e in batch:
             examples.append({**{k: torch.from_numpy(v) for k, v in e.items()}, "index": len(examples)})
@@ -205,7 +211,7 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     """
     from transformers.masking_utils import create_causal_mask
 
-    language_model = infer.base_model(model).model.language_model
+    language_model = base_model(model).model.language_model
     layers = list(language_model.layers)
     device, dtype = language_model.embed_tokens.weight.device, language_model.embed_tokens.weight.dtype
     hidden = torch.randn(batch_size, seq_len, language_model.config.hidden_size, device=device, dtype=dtype)

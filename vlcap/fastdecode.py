@@ -1,17 +1,19 @@
 """Greedy captioning with a static KV cache and, on the GPU, one CUDA graph per new token.
 
-transformers' `generate` is CPU-bound for captions: 64 captions of 32 tokens took 1.0 s on an H100 whose GPU was busy for
-0.30 s of them (bench/RESULTS.md, run F). Every new token runs its logits processors, stopping criteria, cache and mask
-bookkeeping and 28 decoder layers of small kernels, one launch at a time, and its M-RoPE positions wait on the GPU once per
-row. Here the prompt, pictures included, runs once through the model's own forward into a transformers `StaticCache`;
-every later token is one replay of a CUDA graph of the language model's forward, the LM head and the greedy choice.
-Everything the step reads (the last token, its M-RoPE position, the cache length, which rows have finished) lives on the
-GPU and is advanced inside the graph, so the CPU only launches replays and asks, every few tokens, whether every caption
-has ended. On the CPU the same step runs eagerly.
+    new_tokens = fastdecode.greedy_tokens(model, processor_inputs, max_new_tokens=32)   # CPU tensors in
+
+transformers' `generate` is CPU-bound for short captions: every new token runs its logits processors, stopping criteria,
+cache and mask bookkeeping and every decoder layer's small kernels one launch at a time (bench/RESULTS.md has the figures).
+Here the prompt, pictures included, runs once through the model's own forward into a transformers `StaticCache`; every
+later token is one replay of a CUDA graph of the language model's forward, the LM head and the greedy choice. Everything
+the step reads (the last token, its M-RoPE position, the cache length, which rows have finished) lives on the GPU and is
+advanced inside the graph, so the CPU only launches replays and asks, every few tokens, whether every caption has ended.
+On the CPU the same step runs eagerly.
 
 The mathematics is generate's greedy search: the same positions, the same attention (the cache's unused slots are
 masked out), the model's repetition penalty if it has one, and the same stop tokens. tests/test_fastdecode.py compares the
-captions with `model.generate` token for token. Generation settings this loop does not implement fall back to generate.
+captions with `model.generate` token for token. Generation settings this loop does not implement fall back to generate,
+and so does a transformers release whose internals differ (vlcap/compat.py checks, captioning.py asks).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, StaticCache
 
-import infer
+from vlcap.qwen import base_model
 
 CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended (each question waits for it)
 
@@ -41,7 +43,7 @@ class GreedyDecoder:
     later batches of the same shape (infer.py's batches, evaluation) reuse them: call `decode` again."""
 
     def __init__(self, model, batch: int, prompt_length: int, max_new_tokens: int, graphs: bool):
-        self.model = infer.base_model(model)  # peft: LoRA stays in
+        self.model = base_model(model)  # peft: LoRA stays in
         config, generation = self.model.config, self.model.generation_config
         device = self.model.lm_head.weight.device
         self.shape = (batch, prompt_length, max_new_tokens)

@@ -1,0 +1,80 @@
+"""The fast paths are guarded: with a transformers they were not tested with, or one lacking an internal they use,
+training and captioning still finish, through the plain path, with the plain path's results and one line saying why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from helpers import QUICK, load_captioner
+from transformers import TrainerCallback
+
+import train
+from vlcap import captioning, compat, formats, images
+
+
+class Losses(TrainerCallback):
+    def __init__(self):
+        self.values = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.values.append(logs["loss"])
+
+
+def train_losses(tiny_model, shapes_24, out, *extra) -> tuple[list[float], dict]:
+    losses = Losses()
+    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out), "--max-steps", "4",
+                "--lora-dropout", "0", "--swanlab-mode", "disabled", *QUICK, *extra], callbacks=[losses])  # fmt: skip
+    return losses.values, json.loads((out / "adapter" / formats.SETTINGS_FILE).read_text())
+
+
+@pytest.fixture
+def untested_transformers(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(compat, "_said", set())
+
+
+def test_an_untested_transformers_trains_through_the_plain_path(tiny_model, shapes_24, tmp_path, capsys):
+    plain, plain_settings = train_losses(tiny_model, shapes_24, tmp_path / "plain", "--vision-cache-gb", "0", "--no-cuda-graphs")
+    assert not plain_settings["vision_cache"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers, "__version__", "5.99.0")
+        patch.setattr(compat, "_said", set())
+        capsys.readouterr()
+        guarded, settings = train_losses(tiny_model, shapes_24, tmp_path / "guarded")  # defaults: the fast path if it can
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: fast training off")]
+    assert len(notes) == 1 and "5.99.0" in notes[0] and compat.TESTED_TRANSFORMERS[0] in notes[0], err[-2000:]
+    assert not settings["vision_cache"] and not settings["cuda_graphs_used"]
+    assert guarded == plain  # the same path, the same seed: the same losses, exactly
+
+    # With the tested release the same defaults take the fast path (so the guard is what changed the path above).
+    _, fast_settings = train_losses(tiny_model, shapes_24, tmp_path / "fast")
+    assert fast_settings["vision_cache"]
+
+
+def test_a_missing_internal_turns_the_fast_path_off(monkeypatch):
+    from transformers import masking_utils
+
+    def create_causal_mask(config, inputs_embeds, attention_mask, past_key_values=None, position_ids=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(masking_utils, "create_causal_mask", create_causal_mask)
+    assert "create_causal_mask has no cache" in compat.problem("fast training")
+    assert compat.problem("fast captioning") is None  # each accelerator is judged on what it uses
+
+
+def test_an_untested_transformers_captions_with_generate(trained, shapes_132, untested_transformers, capsys):
+    adapter, _ = trained
+    model, processor, settings = load_captioner(adapter)
+    items = formats.read_conversations(settings["test_json"])[:6]
+    pictures = [images.load(formats.image_of(it), settings["image_size"]) for it in items]
+    guarded = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=12)
+    assert "note: fast captioning off" in capsys.readouterr().err
+    assert "_greedy_decoder" not in vars(model), "the fast loop must not have run"
+    with torch.inference_mode():
+        plain = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=12, fast=False)
+    assert guarded == plain and all(guarded)

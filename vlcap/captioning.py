@@ -1,0 +1,87 @@
+"""Greedy captions for pictures, in batches: what infer.py prints and train.py scores.
+
+    from vlcap import captioning
+    captions = captioning.caption_images(model, processor, pictures, "COCO Yes:", batch_size=32, max_new_tokens=64)
+    by_path, failed = captioning.caption_paths(model, processor, paths, "COCO Yes:", image_size=280)
+
+Rows are left-padded so every row ends where its caption starts; greedy decoding then gives the same captions as one
+picture at a time. The search runs in vlcap/fastdecode.py's static-cache loop (a CUDA graph per token on the GPU) when the
+installed transformers supports it and the model's generation settings are ones it implements; otherwise in transformers'
+`generate`. Both are the same greedy search (tests/test_fastdecode.py compares them token for token).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from vlcap import compat, fastdecode, images, vision_attention
+from vlcap.qwen import prompt_text
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to caption: the prompt and picture size the adapter was trained with, and the batch and caption lengths."""
+
+    prompt: str
+    image_size: int
+    batch_size: int = 32
+    max_new_tokens: int = 64
+
+
+def caption_images(
+    model, processor, pictures: list, prompt: str, batch_size: int = 32, max_new_tokens: int = 64, fast: bool = True
+) -> list[str]:
+    """Greedy captions for PIL pictures, batch_size at a time. fast=False: transformers' generate, always."""
+    text = prompt_text(processor, prompt)
+    fast = fast and not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
+    captions = []
+    for start in range(0, len(pictures), batch_size):
+        batch = pictures[start : start + batch_size]
+        inputs = processor(text=[text] * len(batch), images=batch, padding=True, padding_side="left", return_tensors="pt")
+        patches = vision_attention.patches_per_image(inputs["image_grid_thw"])
+        with torch.inference_mode(), vision_attention.batched(model, patches):
+            if fast:
+                new_tokens = fastdecode.greedy_tokens(model, inputs, max_new_tokens)  # takes the CPU tensors
+            else:
+                inputs = inputs.to(next(model.parameters()).device)
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        captions += [c.strip() for c in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    return captions
+
+
+def caption_paths(
+    model,
+    processor,
+    paths: list[str],
+    prompt: str,
+    image_size: int,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    on_caption: Callable[[str, str], None] | None = None,
+    fast: bool = True,
+) -> tuple[dict[str, str], list[str]]:
+    """Caption picture files; unusable ones are reported on stderr and skipped. Returns ({path: caption}, failed paths).
+    on_caption(path, caption) is called as each caption is made (infer.py writes it at once)."""
+    results, failed = {}, []
+    with tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) <= batch_size) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk, pictures = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    pictures.append(images.load(path, image_size))
+                    chunk.append(path)
+                except images.Unusable as e:
+                    tqdm.write(f"warning: skipped {path}: {e}", file=sys.stderr)
+                    failed.append(path)
+            for path, caption in zip(chunk, caption_images(model, processor, pictures, prompt, batch_size, max_new_tokens, fast)):
+                results[path] = caption
+                if on_caption:
+                    on_caption(path, caption)
+            bar.update(len(paths[start : start + batch_size]))
+    return results, failed

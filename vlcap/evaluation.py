@@ -1,0 +1,74 @@
+"""Caption quality inside a training run: the evaluation split, its captions scored before and after training.
+
+    items = evaluation.load_split("data_vl_eval.json", size=100)
+    captions, scores = evaluation.evaluate(model, processor, items, captioning.Recipe("COCO Yes:", 280))
+    evaluation.write_results(output_dir, items, {"before": (captions0, scores0), "after": (captions, scores)})
+
+Scores are vlcap/caption_metrics.py's (pycocoevalcap: BLEU-1..4, ROUGE-L, CIDEr), plus the mean caption length in words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlcap import captioning, fastdecode, formats
+from vlcap.caption_metrics import mean_words, score_captions, tokenizer_used
+from vlcap.training_data import usable_conversations
+
+SCORES_FILE, CAPTIONS_FILE = "eval_scores.json", "eval_captions.jsonl"
+
+
+def load_split(eval_json: str | Path, size: int) -> list[dict]:
+    """The first `size` usable conversations of eval_json, or [] (with one line saying why) when there are none to score."""
+    if size <= 0:
+        return []
+    if not Path(eval_json).is_file():
+        print(f"no evaluation split ({eval_json} does not exist): captions will not be scored. Make one with "
+              "`python data2csv.py --split validation --n 100` and "
+              "`python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`.")  # fmt: skip
+        return []
+    return usable_conversations(formats.read_conversations(eval_json), limit=size)
+
+
+def caption_conversations(model, processor, items: list[dict], recipe: captioning.Recipe) -> dict[str, str]:
+    """{picture path: caption} for conversations' pictures, in eval mode; an unusable picture is reported and skipped."""
+    was_training = model.training
+    model.eval()
+    paths = [formats.image_of(it) for it in items]
+    captions, _ = captioning.caption_paths(
+        model, processor, paths, recipe.prompt, recipe.image_size, recipe.batch_size, recipe.max_new_tokens
+    )
+    fastdecode.release(model)  # its cache is not needed while training, and LoRA would change the captured modules
+    model.train(was_training)
+    return captions
+
+
+def evaluate(model, processor, items: list[dict], recipe: captioning.Recipe) -> tuple[dict, dict]:
+    """(captions, scores) of the model on the evaluation conversations."""
+    captions = caption_conversations(model, processor, items, recipe)
+    references = {formats.image_of(it): formats.references_of(it) for it in items}
+    scores = score_captions(captions, {p: references[p] for p in captions})
+    scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_used())
+    return captions, scores
+
+
+def summary(when: str, scores: dict) -> str:
+    numbers = "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float))
+    return f"caption quality {when} training ({scores['images']} pictures, {scores['tokenizer']} tokenizer): {numbers}"
+
+
+def metrics(when: str, scores: dict) -> dict:
+    """The scores as SwanLab keys: eval/<when>/<metric>."""
+    return {f"eval/{when}/{k}": v for k, v in scores.items() if isinstance(v, float)}
+
+
+def write_results(output_dir: Path, items: list[dict], results: dict) -> None:
+    """OUTPUT_DIR/eval_scores.json (the scores before and after) and eval_captions.jsonl (every caption, both times)."""
+    formats.write_json(output_dir / SCORES_FILE, {when: scores for when, (_, scores) in results.items()})
+    with formats.atomic_file(output_dir / CAPTIONS_FILE) as f:
+        for item in items:
+            path = formats.image_of(item)
+            record = {"image": path, **{when: captions.get(path) for when, (captions, _) in results.items()},
+                      "references": formats.references_of(item)}  # fmt: skip
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
