@@ -11,7 +11,7 @@ import math
 import pytest
 from PIL import Image
 
-import cli
+from vlcap import cli
 from make_offline_model import FAMILIES, SPECIAL_TOKENS, build_config, build_tokenizer, make_offline_model, resolve
 
 # A picture of a size that stays native through each family's processor: 4x4 patches, 2x2 language-model tokens.
