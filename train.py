@@ -285,7 +285,7 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         logging_nan_inf_filter=False,  # its per-step NaN check makes every step wait for the GPU
         use_cpu=device == "cpu",
         # Batches are copied from pinned memory without making the CPU wait for the GPU.
-        accelerator_config={"non_blocking": True},
+        accelerator_config={"non_blocking": device.startswith("cuda")},
         dataloader_pin_memory=device.startswith("cuda"),
         dataloader_num_workers=0 if isinstance(train_dataset, list) else args.workers,
         dataloader_persistent_workers=not isinstance(train_dataset, list) and args.workers > 0,
