@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cli  # noqa: E402
 
-SIZE = "tiny"  # tiny (tests, CPU smoke run) or 2b (the real architecture, random weights, for GPU benchmarks)
-OUT = "models/tiny-qwen2-vl"  # folder to write the model into
-SEED = 0  # seed for the tokenizer corpus and the random weights
-VOCAB_SIZE = 1024  # BPE vocabulary learnt from the corpus (the 2b config still has 151,936 embedding rows)
+SIZE: str = "tiny"  # tiny (tests, CPU smoke run) or 2b (the real architecture, random weights, for GPU benchmarks)
+OUT: str = "models/tiny-qwen2-vl"  # folder to write the model into
+SEED: int = 0  # seed for the tokenizer corpus and the random weights
+VOCAB_SIZE: int = 1024  # BPE vocabulary learnt from the corpus (the 2b config still has 151,936 embedding rows)
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
