@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from vlcap import cli, formats, images
 
-CSV = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
-JSON = "data_vl.json"  # the conversation file to write
-WORKERS = min(8, os.cpu_count() or 1)  # images checked in parallel
+CSV: str = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
+JSON: str = "data_vl.json"  # the conversation file to write
+WORKERS: int = min(8, os.cpu_count() or 1)  # images checked in parallel
 
-PROMPT = formats.DEFAULT_PROMPT  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
+PROMPT: str = formats.DEFAULT_PROMPT  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
 REQUIRED_COLUMNS = ("image_path", "caption")
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark spreadsheet programs write
 

@@ -20,18 +20,18 @@ from pathlib import Path
 from vlcap import cli, formats, images
 
 ADAPTER: str | None = None  # adapter folder train.py saved (default: the newest under output/)
-NO_ADAPTER = False  # caption with the base model alone, e.g. to compare against the fine-tuned one
+NO_ADAPTER: bool = False  # caption with the base model alone, e.g. to compare against the fine-tuned one
 MODEL_DIR: str | None = None  # base model folder or ModelScope id (default: the one the adapter was trained from)
 JSON: str | None = None  # data_vl-style JSON whose pictures to caption (default: the adapter's held-out split)
-OUTPUT = "captions.jsonl"  # captions written here, one JSON object per image
-BATCH_SIZE = 32  # images per generate call
-MAX_NEW_TOKENS = 64  # longest caption, in tokens
+OUTPUT: str = "captions.jsonl"  # captions written here, one JSON object per image
+BATCH_SIZE: int = 32  # images per generate call
+MAX_NEW_TOKENS: int = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
 IMAGE_SIZE: int | None = None  # side images are resized to, multiple of 28, 0 = native (default: the adapter's; 280)
-DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu
+DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
-SCORE = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
-FAST_DECODE = True  # greedy search by vlcap/fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
+SCORE: bool = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
+FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
 
 
 def main(argv: list[str] | None = None) -> int:

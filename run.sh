@@ -1,15 +1,46 @@
 #!/usr/bin/env bash
-# The whole pipeline, in order. Extra arguments go to train.py.
-#
-#   bash run.sh                      # COCO 2014 from ModelScope -> CSV -> JSON -> LoRA fine-tune on the GPU -> captions
-#   bash run.sh --smoke              # the same steps offline on a CPU: tiny model, generated pictures, under a minute
-#   bash run.sh --epochs 1           # any train.py flag
+# The whole pipeline, in order; `bash run.sh --help` says how to run it.
+if [ -z "${BASH_VERSION:-}" ]; then  # started by sh (dash) or another shell: the rest needs bash
+    if command -v bash >/dev/null 2>&1; then exec bash "$0" "$@"; fi
+    echo "run.sh needs bash, which is not installed; install it and run: bash run.sh $*" >&2
+    exit 2
+fi
 set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: bash run.sh [--smoke] [TRAIN.PY FLAGS...]
+
+The whole pipeline, in order: data2csv.py -> csv2json.py -> train.py -> infer.py.
+
+  bash run.sh                   600 COCO 2014 pictures and Qwen2-VL-2B-Instruct (about 4.5 GB) from ModelScope -> CSV
+                                -> JSON -> LoRA fine-tune on the GPU -> captions of the held-out pictures
+  bash run.sh --smoke           the same steps offline on a CPU: tiny model, generated pictures, about a minute;
+                                files go to $SMOKE_DIR (default: smoke/)
+  bash run.sh --epochs 1        any other argument goes to train.py (python train.py --help lists them); they are
+                                checked before anything is downloaded
+  bash run.sh --help            this text
+
+Python: $PYTHON, else .venv/bin/python, else python.
+EOF
+}
+
 cd "$(dirname "$0")"
+smoke=0
+for arg; do  # run.sh's own flags, anywhere; every other argument stays in "$@" for train.py
+    shift
+    case $arg in
+        --smoke) smoke=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) set -- "$@" "$arg" ;;
+    esac
+done
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 
-if [ "${1:-}" = "--smoke" ]; then
-    shift
+# train.py's own parser checks its arguments now (its settings too), not after the downloads; nothing heavy is loaded.
+$PY -c 'import sys; from vlcap import cli; cli.run(lambda: cli.check_arguments("train.py", sys.argv[1:], "run.sh", ["--smoke"]))' "$@"
+
+if [ $smoke = 1 ]; then
     S=${SMOKE_DIR:-smoke}  # where the smoke run writes everything
     export SWANLAB_MODE=${SWANLAB_MODE:-offline}
     $PY tools/make_offline_model.py --size tiny --out $S/model

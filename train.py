@@ -23,42 +23,42 @@ from pathlib import Path
 
 from vlcap import cli, formats, images, timing, tracking
 
-MODEL_DIR = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
-DATA_JSON = "data_vl.json"  # conversations written by csv2json.py
-OUTPUT_DIR = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
-TEST_SIZE = 4  # last conversations held out (data_vl_test.json) and captioned after training
-PROMPT = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
-IMAGE_SIZE = images.DEFAULT_SIZE  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
-MAX_LENGTH = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
-LORA_R = 64  # LoRA rank
-LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
-LORA_DROPOUT = 0.05  # dropout on the LoRA input
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model projections given LoRA
-EPOCHS = 2  # passes over the training conversations
-MAX_STEPS = -1  # stop after this many optimizer steps (-1: run all EPOCHS)
-BATCH_SIZE = 16  # conversations per device per forward pass
-GRAD_ACCUM = 1  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x processes)
-LEARNING_RATE = 1e-4  # peak learning rate (linear decay to 0)
-GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, slower
-LOW_MEMORY = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
-VISION_CACHE_GB = 8.0  # run the frozen vision tower once per picture and keep its output if it fits (0: every step)
-CUDA_GRAPHS = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
-LOGGING_STEPS = 10  # log the loss every this many optimizer steps
-SAVE_STEPS = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
-SEED = 42  # seed for LoRA initialisation, dropout and data order
-DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
-WORKERS = 8  # DataLoader processes decoding and tokenising pictures
-RESUME = False  # continue from the last checkpoint in OUTPUT_DIR
-OVERWRITE = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
-SAMPLE_MAX_NEW_TOKENS = 64  # longest caption generated for the held-out and evaluation pictures
-EVAL_JSON = "data_vl_eval.json"  # evaluation split with reference captions (csv2json.py of data2csv.py --split validation)
-EVAL_SIZE = 100  # first pictures of EVAL_JSON captioned and scored (BLEU-1..4, ROUGE-L, CIDEr); 0 = no evaluation
-EVAL_BEFORE = True  # also score the base model before training, so every run shows its gain
-EVAL_BATCH_SIZE = 32  # pictures per captioning batch when captioning for evaluation
-SWANLAB_PROJECT = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
-SWANLAB_EXPERIMENT = "qwen2-vl-coco2014"  # SwanLab experiment name
+MODEL_DIR: str = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
+DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
+OUTPUT_DIR: str = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
+TEST_SIZE: int = 4  # last conversations held out (data_vl_test.json) and captioned after training
+PROMPT: str = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
+IMAGE_SIZE: int = images.DEFAULT_SIZE  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
+MAX_LENGTH: int = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
+LORA_R: int = 64  # LoRA rank
+LORA_ALPHA: int = 16  # LoRA scaling numerator (scale = alpha / r)
+LORA_DROPOUT: float = 0.05  # dropout on the LoRA input
+LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model projections given LoRA
+EPOCHS: int = 2  # passes over the training conversations
+MAX_STEPS: int = -1  # stop after this many optimizer steps (-1: run all EPOCHS)
+BATCH_SIZE: int = 16  # conversations per device per forward pass
+GRAD_ACCUM: int = 1  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x processes)
+LEARNING_RATE: float = 1e-4  # peak learning rate (linear decay to 0)
+GRADIENT_CHECKPOINTING: bool = False  # recompute activations in the backward pass: less memory, slower
+LOW_MEMORY: bool = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
+VISION_CACHE_GB: float = 8.0  # run the frozen vision tower once per picture and keep its output if it fits (0: every step)
+CUDA_GRAPHS: bool = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
+LOGGING_STEPS: int = 10  # log the loss every this many optimizer steps
+SAVE_STEPS: int = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
+SEED: int = 42  # seed for LoRA initialisation, dropout and data order
+DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
+WORKERS: int = min(8, os.cpu_count() or 1)  # DataLoader processes decoding and tokenising pictures
+RESUME: bool = False  # continue from the last checkpoint in OUTPUT_DIR
+OVERWRITE: bool = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
+SAMPLE_MAX_NEW_TOKENS: int = 64  # longest caption generated for the held-out and evaluation pictures
+EVAL_JSON: str = "data_vl_eval.json"  # evaluation split with reference captions (csv2json.py of data2csv.py --split validation)
+EVAL_SIZE: int = 100  # first pictures of EVAL_JSON captioned and scored (BLEU-1..4, ROUGE-L, CIDEr); 0 = no evaluation
+EVAL_BEFORE: bool = True  # also score the base model before training, so every run shows its gain
+EVAL_BATCH_SIZE: int = 32  # pictures per captioning batch when captioning for evaluation
+SWANLAB_PROJECT: str = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
+SWANLAB_EXPERIMENT: str = "qwen2-vl-coco2014"  # SwanLab experiment name
 SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)
-SWANLAB_REQUIRE_CLOUD = False  # stop when the cloud rejects the key or cannot be reached, instead of logging offline
+SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or cannot be reached, instead of logging offline
 
 
 

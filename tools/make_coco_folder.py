@@ -24,12 +24,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as `python tools/...`, the repository root is not on the path
 from vlcap import cli  # noqa: E402
 
-OUT = ""  # folder to create (required)
-N = 500  # number of pictures
-SPLIT = "train2014"  # split name: train2014 or val2014 (names the picture folder and the annotations file)
-WIDTH = 56  # picture width in pixels
-HEIGHT = 56  # picture height in pixels
-SEED = 0  # random seed: the same seed gives the same folder
+OUT: str = ""  # folder to create (required)
+N: int = 500  # number of pictures
+SPLIT: str = "train2014"  # split name: train2014 or val2014 (names the picture folder and the annotations file)
+WIDTH: int = 56  # picture width in pixels
+HEIGHT: int = 56  # picture height in pixels
+SEED: int = 0  # random seed: the same seed gives the same folder
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")

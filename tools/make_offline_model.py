@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlcap import cli  # noqa: E402
 
-ARCH = "qwen2_vl"  # model family: qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL) or qwen3_vl (Qwen3-VL)
-SIZE = "tiny"  # tiny (tests, CPU smoke run) or full (the small published checkpoint's shape, random weights; 2b = full)
-OUT = "models/tiny-qwen2-vl"  # folder to write the model into
-SEED = 0  # seed for the tokenizer corpus and the random weights
-VOCAB_SIZE = 1024  # BPE vocabulary learnt from the corpus (full configs still have 151,936 embedding rows)
+ARCH: str = "qwen2_vl"  # model family: qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL) or qwen3_vl (Qwen3-VL)
+SIZE: str = "tiny"  # tiny (tests, CPU smoke run) or full (the small published checkpoint's shape, random weights; 2b = full)
+OUT: str = "models/tiny-qwen2-vl"  # folder to write the model into
+SEED: int = 0  # seed for the tokenizer corpus and the random weights
+VOCAB_SIZE: int = 1024  # BPE vocabulary learnt from the corpus (full configs still have 151,936 embedding rows)
 
 SIZE_ALIASES = {"2b": "full"}  # `--size 2b` predates the other families; it still means Qwen2-VL-2B's shape
 

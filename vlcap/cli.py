@@ -1,25 +1,54 @@
 """The command-line layer the four scripts share.
 
-Every script keeps its settings as UPPER_CASE constants in one block at the top, each with a trailing comment (the comment
-is what makes a constant a setting; internal constants have none). `parse_settings` turns that block into argparse flags (`LEARNING_RATE = 1e-4  # peak learning rate` becomes `--learning-rate 1e-4`, help text
-included), so there is exactly one override mechanism and the comments are the documentation. `run` gives every script the
-same behaviour on mistakes a user can make: one line on stderr saying what is wrong and what to do, never a traceback.
+Every script keeps its settings as UPPER_CASE constants in one block at the top, each with a type and a trailing comment
+(the comment is what makes a constant a setting; internal constants have none):
+
+    LEARNING_RATE: float = 1e-4  # peak learning rate
+    MODEL_DIR: str | None = None  # model folder (default: download)
+    LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"  # projections given LoRA
+
+`parse_settings` turns that block into argparse flags (`--learning-rate 1e-4`, help text included), so there is exactly one
+override mechanism and the comments are the documentation. The type is checked against the value first, so an edit such
+as `LEARNING_RATE = "1e-4"` or a stray trailing comma is taken as meant or refused in one line before anything loads.
+A constant without a type still works (its value's type is the flag's). `require_at_least`, `require_positive` and
+`require_range` check values up front. `run` gives every script the same behaviour on mistakes a user can make: one line on
+stderr saying what is wrong and what to do, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib.util
 import io
+import shlex
 import sys
 import tokenize
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+# The type of a setting holding several names in one string, e.g. "q_proj,v_proj": a flag takes it that way, and a
+# constant written as a list of names (the tutorial's `LORA_TARGETS = ["q_proj", "v_proj"]`) is joined with commas.
+CommaSeparated = typing.Annotated[str, "names separated by commas"]
+
+INTERRUPTED = "interrupted; rerun the same command to continue where it stopped"
+
+_EXPECTED = {bool: "True or False", int: "a whole number", float: "a number", str: "text in quotes"}
+_EXAMPLE = {bool: "True", int: "2", float: "0.5", str: '"text"'}
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad value, missing data). Printed as one line, without a traceback."""
+
+
+class Setting(typing.NamedTuple):
+    name: str  # LEARNING_RATE
+    default: object  # the constant's value, checked against `kind`
+    kind: type  # bool, int, float or str: what a flag's text is converted to
+    help: str  # the constant's trailing comment
 
 
 def _setting_comments(source: str) -> dict[str, str]:
@@ -37,28 +66,134 @@ def _setting_comments(source: str) -> dict[str, str]:
     return comments
 
 
-def _value_type(default, annotation):
-    """The type a flag's string is converted to: from the annotation when there is one, else from the default."""
-    if annotation is not None:
-        if isinstance(annotation, str):
-            annotation = eval(annotation, {"typing": typing})  # module-level annotations under `from __future__`
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-            annotation = args[0]
-        return annotation
-    return type(default) if default is not None else str
+def _declared_type(annotation, namespace: dict, where: str) -> tuple[type, bool, bool]:
+    """(bool/int/float/str, None allowed, comma-separated) from a setting's annotation."""
+    if isinstance(annotation, str):  # module-level annotations under `from __future__ import annotations`
+        try:
+            annotation = eval(annotation, namespace)  # the script's own names: cli.CommaSeparated
+        except Exception as e:
+            raise UserError(f"{where}'s type {annotation!r} cannot be read ({error_text(e)}).") from None
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = typing.get_args(annotation)
+        optional = type(None) in args
+        args = [a for a in args if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    comma = annotation == CommaSeparated
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation not in _EXPECTED:
+        raise UserError(f"{where}'s type must be bool, int, float, str or cli.CommaSeparated (or one of them | None).")
+    return annotation, optional, comma
 
 
-def _settings_with_help(namespace: dict) -> dict[str, tuple[object, str]]:
-    """{NAME: (default, help text)} for a script's settings, in the order they were written (see settings_of)."""
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:76] + " ..."
+
+
+def _coerce(value, kind: type, optional: bool, comma: bool):
+    """`value` as a `kind`, where the intent is plain ("1e-4" for a float, "false" for a bool); raises ValueError if not."""
+    if value is None and optional:
+        return None
+    if comma and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return ",".join(v.strip() for v in value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                number = float(value)  # "2.0" is 2; "2.5" and "two" raise
+                if number.is_integer():
+                    return int(number)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ValueError(value)
+
+
+def _checked(script: str, name: str, value, kind: type, optional: bool, comma: bool):
+    """The constant's value as its declared type, or a UserError naming the constant, the value and what is expected."""
+    try:
+        return _coerce(value, kind, optional, comma)
+    except ValueError:
+        pass
+    expected = "names separated by commas in quotes" if comma else _EXPECTED[kind]
+    what = "None" if value is None else "text" if isinstance(value, str) else _a(type(value).__name__)
+    example = _EXAMPLE[kind]
+    if isinstance(value, tuple) and len(value) == 1:
+        what = "a tuple (a stray trailing comma?)"
+        try:
+            element = _coerce(value[0], kind, optional, comma)
+            example = repr(element)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and kind is str:
+        example = f'"{value}"'
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and kind is str:
+        example = '"' + ",".join(value) + '"' if comma else example
+    raise UserError(f"{script}: {name} = {_shown(value)} is {what}; write {expected}, e.g. {name} = {example}")
+
+
+def _untyped(script: str, name: str, value) -> type | None:
+    """The type of a setting written without one, from its value; None for a value that is not a setting (a dict)."""
+    if isinstance(value, (bool, int, float, str)):
+        return type(value)
+    if value is None:
+        return str
+    if isinstance(value, (list, tuple)):  # the tutorial's list of names, or a stray trailing comma: a flag must not vanish
+        if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], (bool, int, float, str)):
+            raise UserError(f"{script}: {name} = {_shown(value)} is a tuple (a stray trailing comma?); "
+                            f"write {name} = {value[0]!r}")  # fmt: skip
+        example = '"' + ",".join(value) + '"' if all(isinstance(v, str) for v in value) else '"a,b"'
+        raise UserError(f"{script}: {name} = {_shown(value)} is {_a(type(value).__name__)}; a setting holds one value: "
+                        f"write names separated by commas, e.g. {name} = {example}")  # fmt: skip
+    return None
+
+
+def settings(namespace: dict) -> list[Setting]:
+    """A script's settings in the order they were written, each value checked against its type (see the module doc).
+
+    Values given in an obvious other form ("1e-4" for a float, a list of names for cli.CommaSeparated) are converted, in
+    `namespace` too; anything else is a UserError naming the constant, its value and what to write instead.
+    """
     source_file = namespace.get("__file__")
     comments = _setting_comments(Path(source_file).read_text()) if source_file else {}
-    simple = (bool, int, float, str, type(None))
-    return {
-        k: (namespace[k], help_text)
-        for k, help_text in comments.items()
-        if not k.startswith("_") and isinstance(namespace.get(k, ...), simple)
-    }
+    script = Path(source_file).name if source_file else "the script"
+    annotations = namespace.get("__annotations__", {})
+    found = []
+    for name, help_text in comments.items():
+        if name.startswith("_") or name not in namespace:
+            continue
+        value = namespace[name]
+        if name in annotations:
+            kind, optional, comma = _declared_type(annotations[name], namespace, f"{script}: {name}")
+            namespace[name] = value = _checked(script, name, value, kind, optional, comma)
+        else:
+            kind = _untyped(script, name, value)
+            if kind is None:
+                continue
+        found.append(Setting(name, value, kind, help_text))
+    return found
 
 
 def settings_of(namespace: dict) -> dict[str, object]:
@@ -66,7 +201,12 @@ def settings_of(namespace: dict) -> dict[str, object]:
 
     The comment is what makes a constant a setting (it is the flag's help); constants without one stay internal.
     """
-    return {k: default for k, (default, _) in _settings_with_help(namespace).items()}
+    return {s.name: s.default for s in settings(namespace)}
+
+
+def flag_of(name: str) -> str:
+    """A setting's flag: LEARNING_RATE or learning_rate -> --learning-rate."""
+    return "--" + name.lower().replace("_", "-")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -76,39 +216,137 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line, not the whole usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _with_hyphens(argv: list[str], flags: list[str]) -> list[str]:
+    """--learning_rate (as Hugging Face scripts spell flags) -> --learning-rate, where that is a flag."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "_" in name and "--" + name[2:].replace("_", "-") in flags:
+            out[i] = "--" + name[2:].replace("_", "-") + eq + value
+    return out
+
+
+def _unknown(extras: list[str], flags: list[str]) -> str:
+    """One line for the first argument no flag took, with the closest flag when one is close."""
+    arg = next((a for a in extras if a.startswith("-")), extras[0])
+    word = arg.partition("=")[0] if arg.startswith("-") else arg
+    typed = word.lstrip("-").replace("_", "-").lower()
+    names = {f.lstrip("-"): f for f in flags}  # compared without the dashes every flag shares
+    close = [f for n, f in names.items() if n.startswith(typed)] or [
+        names[n] for n in difflib.get_close_matches(typed, names, n=1, cutoff=0.7)
+    ]
+    what = f"unknown flag {word}" if arg.startswith("-") else f"unexpected argument {arg!r}"
+    if len(close) == 1:
+        return f"{what}; did you mean {close[0]}?"
+    if close:
+        return f"{what}; did you mean one of {', '.join(close[:4])}?"
+    return f"{what}; --help lists the flags"
+
+
 def parse_settings(
     namespace: dict,
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    prog: str | None = None,
+    suggest: Iterable[str] = (),
 ) -> argparse.Namespace:
-    """Parse `argv` into the script's settings: each setting (see settings_of) is a `--lower-case` flag.
+    """Parse `argv` into the script's settings: each setting (see `settings`) is a `--lower-case` flag.
 
-    Returns a namespace with lower_case attributes holding the defaults, overridden by the command line.
+    Returns a namespace with lower_case attributes holding the defaults, overridden by the command line. Flags may be
+    spelt with underscores (--learning_rate) but not abbreviated; an unknown flag is one line naming the closest one
+    (among the settings and `suggest`, flags the caller handles itself), exit status 2.
     """
     doc = (namespace.get("__doc__") or "").strip()
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None, formatter_class=_HelpFormatter)
-    annotations = namespace.get("__annotations__", {})
-    for name, (default, help_text) in _settings_with_help(namespace).items():
-        flag = "--" + name.lower().replace("_", "-")
-        if isinstance(default, bool) and name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
+    parser = _Parser(
+        prog=prog, description=doc.split("\n\n")[0] if doc else None, formatter_class=_HelpFormatter, allow_abbrev=False
+    )
+    for s in settings(namespace):
+        flag = flag_of(s.name)
+        if s.kind is bool and s.name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
+            parser.add_argument(flag, action="store_true", default=s.default, help=s.help)
+        elif s.kind is bool:
+            parser.add_argument(flag, default=s.default, action=argparse.BooleanOptionalAction, help=s.help)
         else:
-            parser.add_argument(
-                flag, default=default, type=_value_type(default, annotations.get(name)), metavar=name, help=help_text
-            )
+            parser.add_argument(flag, default=s.default, type=s.kind, metavar=s.name, help=s.help)
     if add_arguments:
         add_arguments(parser)
-    return parser.parse_args(argv)
+    flags = _flags(parser)
+    argv = _with_hyphens(sys.argv[1:] if argv is None else argv, flags)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unknown(extras, flags + list(suggest)))
+    return args
 
 
-def require_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+def check_arguments(script: str | Path, argv: list[str], prog: str | None = None, suggest: Iterable[str] = ()) -> None:
+    """Parse `argv` as `script` would, without running it: a one-line error and exit status 2 for a mistake, else nothing.
+
+    For a script whose arguments are all settings. It imports the script (not as __main__, so its main() does not run):
+    its imports at the top must stay cheap. run.sh checks train.py's arguments this way before any download.
+    """
+    path = Path(script)
+    spec = importlib.util.spec_from_file_location(f"_checked_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parse_settings(vars(module), list(argv), prog=prog or path.name, suggest=suggest)
+
+
+def _bounds_text(above, at_least, below, at_most) -> str:
+    parts = [f"{word} {bound:g}" for word, bound in
+             [("greater than", above), ("at least", at_least), ("below", below), ("at most", at_most)] if bound is not None]  # fmt: skip
+    return " and ".join(parts)
+
+
+def require_range(
+    args: argparse.Namespace,
+    names: Iterable[str],
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+) -> None:
+    """One line for the first of `names` outside the bounds (None, an optional setting left unset, passes).
+
+    require_range(args, ["lora_dropout"], at_least=0, below=1) -> "--lora-dropout must be at least 0 and below 1, not 1.5."
+    NaN is outside every bound.
+    """
+    for name in names:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        inside = (
+            (above is None or value > above)
+            and (at_least is None or value >= at_least)
+            and (below is None or value < below)
+            and (at_most is None or value <= at_most)
+        )
+        if not inside:
+            raise UserError(f"{flag_of(name)} must be {_bounds_text(above, at_least, below, at_most)}, not {value}.")
+
+
+def require_positive(args: argparse.Namespace, names: Iterable[str]) -> None:
+    """One line for the first of `names` not above 0: ["learning_rate"] -> "--learning-rate must be greater than 0, not -1.0"."""
+    require_range(args, names, above=0)
+
+
+def require_at_least(args: argparse.Namespace, minimums: dict[str, float]) -> None:
     """One line for the first setting below its minimum, e.g. {"batch_size": 1} -> "--batch-size must be at least 1"."""
     for name, low in minimums.items():
-        value = getattr(args, name)
-        if value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}.")
+        require_range(args, [name], at_least=low)
 
 
 def error_text(error: BaseException, limit: int = 200) -> str:
@@ -116,14 +354,28 @@ def error_text(error: BaseException, limit: int = 200) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
-def run(main: Callable[[], object]) -> None:
-    """Run a script's main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130."""
+def rerun_command(*extra: str) -> str:
+    """The command that started this process, as a shell line, with `extra` flags added where missing.
+
+    For a Ctrl-C message: rerun_command("--resume") -> "python train.py --epochs 1 --resume".
+    """
+    argv = list(getattr(sys, "orig_argv", None) or [Path(sys.executable).name, *sys.argv])
+    return shlex.join(argv + [e for e in extra if e not in argv])
+
+
+def run(main: Callable[[], object], interrupted: str | Callable[[], str] = INTERRUPTED) -> None:
+    """Run a script's main(); a UserError becomes one line on stderr and exit status 2, Ctrl-C exit status 130.
+
+    `interrupted` is what Ctrl-C prints: the default suits a script that picks up where it stopped when rerun as it was;
+    a script that needs something else passes its own line, or a function making it, e.g. for train.py
+    `lambda: "interrupted; continue from the last checkpoint with: " + cli.rerun_command("--resume")`.
+    """
     try:
         status = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
