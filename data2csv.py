@@ -36,13 +36,13 @@ from tqdm import tqdm
 import cli
 import infer
 
-SOURCE = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
-N = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
-SPLIT = "train"  # train (= train2014) or validation (= val2014)
-IMAGE_DIR = "coco_2014_caption"  # folder the images are written to, as <image_id>.jpg
-CSV = "coco-2014-dataset.csv"  # the CSV written at the end
-WORKERS = min(8, os.cpu_count() or 1)  # images written in parallel
-MODELSCOPE_TIMEOUT = 120  # seconds to wait for ModelScope's first image before giving up
+SOURCE: str = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
+N: int = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
+SPLIT: str = "train"  # train (= train2014) or validation (= val2014)
+IMAGE_DIR: str = "coco_2014_caption"  # folder the images are written to, as <image_id>.jpg
+CSV: str = "coco-2014-dataset.csv"  # the CSV written at the end
+WORKERS: int = min(8, os.cpu_count() or 1)  # images written in parallel
+MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first image before giving up
 
 _MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
 _JPEG_QUALITY = 95
