@@ -7,8 +7,11 @@
 By default the images stream from ModelScope (`modelscope/coco_2014_caption`); `--source PATH` reads a local COCO folder
 instead (`PATH/train2014/*.jpg` + `PATH/annotations/captions_train2014.json`, or val2014). Writes `IMAGE_DIR/<image_id>.jpg`
 and the CSV (`image_id`, `image_path`, `caption` = the first reference caption, `captions` = all of them as a JSON list),
-rows ordered by image id. Safe to interrupt and to rerun: every image is written under a temporary name and renamed, a rerun
-writes only what is missing, and the CSV is written once, atomically, after the images. Next step: `python csv2json.py`.
+rows ordered by image id. Each split has its own default files (train: `coco_2014_caption/` + `coco-2014-dataset.csv`,
+validation: `coco_2014_caption_val/` + `coco-2014-val.csv`), and an image folder or CSV that holds another split's images
+is refused (the folder records its split in `.data2csv-split`). Safe to interrupt and to rerun: every image is written
+under a temporary name and renamed, a rerun writes only what is missing, and the CSV is written once, atomically, after
+the images. Next step: `python csv2json.py`.
 """
 
 from __future__ import annotations
@@ -39,14 +42,24 @@ import infer
 SOURCE: str = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
 N: int = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
 SPLIT: str = "train"  # train (= train2014) or validation (= val2014)
-IMAGE_DIR: str = "coco_2014_caption"  # folder the images are written to, as <image_id>.jpg
-CSV: str = "coco-2014-dataset.csv"  # the CSV written at the end
+IMAGE_DIR: str = ""  # folder the images are written to, as <image_id>.jpg (default: coco_2014_caption; validation: coco_2014_caption_val)
+CSV: str = ""  # the CSV written at the end (default: coco-2014-dataset.csv; validation: coco-2014-val.csv)
 WORKERS: int = min(8, os.cpu_count() or 1)  # images written in parallel
 MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first image before giving up
 
 _MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
 _JPEG_QUALITY = 95
 _PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.part`, then renamed
+
+# Where each split goes without --image-dir / --csv (the tutorial's names for train), so that one split never overwrites
+# another's files: (image folder, CSV), keyed by the local folder's split name.
+_DEFAULT_OUTPUTS = {
+    "train2014": ("coco_2014_caption", "coco-2014-dataset.csv"),
+    "val2014": ("coco_2014_caption_val", "coco-2014-val.csv"),
+}
+# In the image folder: the COCO split its images belong to (train2014 or val2014), written before the first image. The
+# CSV keeps the tutorial's columns; its split is that of the folder its image_path column points into.
+_SPLIT_RECORD = ".data2csv-split"
 
 # Each accepted --split value -> (ModelScope's split name, the local COCO folder's split name).
 SPLITS = {
@@ -296,6 +309,64 @@ def write_images(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# ------------------------------------------------------------------------------------------------------------------ split
+
+
+def recorded_split(image_dir: Path) -> str | None:
+    """The COCO split an image folder holds, as the run that wrote it recorded; None for a new or unrecorded folder."""
+    try:
+        return (image_dir / _SPLIT_RECORD).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{image_dir / _SPLIT_RECORD} cannot be read ({cli.error_text(e)}); pass another --image-dir.")
+
+
+def csv_image_folder(csv_path: Path) -> Path | None:
+    """The folder of the first image an existing CSV lists; None when there is no such CSV or it lists no image."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            row = next(csv.DictReader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None  # not a CSV this script wrote: nothing to protect
+    image_path = (row or {}).get("image_path")
+    return Path(image_path).parent if image_path else None
+
+
+def check_split(split: str, image_dir: Path, csv_path: Path) -> None:
+    """Refuse, in one line, to write `split` into an image folder or a CSV that holds another split's images: reruns
+    of one split finish each other's work, but a validation run must never replace or mix into the training files."""
+    held = recorded_split(image_dir)
+    if held not in (None, split):
+        raise cli.UserError(
+            f"{image_dir} already holds COCO {held} images and this run writes {split} ones; pass another --image-dir "
+            f"(this split's default is {_DEFAULT_OUTPUTS[split][0]})."
+        )
+    listed = csv_image_folder(csv_path)
+    held = recorded_split(listed) if listed is not None else None
+    if held not in (None, split):
+        raise cli.UserError(
+            f"{csv_path} lists COCO {held} images (in {listed}) and this run writes {split} ones; pass another --csv "
+            f"(this split's default is {_DEFAULT_OUTPUTS[split][1]})."
+        )
+
+
+def record_split(split: str, image_dir: Path) -> None:
+    """Write the image folder's split record (under the folder lock, before the first image)."""
+    if recorded_split(image_dir) == split:
+        return
+    if any(image_dir.glob("*.jpg")):
+        print(
+            f"note: {image_dir} holds images with no record of their split (an older data2csv.py wrote them); "
+            f"recording them as {split}",
+            file=sys.stderr,
+        )
+    record = image_dir / _SPLIT_RECORD
+    part = record.with_name(f"{record.name}{_PART_SUFFIX}")
+    part.write_text(split + "\n", encoding="utf-8")
+    os.replace(part, record)
+
+
 # -------------------------------------------------------------------------------------------------------------------- csv
 
 
@@ -325,12 +396,14 @@ def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
     cli.require_at_least(settings, {"n": 1, "workers": 1})
     modelscope_split, local_split = split_names(settings.split)
-    image_dir = Path(settings.image_dir).resolve()
-    csv_path = Path(settings.csv).resolve()
+    default_image_dir, default_csv = _DEFAULT_OUTPUTS[local_split]
+    image_dir = Path(settings.image_dir or default_image_dir).resolve()
+    csv_path = Path(settings.csv or default_csv).resolve()
     if image_dir.exists() and not image_dir.is_dir():
         raise cli.UserError(f"--image-dir {image_dir} is a file; name a folder for the images.")
     if csv_path.is_dir():
         raise cli.UserError(f"--csv {csv_path} is a folder; name the CSV file to write.")
+    check_split(local_split, image_dir, csv_path)
 
     # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
     if settings.source == "modelscope":
@@ -345,6 +418,8 @@ def main(argv=None) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with folder_to_itself(image_dir):
+        check_split(local_split, image_dir, csv_path)  # again: another run may have finished since the first check
+        record_split(local_split, image_dir)
         write_all(settings, sources, source_name, image_dir, csv_path)
 
 

@@ -80,7 +80,7 @@ def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
         assert __import__("re").fullmatch(CANONICAL, row["caption"])
         # A source that is already an RGB JPEG is copied byte for byte.
         assert Path(row["image_path"]).read_bytes() == (coco / "train2014" / files[image_id]).read_bytes()
-    assert sorted(p.name for p in images.iterdir()) == sorted(f"{i}.jpg" for i in wanted)
+    assert sorted(p.name for p in images.iterdir()) == sorted([f"{i}.jpg" for i in wanted] + [data2csv._SPLIT_RECORD])
     assert f"done: 10 images in {images.resolve()} (10 new, 0 already there), 0 skipped" in capsys.readouterr().out
 
 
@@ -91,7 +91,8 @@ def test_command_line_defaults_and_rerun_writes_nothing_new(coco, tmp_path):
     assert "img/s" in first.stderr  # the progress bar
     csv_path, image_dir = tmp_path / "coco-2014-dataset.csv", tmp_path / "coco_2014_caption"
     before = snapshot(csv_path, image_dir)
-    assert len(before[1]) == 6
+    assert sorted(before[1]) == [data2csv._SPLIT_RECORD, *sorted(f"{i}.jpg" for i in first_ids(coco, 6))]
+    assert (image_dir / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
 
     second = run_script(["--source", str(coco), "--n", "6"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -114,6 +115,64 @@ def test_split_names(tmp_path, split, folder_split):
             ["--source", str(source), "--split", other, "--image-dir", str(tmp_path / "x"), "--csv", str(tmp_path / "x.csv")]
         )
     assert not (tmp_path / "x").exists(), "a wrong source must leave nothing behind"
+
+
+@pytest.fixture()
+def two_splits(tmp_path, monkeypatch) -> Path:
+    """A COCO folder with train2014 and val2014 (their image ids overlap, as a careless folder would make them collide),
+    and a clean working directory."""
+    source = make_coco_folder(tmp_path / "coco", 6, seed=3)
+    make_coco_folder(source, 4, split="val2014", seed=5)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return source
+
+
+def test_each_split_has_its_own_default_files(two_splits, tmp_path):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    train = snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption")
+    data2csv.main(["--source", str(two_splits), "--split", "validation", "--n", "4"])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train, "the training files are untouched"
+    rows = read_csv(work / "coco-2014-val.csv")
+    assert [int(r["image_id"]) for r in rows] == first_ids(two_splits, 4, "val2014")
+    assert {Path(r["image_path"]).parent for r in rows} == {work / "coco_2014_caption_val"}
+    assert sorted(p.name for p in work.iterdir()) == [
+        "coco-2014-dataset.csv", "coco-2014-val.csv", "coco_2014_caption", "coco_2014_caption_val"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-dir", "coco_2014_caption"], r"coco_2014_caption already holds COCO train2014 images .* another --image-dir"),
+        (["--csv", "coco-2014-dataset.csv"], r"coco-2014-dataset.csv lists COCO train2014 images .* another --csv"),
+    ],
+)
+def test_a_folder_or_csv_of_another_split_is_refused(two_splits, tmp_path, args, message):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    train = snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption")
+    with pytest.raises(cli.UserError, match=message):
+        data2csv.main(["--source", str(two_splits), "--split", "val2014", "--n", "4", *args])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train
+    assert sorted(p.name for p in work.iterdir()) == ["coco-2014-dataset.csv", "coco_2014_caption"], "nothing written"
+    # The same command for the training split is a rerun, not a conflict.
+    data2csv.main(["--source", str(two_splits), "--n", "6", *args])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train
+
+
+def test_a_folder_written_before_splits_were_recorded_is_adopted(two_splits, tmp_path, capsys):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).unlink()
+    capsys.readouterr()
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    out = capsys.readouterr()
+    assert "no record of their split (an older data2csv.py wrote them); recording them as train2014" in out.err
+    assert "(0 new, 6 already there)" in out.out
+    assert (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
 
 
 @pytest.mark.parametrize(
@@ -208,9 +267,9 @@ def test_half_the_images_deleted_are_restored(reference, tmp_path):
     args, expected = reference
     data2csv.main(args)
     image_dir = tmp_path / "coco_2014_caption"
-    for path in sorted(image_dir.iterdir())[::2]:
+    for path in sorted(image_dir.glob("*.jpg"))[::2]:
         path.unlink()
-    assert len(list(image_dir.iterdir())) == 5
+    assert len(list(image_dir.glob("*.jpg"))) == 5
     data2csv.main(args)
     assert snapshot(tmp_path / "coco-2014-dataset.csv", image_dir) == expected
 
@@ -286,7 +345,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, caps
     out_csv = tmp_path / "out.csv"
     data2csv.main(["--source", str(source), "--n", "10", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)])
     assert [int(r["image_id"]) for r in read_csv(out_csv)] == [i for j, i in enumerate(ids) if j not in (1, 3, 5, 7)]
-    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.jpg")) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
 
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if "warning:" in line]
