@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import itertools
 import json
@@ -49,7 +50,7 @@ MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first imag
 
 _MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
 _JPEG_QUALITY = 95
-_PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.part`, then renamed
+_PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.<pid>-<thread>-<count>.part`, then renamed
 
 # Where each split goes without --image-dir / --csv (the tutorial's names for train), so that one split never overwrites
 # another's files: (image folder, CSV), keyed by the local folder's split name.
@@ -135,16 +136,33 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
         raise cli.UserError(f"{image_folder}/ not found; --source needs COCO's {split}/ image folder beside annotations/.")
     try:
         coco = json.loads(annotations_file.read_text(encoding="utf-8"))
-        images = sorted(coco["images"], key=lambda im: id_order(im["id"]))[:n]
+        # An image or an annotation listed twice is one image (two rows would be two writers of one file) and one
+        # reference caption (two copies would weigh double in CIDEr): the first listing of each id counts.
+        images, annotations = first_of_each_id(coco["images"]), first_of_each_id(coco["annotations"])
         captions: dict = {}
-        for a in sorted(coco["annotations"], key=lambda a: id_order(a["id"])):
+        for a in sorted(annotations, key=lambda a: id_order(a["id"])):
             captions.setdefault(a["image_id"], []).append(a["caption"])
+        repeated = {"images": len(coco["images"]) - len(images), "captions": len(coco["annotations"]) - len(annotations)}
+        if any(repeated.values()):
+            print(
+                f"warning: {annotations_file} lists {repeated['images']} images and {repeated['captions']} captions "
+                "more than once (same id); each is used once",
+                file=sys.stderr,
+            )
         return [
             SourceImage(im["id"], clean_captions(captions.get(im["id"], [])), path=image_folder / im["file_name"])
-            for im in images
+            for im in sorted(images, key=lambda im: id_order(im["id"]))[:n]
         ]
     except (ValueError, KeyError, TypeError) as e:
         raise cli.UserError(f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file.")
+
+
+def first_of_each_id(entries: list[dict]) -> list[dict]:
+    """COCO `images` or `annotations` entries without repeats: the first entry of each `id`, in their listed order."""
+    by_id: dict = {}
+    for entry in entries:
+        by_id.setdefault(entry["id"], entry)
+    return list(by_id.values())
 
 
 def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
@@ -184,12 +202,19 @@ def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
 
 def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
     """The first `n` distinct images of the stream. Rows of one image may be consecutive (one caption each) or one row may
-    hold several captions joined by `&&`; both become one SourceImage with every caption."""
+    hold several captions joined by `&&`; both become one SourceImage with every caption. A row that repeats an earlier
+    one (same image, same caption text) adds nothing: the stream has no annotation ids, so this is how a repeat shows,
+    and a repeated reference would weigh double in CIDEr."""
     seen: dict = {}
+    rows_seen: set = set()
     current = None  # held back until its last consecutive row is read, so its captions are complete
     try:
         for row in rows:
             image_id, captions = row["image_id"], clean_captions([row.get("caption")])
+            row_key = (image_id, str(row.get("caption")))
+            if row_key in rows_seen:
+                continue
+            rows_seen.add(row_key)
             if image_id in seen:
                 seen[image_id].captions += captions  # the CSV is written at the end, so late captions still count
                 continue
@@ -242,6 +267,21 @@ def encoded_image(source: SourceImage) -> bytes:
         raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip())
 
 
+# Why data2csv keeps its own temporary-file scheme rather than a general atomic-write helper: its `.part` files are part
+# of how it resumes. A file under its final name is complete by construction, so a rerun keeps it without reading it;
+# an interrupted run's leftovers are found by name and swept at start, which is safe only because the folder lock says
+# no other run writes there; and many threads write into one folder at once, so every writer needs a name of its own.
+_part_numbers = itertools.count()
+
+
+def part_path(final: Path) -> Path:
+    """A temporary name beside `final` that no other writer uses: process id, thread id and a per-process counter (two
+    writers of one final name each rename a whole file; the last one wins)."""
+    hidden = "" if final.name.startswith(".") else "."
+    writer = f"{os.getpid()}-{threading.get_native_id()}-{next(_part_numbers)}"
+    return final.with_name(f"{hidden}{final.name}.{writer}{_PART_SUFFIX}")
+
+
 def _publish(part: Path, final: Path) -> None:
     """The one step that makes a finished file visible under its final name (atomic on one file system)."""
     os.replace(part, final)
@@ -255,7 +295,7 @@ def write_image(source: SourceImage, image_dir: Path) -> tuple[SourceImage, Skip
         return source, e
     final = image_dir / image_file_name(source.image_id)
     # Written under a temporary name and renamed, so a file with the final name is always complete.
-    part = image_dir / f".{final.name}{_PART_SUFFIX}"
+    part = part_path(final)
     part.write_bytes(data)
     _publish(part, final)
     return source, None
@@ -280,12 +320,32 @@ def folder_to_itself(image_dir: Path):
         os.close(fd)
 
 
-def remove_partial_files(image_dir: Path) -> int:
-    """Delete temporary files an interrupted run left behind; returns how many."""
-    stale = list(image_dir.glob(f".*{_PART_SUFFIX}"))
+def remove_partial_files(image_dir: Path, csv_path: Path) -> int:
+    """Delete temporary files an interrupted run left behind; returns how many. In the image folder every one is stale:
+    the folder lock says no other run writes there. The CSV's folder is not locked (train and validation runs may share
+    it), so there only this CSV's temporary files go whose writing process has ended."""
+    stale = set(image_dir.glob(f".*{_PART_SUFFIX}"))
+    prefix = f".{csv_path.name}"
+    for path in csv_path.parent.glob(f"{glob.escape(prefix)}*{_PART_SUFFIX}"):
+        if not _writer_running(path.name[len(prefix) + 1 :].split("-")[0]):
+            stale.add(path)
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def _writer_running(pid: str) -> bool:
+    """Whether the process that named a temporary file (see part_path) still runs. This process's own are stale: it
+    runs one data2csv run at a time, so they are an earlier run's, interrupted."""
+    if not pid.isdigit() or int(pid) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def write_images(
@@ -362,7 +422,7 @@ def record_split(split: str, image_dir: Path) -> None:
             file=sys.stderr,
         )
     record = image_dir / _SPLIT_RECORD
-    part = record.with_name(f"{record.name}{_PART_SUFFIX}")
+    part = part_path(record)
     part.write_text(split + "\n", encoding="utf-8")
     os.replace(part, record)
 
@@ -372,7 +432,7 @@ def record_split(split: str, image_dir: Path) -> None:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write the CSV under a temporary name, then rename: readers see the old file or the whole new one."""
-    part = path.with_name(f".{path.name}{_PART_SUFFIX}")
+    part = part_path(path)
     with open(part, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "image_path", "caption", "captions"], lineterminator="\n")
         writer.writeheader()
@@ -425,7 +485,7 @@ def main(argv=None) -> None:
 
 def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_dir: Path, csv_path: Path) -> None:
     """The images (skipping those already complete), then the CSV, then one summary line."""
-    cleaned = remove_partial_files(image_dir)
+    cleaned = remove_partial_files(image_dir, csv_path)
     if cleaned:
         print(f"removed {cleaned} partial files left by an interrupted run", file=sys.stderr)
 

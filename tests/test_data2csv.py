@@ -257,6 +257,7 @@ def test_interrupted_then_rerun_equals_one_run(reference, tmp_path, monkeypatch,
     capsys.readouterr()
     data2csv.main(args)
     assert snapshot(csv_path, image_dir) == expected, "no temporary file left, no duplicate, same bytes"
+    assert not list(tmp_path.glob(".*.part")), "nor the CSV's"
     out = capsys.readouterr()
     assert f"({10 - len(finished)} new, {len(finished)} already there)" in out.out
     if k <= 10:
@@ -327,7 +328,44 @@ def test_in_flight_images_are_bounded(tmp_path):
     assert max(ahead) <= 2 * 3
 
 
+def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """The same image handed to every writer at once: each writes its own temporary file and renames it whole."""
+    picture = Image.new("RGB", (64, 64), "red")
+    results = list(data2csv.write_images((data2csv.SourceImage(7, ["a red square"], image=picture) for _ in range(300)),
+                                         tmp_path, workers=8))  # fmt: skip
+    assert [reason for _, reason in results] == [None] * 300
+    assert [p.name for p in tmp_path.iterdir()] == ["7.jpg"]
+
+
+def test_csv_leftovers_of_ended_runs_are_swept_those_of_running_ones_kept(coco, tmp_path, capsys):
+    ended, running = tmp_path / ".out.csv.4999999-1-0.part", tmp_path / ".out.csv.1-1-0.part"  # pid 1 always runs
+    ended.write_text("half a CSV")
+    running.write_text("a CSV being written")
+    data2csv.main(["--source", str(coco), "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")])
+    assert not ended.exists() and running.exists()
+    assert "removed 1 partial files" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------- bad sources
+
+
+def test_an_image_or_caption_listed_twice_is_one_row_and_one_reference(coco, tmp_path, capsys):
+    source = tmp_path / "coco"
+    shutil.copytree(coco, source)
+    coco_json = annotations(source)
+    coco_json["images"] += coco_json["images"]  # every image listed twice, as is every annotation id
+    coco_json["annotations"] += coco_json["annotations"]
+    (source / "annotations" / "captions_train2014.json").write_text(json.dumps(coco_json))
+
+    for attempt in range(5):  # two writers of one image failed most runs (the rename of a shared temporary name)
+        out_csv, images = tmp_path / f"{attempt}.csv", tmp_path / f"img{attempt}"
+        data2csv.main(["--source", str(source), "--n", "40", "--workers", "8", "--image-dir", str(images), "--csv", str(out_csv)])
+        rows = read_csv(out_csv)
+        assert [int(r["image_id"]) for r in rows] == first_ids(coco, 40)
+        assert all(len(json.loads(r["captions"])) == 5 for r in rows), "an annotation id listed twice is one reference"
+        assert sorted(p.name for p in images.iterdir()) == sorted([f"{r['image_id']}.jpg" for r in rows] + [".data2csv-split"])
+        err = capsys.readouterr().err
+        assert "lists 40 images and 200 captions more than once (same id); each is used once" in err
 
 
 def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, capsys):
@@ -414,8 +452,10 @@ def test_modelscope_rows_of_either_shape_become_one_image_each():
                    {"image_id": "3", "caption": " ", "image": picture},
                    {"image_id": "3", "caption": "a red circle", "image": picture},
                    {"image_id": "5", "caption": "x", "image": picture}]  # fmt: skip
-    for rows in (joined, one_per_row):
-        # Captions as they stand when each image is handed on: an image is written only once all its rows are read.
+    twice = [[row for row in rows for _ in range(2)] for rows in (joined, one_per_row)]
+    for rows in (joined, one_per_row, *twice):
+        # Captions as they stand when each image is handed on: an image is written only once all its rows are read. A
+        # repeated row (same image, same caption) adds no second reference.
         as_yielded = [(str(s.image_id), list(s.captions)) for s in data2csv.modelscope_images(iter(rows), 2)]
         assert as_yielded == [("9", ["a blue square", "one blue square"]), ("3", ["a red circle"])]
 
