@@ -518,6 +518,9 @@ def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_
                 rows.append(source)
                 bar.update()
 
+    found = kept + written + sum(skipped.values())
+    if found < settings.n:
+        print(f"warning: asked for {settings.n} images (--n) but {source_name} has only {found}", file=sys.stderr)
     if not rows:
         raise cli.UserError(f"no usable image among the first {settings.n} of {source_name}; nothing written to {csv_path}.")
     rows.sort(key=lambda s: id_order(s.image_id))

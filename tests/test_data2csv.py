@@ -460,6 +460,24 @@ def test_modelscope_rows_of_either_shape_become_one_image_each():
         assert as_yielded == [("9", ["a blue square", "one blue square"]), ("3", ["a red circle"])]
 
 
+def test_asking_for_more_images_than_the_source_has_says_so(coco, tmp_path, monkeypatch, capsys):
+    out = ["--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")]
+    data2csv.main(["--source", str(coco), "--n", "40", *out])
+    assert "warning" not in capsys.readouterr().err
+    data2csv.main(["--source", str(coco), "--n", "777", *out])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: asked for 777 images (--n) but {coco} (train2014) has only 40"]
+    assert len(read_csv(tmp_path / "out.csv")) == 40
+
+    picture = Image.new("RGB", (8, 8), "blue")
+    rows = [{"image_id": i, "caption": "a blue square", "image": picture} for i in (5, 6, 7)]
+    monkeypatch.setattr(data2csv, "open_modelscope", lambda *args, **kwargs: iter(rows))
+    out = ["--image-dir", str(tmp_path / "ms"), "--csv", str(tmp_path / "ms.csv")]
+    data2csv.main(["--n", "5", *out])
+    assert "asked for 5 images (--n) but ModelScope modelscope/coco_2014_caption (train) has only 3" in capsys.readouterr().err
+    assert len(read_csv(tmp_path / "ms.csv")) == 3
+
+
 def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
     rgba = Image.new("RGBA", (16, 16), (0, 200, 0, 255))
     _, reason = data2csv.write_image(data2csv.SourceImage(42, ["a green square"], image=rgba), tmp_path)
