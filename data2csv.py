@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +48,7 @@ IMAGE_DIR: str = ""  # folder the images are written to, as <image_id>.jpg (defa
 CSV: str = ""  # the CSV written at the end (default: coco-2014-dataset.csv; validation: coco-2014-val.csv)
 WORKERS: int = min(8, os.cpu_count() or 1)  # images written in parallel
 MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first image before giving up
+VERBOSE: bool = False  # when ModelScope fails, add its client's own error message to ours
 
 _MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
 _JPEG_QUALITY = 95
@@ -165,7 +167,7 @@ def first_of_each_id(entries: list[dict]) -> list[dict]:
     return list(by_id.values())
 
 
-def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
+def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterator[dict]:
     """ModelScope's COCO rows as a stream, or a UserError within `timeout` seconds when ModelScope cannot be reached."""
     offline = f"or use a local COCO folder: --source PATH (with PATH/{SPLITS[split][1]}/ and PATH/annotations/captions_{SPLITS[split][1]}.json)"
     outcome: dict = {}
@@ -189,18 +191,46 @@ def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
         thread.start()
         thread.join(timeout)
     if thread.is_alive():
-        raise cli.UserError(f"ModelScope could not be reached within {timeout:g} s; check the network, {offline}.")
+        raise cli.UserError(
+            f"ModelScope could not be reached: no answer within {timeout:g} s (--modelscope-timeout); check the network, "
+            f"{offline}."
+        )
     error = outcome.get("error")
     if isinstance(error, ImportError):
-        raise cli.UserError(f"ModelScope's client is not installed ({error}); pip install modelscope addict, {offline}.")
+        missing = f" (no module {error.name!r})" if error.name else ""
+        raise cli.UserError(f"ModelScope's client is not installed{missing}; pip install modelscope addict, {offline}.")
     if isinstance(error, StopIteration):
         raise cli.UserError(f"ModelScope's {_MODELSCOPE_DATASET} split {split!r} is empty; {offline}.")
     if error is not None:
-        raise cli.UserError(f"ModelScope could not be reached ({cli.error_text(error)}); {offline}.")
+        trouble, network = modelscope_trouble(error, verbose)
+        if network:
+            raise cli.UserError(f"ModelScope could not be reached: {trouble}; check the network, {offline}.")
+        raise cli.UserError(f"ModelScope's client could not load {_MODELSCOPE_DATASET} split {split!r}: {trouble}; {offline}.")
     return outcome["rows"]
 
 
-def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
+# Names of the network errors of requests, urllib3 and the hub client that are not builtin ConnectionErrors.
+_NETWORK_WORDS = re.compile(r"Connection|Network|MaxRetry|SSL|Proxy|Resolution")
+
+
+def modelscope_trouble(error: BaseException, verbose: bool) -> tuple[str, bool]:
+    """(What went wrong in our own words, whether it was the network). The client's own message is added only with
+    --verbose: it may be in another language, and it may not hold here (after a timeout it says resumable temporary
+    files were saved, and nothing was)."""
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 8:  # the client wraps network errors in its own
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
+        trouble, network = "its server did not answer in time", True
+    elif any(isinstance(e, (ConnectionError, socket.gaierror)) or _NETWORK_WORDS.search(type(e).__name__) for e in chain):
+        trouble, network = "no connection to its server", True
+    else:
+        trouble, network = f"{type(error).__name__}", False
+    said = f"its client said: {cli.error_text(error, 300)}" if verbose else "--verbose shows its client's own message"
+    return f"{trouble} ({said})", network
+
+
+def modelscope_images(rows: Iterator[dict], n: int, verbose: bool = False) -> Iterator[SourceImage]:
     """The first `n` distinct images of the stream. Rows of one image may be consecutive (one caption each) or one row may
     hold several captions joined by `&&`; both become one SourceImage with every caption. A row that repeats an earlier
     one (same image, same caption text) adds nothing: the stream has no annotation ids, so this is how a repeat shows,
@@ -230,8 +260,8 @@ def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
     except cli.UserError:
         raise
     except Exception as e:
-        reason = cli.error_text(e)
-        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images ({reason}); rerun to continue.")
+        trouble, _ = modelscope_trouble(e, verbose)
+        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images: {trouble}; rerun to continue.")
 
 
 # ----------------------------------------------------------------------------------------------------------------- images
@@ -468,7 +498,7 @@ def main(argv=None) -> None:
     # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
     if settings.source == "modelscope":
         sources: Iterable[SourceImage] = modelscope_images(
-            open_modelscope(modelscope_split, settings.modelscope_timeout), settings.n
+            open_modelscope(modelscope_split, settings.modelscope_timeout, settings.verbose), settings.n, settings.verbose
         )
         source_name = f"ModelScope {_MODELSCOPE_DATASET} ({modelscope_split})"
     else:

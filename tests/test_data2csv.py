@@ -197,7 +197,7 @@ def test_settings_are_the_documented_flags(capsys):
         data2csv.main(["--help"])
     assert exit_info.value.code == 0
     flags = set(__import__("re").findall(r"\[(--[a-z-]+)", capsys.readouterr().out))
-    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout"}
+    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout", "--verbose"}
 
 
 def test_missing_image_folder(coco, tmp_path):
@@ -487,6 +487,58 @@ def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
         assert picture.getpixel((8, 8))[1] > 150
     _, reason = data2csv.write_image(data2csv.SourceImage(43, ["x"], image=None), tmp_path)
     assert reason is not None and reason.kind == "no image"
+
+
+class _DeadlineError(TimeoutError):
+    """What modelscope 1.40.2's client raises when its own deadline passes, message and all."""
+
+
+class _HubError(Exception):
+    pass
+
+
+def _wrapped(error: Exception) -> Exception:
+    try:
+        raise _HubError("请求失败") from error
+    except _HubError as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (_DeadlineError("[E1001] 下载总时限已耗尽；已保存可继续下载的临时文件"), "could not be reached: its server did not answer in time"),
+        (ConnectionRefusedError(111, "Connection refused"), "could not be reached: no connection to its server"),
+        (_wrapped(ConnectionResetError(104, "reset")), "could not be reached: no connection to its server"),
+        (ValueError("数据集不存在"), "client could not load modelscope/coco_2014_caption split 'train': ValueError"),
+        (ModuleNotFoundError("No module named 'addict'", name="addict"), "client is not installed (no module 'addict'); pip"),
+        ([], "modelscope/coco_2014_caption split 'train' is empty"),
+    ],
+    ids=["timeout", "refused", "wrapped", "other", "not-installed", "empty"],
+)
+def test_modelscope_failures_are_said_in_our_words_the_clients_only_with_verbose(monkeypatch, failure, message):
+    """The client's own text (here Chinese, and after a timeout untrue: nothing was saved) only with --verbose."""
+
+    def load(*args, **kwargs):
+        if isinstance(failure, BaseException):
+            raise failure
+        return failure
+
+    fake = type(sys)("modelscope.msdatasets")
+    fake.MsDataset = type("MsDataset", (), {"load": staticmethod(load)})
+    monkeypatch.setitem(sys.modules, "modelscope", type(sys)("modelscope"))
+    monkeypatch.setitem(sys.modules, "modelscope.msdatasets", fake)
+    lines = {}
+    for verbose in (False, True):
+        with pytest.raises(cli.UserError) as raised:
+            data2csv.open_modelscope("train", timeout=10, verbose=verbose)
+        lines[verbose] = str(raised.value)
+        assert message in lines[verbose] and "\n" not in lines[verbose]
+        assert "--source PATH (with PATH/train2014/ and PATH/annotations/captions_train2014.json)" in lines[verbose]
+    assert not __import__("re").search(r"[\u3000-\u9fff\uff00-\uffef]", lines[False]), "no client text without --verbose"
+    if isinstance(failure, (OSError, ValueError)):  # the client's own failures
+        assert "(--verbose shows its client's own message)" in lines[False]
+        assert f"(its client said: {type(failure).__name__}: {failure})" in lines[True]
 
 
 def test_modelscope_unreachable_fails_fast_naming_the_offline_source(tmp_path):
