@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,9 +53,9 @@ def snapshot(csv_path: Path, image_dir: Path) -> tuple[bytes, dict[str, str]]:
     return csv_path.read_bytes(), files
 
 
-def run_script(args: list[str], cwd: Path, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+def run_script(args: list[str], cwd: Path, timeout=120, env=None, python_args=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_args, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
 
 
 def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
@@ -541,25 +543,90 @@ def test_modelscope_failures_are_said_in_our_words_the_clients_only_with_verbose
         assert f"(its client said: {type(failure).__name__}: {failure})" in lines[True]
 
 
-def test_modelscope_unreachable_fails_fast_naming_the_offline_source(tmp_path):
+@pytest.fixture()
+def unreachable_modelscope(tmp_path):
+    """An environment in which ModelScope cannot be reached, whatever the machine's network: the client's endpoint is a
+    local port that refuses connections (bound, never listening, so nothing else can take it), and everything the client
+    writes (cache, credentials, temporary files) goes under tmp_path/home. Yields (environment, working directory)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    for folder in (home / "tmp", work):
+        folder.mkdir(parents=True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSCOPE_", "HF_", "XDG_"))}
+        env.update(
+            MODELSCOPE_ENDPOINT=f"https://{address}",  # modelscope-hub's client
+            MODELSCOPE_DOMAIN=address,  # modelscope's own (1.40.2 reads both)
+            HOME=str(home),
+            MODELSCOPE_CACHE=str(home / "modelscope-cache"),
+            MODELSCOPE_HOME=str(home / ".modelscope"),
+            XDG_CACHE_HOME=str(home / ".cache"),
+            TMPDIR=str(home / "tmp"),
+            PYTHONDONTWRITEBYTECODE="1",  # an import's .pyc is not the run's doing
+        )
+        yield env, work
+
+
+def test_modelscope_unreachable_fails_fast_naming_the_offline_source(unreachable_modelscope):
+    env, work = unreachable_modelscope
     # The default image folder sits in the working directory, as it does on any rerun: ModelScope must still be asked.
-    (tmp_path / "coco_2014_caption").mkdir()
-    (tmp_path / "coco_2014_caption" / "1.jpg").write_bytes(b"")
+    (work / "coco_2014_caption").mkdir()
+    (work / "coco_2014_caption" / "1.jpg").write_bytes(b"")
     start = time.monotonic()
-    done = run_script(["--n", "3"], cwd=tmp_path, timeout=90)
+    done = run_script(["--n", "3"], cwd=work, timeout=90, env=env)
     assert time.monotonic() - start < 60
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ModelScope could not be reached")
+    assert lines[0].startswith("error: ModelScope could not be reached: no connection to its server"), lines[0]
     assert "--source PATH" in lines[0] and "annotations/captions_train2014.json" in lines[0]
-    assert not (tmp_path / "coco-2014-dataset.csv").exists()
+    assert "--verbose shows its client's own message" in lines[0]
+    assert sorted(p.name for p in work.rglob("*")) == ["1.jpg", "coco_2014_caption"], "a failed source leaves nothing"
+
+    verbose = run_script(["--n", "3", "--verbose"], cwd=work, timeout=90, env=env)
+    assert verbose.returncode == 2 and len(verbose.stderr.strip().splitlines()) == 1, verbose.stderr
+    assert "(its client said: " in verbose.stderr and env["MODELSCOPE_DOMAIN"].split(":")[1] in verbose.stderr
+
+
+# Runs a script with an audit hook that logs every path Python opens for writing, creates, renames or removes.
+_LOG_WRITES = r"""
+import os, runpy, sys
+log = os.open(sys.argv.pop(1), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+PATHS = {"os.mkdir": 1, "os.rename": 2, "os.replace": 2, "os.remove": 1, "os.rmdir": 1, "os.symlink": 2, "os.link": 2,
+         "os.truncate": 1, "os.chmod": 1, "os.utime": 1, "shutil.rmtree": 1, "shutil.copyfile": 2, "sqlite3.connect": 1}
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        paths = [path] if (mode and set(mode) & set("wax+")) or (mode is None and flags & WRITE) else []
+    else:
+        paths = args[:PATHS.get(event, 0)]
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            os.write(log, f"{event}\t{os.path.abspath(os.fsdecode(path))}\n".encode(errors="replace"))
+sys.addaudithook(hook)
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_an_unreachable_modelscope_run_writes_nothing_outside_its_folders(unreachable_modelscope, tmp_path):
+    env, work = unreachable_modelscope
+    log = tmp_path / "writes.log"
+    done = run_script(["--n", "3"], cwd=work, timeout=90, env=env, python_args=["-c", _LOG_WRITES, str(log)])
+    assert done.returncode == 2 and "error: ModelScope could not be reached" in done.stderr, done.stderr[-2000:]
+    written = {line.split("\t", 1)[1] for line in log.read_text().splitlines()}
+    inside = str(tmp_path.resolve()) + os.sep
+    outside = sorted(p for p in written if not os.path.realpath(p).startswith(inside) and not p.startswith("/dev/"))
+    assert not outside, f"written outside the test's folder: {outside}"
+    assert any(os.path.realpath(p).startswith(env["TMPDIR"]) for p in written), "the hook sees the run's own writes"
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(coco, tmp_path):
     """Two runs into one image folder would delete each other's unfinished files; the second says so and stops."""
     import fcntl
-    import os
 
     image_dir = tmp_path / "images"
     image_dir.mkdir()
