@@ -7,19 +7,24 @@
 By default the images stream from ModelScope (`modelscope/coco_2014_caption`); `--source PATH` reads a local COCO folder
 instead (`PATH/train2014/*.jpg` + `PATH/annotations/captions_train2014.json`, or val2014). Writes `IMAGE_DIR/<image_id>.jpg`
 and the CSV (`image_id`, `image_path`, `caption` = the first reference caption, `captions` = all of them as a JSON list),
-rows ordered by image id. Safe to interrupt and to rerun: every image is written under a temporary name and renamed, a rerun
-writes only what is missing, and the CSV is written once, atomically, after the images. Next step: `python csv2json.py`.
+rows ordered by image id. Each split has its own default files (train: `coco_2014_caption/` + `coco-2014-dataset.csv`,
+validation: `coco_2014_caption_val/` + `coco-2014-val.csv`), and an image folder or CSV that holds another split's images
+is refused (the folder records its split in `.data2csv-split`). Safe to interrupt and to rerun: every image is written
+under a temporary name and renamed, a rerun writes only what is missing, and the CSV is written once, atomically, after
+the images. Next step: `python csv2json.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import itertools
 import json
 import os
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -35,17 +40,28 @@ from tqdm import tqdm
 
 from vlcap import cli, images
 
-SOURCE = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
-N = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
-SPLIT = "train"  # train (= train2014) or validation (= val2014)
-IMAGE_DIR = "coco_2014_caption"  # folder the images are written to, as <image_id>.jpg
-CSV = "coco-2014-dataset.csv"  # the CSV written at the end
-WORKERS = min(8, os.cpu_count() or 1)  # images written in parallel
-MODELSCOPE_TIMEOUT = 120  # seconds to wait for ModelScope's first image before giving up
+SOURCE: str = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
+N: int = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
+SPLIT: str = "train"  # train (= train2014) or validation (= val2014)
+IMAGE_DIR: str = ""  # folder the images are written to, as <image_id>.jpg (default: coco_2014_caption; validation: coco_2014_caption_val)
+CSV: str = ""  # the CSV written at the end (default: coco-2014-dataset.csv; validation: coco-2014-val.csv)
+WORKERS: int = min(8, os.cpu_count() or 1)  # images written in parallel
+MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first image before giving up
+VERBOSE: bool = False  # when ModelScope fails, add its client's own error message to ours
 
 _MODELSCOPE_DATASET = "modelscope/coco_2014_caption"
 _JPEG_QUALITY = 95
-_PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.part`, then renamed
+_PART_SUFFIX = ".part"  # images and the CSV are written as `.NAME.<pid>-<thread>-<count>.part`, then renamed
+
+# Where each split goes without --image-dir / --csv (the tutorial's names for train), so that one split never overwrites
+# another's files: (image folder, CSV), keyed by the local folder's split name.
+_DEFAULT_OUTPUTS = {
+    "train2014": ("coco_2014_caption", "coco-2014-dataset.csv"),
+    "val2014": ("coco_2014_caption_val", "coco-2014-val.csv"),
+}
+# In the image folder: the COCO split its images belong to (train2014 or val2014), written before the first image. The
+# CSV keeps the tutorial's columns; its split is that of the folder its image_path column points into.
+_SPLIT_RECORD = ".data2csv-split"
 
 # Each accepted --split value -> (ModelScope's split name, the local COCO folder's split name).
 SPLITS = {
@@ -121,19 +137,36 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
         raise cli.UserError(f"{image_folder}/ not found; --source needs COCO's {split}/ image folder beside annotations/.")
     try:
         coco = json.loads(annotations_file.read_text(encoding="utf-8"))
-        images = sorted(coco["images"], key=lambda im: id_order(im["id"]))[:n]
+        # An image or an annotation listed twice is one image (two rows would be two writers of one file) and one
+        # reference caption (two copies would weigh double in CIDEr): the first listing of each id counts.
+        images, annotations = first_of_each_id(coco["images"]), first_of_each_id(coco["annotations"])
         captions: dict = {}
-        for a in sorted(coco["annotations"], key=lambda a: id_order(a["id"])):
+        for a in sorted(annotations, key=lambda a: id_order(a["id"])):
             captions.setdefault(a["image_id"], []).append(a["caption"])
+        repeated = {"images": len(coco["images"]) - len(images), "captions": len(coco["annotations"]) - len(annotations)}
+        if any(repeated.values()):
+            print(
+                f"warning: {annotations_file} lists {repeated['images']} images and {repeated['captions']} captions "
+                "more than once (same id); each is used once",
+                file=sys.stderr,
+            )
         return [
             SourceImage(im["id"], clean_captions(captions.get(im["id"], [])), path=image_folder / im["file_name"])
-            for im in images
+            for im in sorted(images, key=lambda im: id_order(im["id"]))[:n]
         ]
     except (ValueError, KeyError, TypeError) as e:
         raise cli.UserError(f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file.")
 
 
-def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
+def first_of_each_id(entries: list[dict]) -> list[dict]:
+    """COCO `images` or `annotations` entries without repeats: the first entry of each `id`, in their listed order."""
+    by_id: dict = {}
+    for entry in entries:
+        by_id.setdefault(entry["id"], entry)
+    return list(by_id.values())
+
+
+def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterator[dict]:
     """ModelScope's COCO rows as a stream, or a UserError within `timeout` seconds when ModelScope cannot be reached."""
     offline = f"or use a local COCO folder: --source PATH (with PATH/{SPLITS[split][1]}/ and PATH/annotations/captions_{SPLITS[split][1]}.json)"
     outcome: dict = {}
@@ -157,25 +190,60 @@ def open_modelscope(split: str, timeout: float) -> Iterator[dict]:
         thread.start()
         thread.join(timeout)
     if thread.is_alive():
-        raise cli.UserError(f"ModelScope could not be reached within {timeout:g} s; check the network, {offline}.")
+        raise cli.UserError(
+            f"ModelScope could not be reached: no answer within {timeout:g} s (--modelscope-timeout); check the network, "
+            f"{offline}."
+        )
     error = outcome.get("error")
     if isinstance(error, ImportError):
-        raise cli.UserError(f"ModelScope's client is not installed ({error}); pip install modelscope addict, {offline}.")
+        missing = f" (no module {error.name!r})" if error.name else ""
+        raise cli.UserError(f"ModelScope's client is not installed{missing}; pip install modelscope addict, {offline}.")
     if isinstance(error, StopIteration):
         raise cli.UserError(f"ModelScope's {_MODELSCOPE_DATASET} split {split!r} is empty; {offline}.")
     if error is not None:
-        raise cli.UserError(f"ModelScope could not be reached ({cli.error_text(error)}); {offline}.")
+        trouble, network = modelscope_trouble(error, verbose)
+        if network:
+            raise cli.UserError(f"ModelScope could not be reached: {trouble}; check the network, {offline}.")
+        raise cli.UserError(f"ModelScope's client could not load {_MODELSCOPE_DATASET} split {split!r}: {trouble}; {offline}.")
     return outcome["rows"]
 
 
-def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
+# Names of the network errors of requests, urllib3 and the hub client that are not builtin ConnectionErrors.
+_NETWORK_WORDS = re.compile(r"Connection|Network|MaxRetry|SSL|Proxy|Resolution")
+
+
+def modelscope_trouble(error: BaseException, verbose: bool) -> tuple[str, bool]:
+    """(What went wrong in our own words, whether it was the network). The client's own message is added only with
+    --verbose: it may be in another language, and it may not hold here (after a timeout it says resumable temporary
+    files were saved, and nothing was)."""
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 8:  # the client wraps network errors in its own
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
+        trouble, network = "its server did not answer in time", True
+    elif any(isinstance(e, (ConnectionError, socket.gaierror)) or _NETWORK_WORDS.search(type(e).__name__) for e in chain):
+        trouble, network = "no connection to its server", True
+    else:
+        trouble, network = f"{type(error).__name__}", False
+    said = f"its client said: {cli.error_text(error, 300)}" if verbose else "--verbose shows its client's own message"
+    return f"{trouble} ({said})", network
+
+
+def modelscope_images(rows: Iterator[dict], n: int, verbose: bool = False) -> Iterator[SourceImage]:
     """The first `n` distinct images of the stream. Rows of one image may be consecutive (one caption each) or one row may
-    hold several captions joined by `&&`; both become one SourceImage with every caption."""
+    hold several captions joined by `&&`; both become one SourceImage with every caption. A row that repeats an earlier
+    one (same image, same caption text) adds nothing: the stream has no annotation ids, so this is how a repeat shows,
+    and a repeated reference would weigh double in CIDEr."""
     seen: dict = {}
+    rows_seen: set = set()
     current = None  # held back until its last consecutive row is read, so its captions are complete
     try:
         for row in rows:
             image_id, captions = row["image_id"], clean_captions([row.get("caption")])
+            row_key = (image_id, str(row.get("caption")))
+            if row_key in rows_seen:
+                continue
+            rows_seen.add(row_key)
             if image_id in seen:
                 seen[image_id].captions += captions  # the CSV is written at the end, so late captions still count
                 continue
@@ -191,8 +259,8 @@ def modelscope_images(rows: Iterator[dict], n: int) -> Iterator[SourceImage]:
     except cli.UserError:
         raise
     except Exception as e:
-        reason = cli.error_text(e)
-        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images ({reason}); rerun to continue.")
+        trouble, _ = modelscope_trouble(e, verbose)
+        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images: {trouble}; rerun to continue.")
 
 
 # ----------------------------------------------------------------------------------------------------------------- images
@@ -228,6 +296,21 @@ def encoded_image(source: SourceImage) -> bytes:
         raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip())
 
 
+# Why data2csv keeps its own temporary-file scheme rather than a general atomic-write helper: its `.part` files are part
+# of how it resumes. A file under its final name is complete by construction, so a rerun keeps it without reading it;
+# an interrupted run's leftovers are found by name and swept at start, which is safe only because the folder lock says
+# no other run writes there; and many threads write into one folder at once, so every writer needs a name of its own.
+_part_numbers = itertools.count()
+
+
+def part_path(final: Path) -> Path:
+    """A temporary name beside `final` that no other writer uses: process id, thread id and a per-process counter (two
+    writers of one final name each rename a whole file; the last one wins)."""
+    hidden = "" if final.name.startswith(".") else "."
+    writer = f"{os.getpid()}-{threading.get_native_id()}-{next(_part_numbers)}"
+    return final.with_name(f"{hidden}{final.name}.{writer}{_PART_SUFFIX}")
+
+
 def _publish(part: Path, final: Path) -> None:
     """The one step that makes a finished file visible under its final name (atomic on one file system)."""
     os.replace(part, final)
@@ -241,7 +324,7 @@ def write_image(source: SourceImage, image_dir: Path) -> tuple[SourceImage, Skip
         return source, e
     final = image_dir / image_file_name(source.image_id)
     # Written under a temporary name and renamed, so a file with the final name is always complete.
-    part = image_dir / f".{final.name}{_PART_SUFFIX}"
+    part = part_path(final)
     part.write_bytes(data)
     _publish(part, final)
     return source, None
@@ -266,12 +349,32 @@ def folder_to_itself(image_dir: Path):
         os.close(fd)
 
 
-def remove_partial_files(image_dir: Path) -> int:
-    """Delete temporary files an interrupted run left behind; returns how many."""
-    stale = list(image_dir.glob(f".*{_PART_SUFFIX}"))
+def remove_partial_files(image_dir: Path, csv_path: Path) -> int:
+    """Delete temporary files an interrupted run left behind; returns how many. In the image folder every one is stale:
+    the folder lock says no other run writes there. The CSV's folder is not locked (train and validation runs may share
+    it), so there only this CSV's temporary files go whose writing process has ended."""
+    stale = set(image_dir.glob(f".*{_PART_SUFFIX}"))
+    prefix = f".{csv_path.name}"
+    for path in csv_path.parent.glob(f"{glob.escape(prefix)}*{_PART_SUFFIX}"):
+        if not _writer_running(path.name[len(prefix) + 1 :].split("-")[0]):
+            stale.add(path)
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def _writer_running(pid: str) -> bool:
+    """Whether the process that named a temporary file (see part_path) still runs. This process's own are stale: it
+    runs one data2csv run at a time, so they are an earlier run's, interrupted."""
+    if not pid.isdigit() or int(pid) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def write_images(
@@ -295,12 +398,70 @@ def write_images(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# ------------------------------------------------------------------------------------------------------------------ split
+
+
+def recorded_split(image_dir: Path) -> str | None:
+    """The COCO split an image folder holds, as the run that wrote it recorded; None for a new or unrecorded folder."""
+    try:
+        return (image_dir / _SPLIT_RECORD).read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{image_dir / _SPLIT_RECORD} cannot be read ({cli.error_text(e)}); pass another --image-dir.")
+
+
+def csv_image_folder(csv_path: Path) -> Path | None:
+    """The folder of the first image an existing CSV lists; None when there is no such CSV or it lists no image."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            row = next(csv.DictReader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None  # not a CSV this script wrote: nothing to protect
+    image_path = (row or {}).get("image_path")
+    return Path(image_path).parent if image_path else None
+
+
+def check_split(split: str, image_dir: Path, csv_path: Path) -> None:
+    """Refuse, in one line, to write `split` into an image folder or a CSV that holds another split's images: reruns
+    of one split finish each other's work, but a validation run must never replace or mix into the training files."""
+    held = recorded_split(image_dir)
+    if held not in (None, split):
+        raise cli.UserError(
+            f"{image_dir} already holds COCO {held} images and this run writes {split} ones; pass another --image-dir "
+            f"(this split's default is {_DEFAULT_OUTPUTS[split][0]})."
+        )
+    listed = csv_image_folder(csv_path)
+    held = recorded_split(listed) if listed is not None else None
+    if held not in (None, split):
+        raise cli.UserError(
+            f"{csv_path} lists COCO {held} images (in {listed}) and this run writes {split} ones; pass another --csv "
+            f"(this split's default is {_DEFAULT_OUTPUTS[split][1]})."
+        )
+
+
+def record_split(split: str, image_dir: Path) -> None:
+    """Write the image folder's split record (under the folder lock, before the first image)."""
+    if recorded_split(image_dir) == split:
+        return
+    if any(image_dir.glob("*.jpg")):
+        print(
+            f"note: {image_dir} holds images with no record of their split (an older data2csv.py wrote them); "
+            f"recording them as {split}",
+            file=sys.stderr,
+        )
+    record = image_dir / _SPLIT_RECORD
+    part = part_path(record)
+    part.write_text(split + "\n", encoding="utf-8")
+    os.replace(part, record)
+
+
 # -------------------------------------------------------------------------------------------------------------------- csv
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     """Write the CSV under a temporary name, then rename: readers see the old file or the whole new one."""
-    part = path.with_name(f".{path.name}{_PART_SUFFIX}")
+    part = part_path(path)
     with open(part, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "image_path", "caption", "captions"], lineterminator="\n")
         writer.writeheader()
@@ -324,17 +485,19 @@ def main(argv=None) -> None:
     settings = cli.parse_settings(globals(), argv)
     cli.require_at_least(settings, {"n": 1, "workers": 1})
     modelscope_split, local_split = split_names(settings.split)
-    image_dir = Path(settings.image_dir).resolve()
-    csv_path = Path(settings.csv).resolve()
+    default_image_dir, default_csv = _DEFAULT_OUTPUTS[local_split]
+    image_dir = Path(settings.image_dir or default_image_dir).resolve()
+    csv_path = Path(settings.csv or default_csv).resolve()
     if image_dir.exists() and not image_dir.is_dir():
         raise cli.UserError(f"--image-dir {image_dir} is a file; name a folder for the images.")
     if csv_path.is_dir():
         raise cli.UserError(f"--csv {csv_path} is a folder; name the CSV file to write.")
+    check_split(local_split, image_dir, csv_path)
 
     # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
     if settings.source == "modelscope":
         sources: Iterable[SourceImage] = modelscope_images(
-            open_modelscope(modelscope_split, settings.modelscope_timeout), settings.n
+            open_modelscope(modelscope_split, settings.modelscope_timeout, settings.verbose), settings.n, settings.verbose
         )
         source_name = f"ModelScope {_MODELSCOPE_DATASET} ({modelscope_split})"
     else:
@@ -344,12 +507,14 @@ def main(argv=None) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with folder_to_itself(image_dir):
+        check_split(local_split, image_dir, csv_path)  # again: another run may have finished since the first check
+        record_split(local_split, image_dir)
         write_all(settings, sources, source_name, image_dir, csv_path)
 
 
 def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_dir: Path, csv_path: Path) -> None:
     """The images (skipping those already complete), then the CSV, then one summary line."""
-    cleaned = remove_partial_files(image_dir)
+    cleaned = remove_partial_files(image_dir, csv_path)
     if cleaned:
         print(f"removed {cleaned} partial files left by an interrupted run", file=sys.stderr)
 
@@ -382,6 +547,9 @@ def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_
                 rows.append(source)
                 bar.update()
 
+    found = kept + written + sum(skipped.values())
+    if found < settings.n:
+        print(f"warning: asked for {settings.n} images (--n) but {source_name} has only {found}", file=sys.stderr)
     if not rows:
         raise cli.UserError(f"no usable image among the first {settings.n} of {source_name}; nothing written to {csv_path}.")
     rows.sort(key=lambda s: id_order(s.image_id))

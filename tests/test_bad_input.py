@@ -82,8 +82,21 @@ def test_infer_bad_arguments(trained, tmp_path):
 
 
 def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_24, tmp_path):
-    """No hub here: the default model id fails in one line that says to pass a local folder (after ModelScope's retries)."""
-    result = run_script(*train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK)
+    """The default model id with ModelScope unreachable fails in one line that says to pass a local folder. The test makes
+    it unreachable itself (the client's endpoint is a local port that refuses connections: bound, never listening), so
+    it holds on a machine with a network too, and points every folder the client writes to into tmp_path."""
+    import socket
+
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        env = {"MODELSCOPE_ENDPOINT": f"https://{address}", "MODELSCOPE_DOMAIN": address, "HOME": str(home),
+               "MODELSCOPE_CACHE": str(home / "modelscope-cache"), "MODELSCOPE_HOME": str(home / ".modelscope"),
+               "MODELSCOPE_CREDENTIALS_PATH": str(home / ".modelscope" / "credentials"),
+               "XDG_CACHE_HOME": str(home / ".cache"), "TMPDIR": str(home / "tmp")}  # fmt: skip
+        result = run_script(*train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK, env=env, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not download Qwen/Qwen2-VL-2B-Instruct")
     assert "--model-dir" in result.stderr.strip().splitlines()[-1]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,9 +53,9 @@ def snapshot(csv_path: Path, image_dir: Path) -> tuple[bytes, dict[str, str]]:
     return csv_path.read_bytes(), files
 
 
-def run_script(args: list[str], cwd: Path, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+def run_script(args: list[str], cwd: Path, timeout=120, env=None, python_args=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_args, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
 
 
 def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
@@ -80,7 +82,7 @@ def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
         assert __import__("re").fullmatch(CANONICAL, row["caption"])
         # A source that is already an RGB JPEG is copied byte for byte.
         assert Path(row["image_path"]).read_bytes() == (coco / "train2014" / files[image_id]).read_bytes()
-    assert sorted(p.name for p in images.iterdir()) == sorted(f"{i}.jpg" for i in wanted)
+    assert sorted(p.name for p in images.iterdir()) == sorted([f"{i}.jpg" for i in wanted] + [data2csv._SPLIT_RECORD])
     assert f"done: 10 images in {images.resolve()} (10 new, 0 already there), 0 skipped" in capsys.readouterr().out
 
 
@@ -91,7 +93,8 @@ def test_command_line_defaults_and_rerun_writes_nothing_new(coco, tmp_path):
     assert "img/s" in first.stderr  # the progress bar
     csv_path, image_dir = tmp_path / "coco-2014-dataset.csv", tmp_path / "coco_2014_caption"
     before = snapshot(csv_path, image_dir)
-    assert len(before[1]) == 6
+    assert sorted(before[1]) == [data2csv._SPLIT_RECORD, *sorted(f"{i}.jpg" for i in first_ids(coco, 6))]
+    assert (image_dir / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
 
     second = run_script(["--source", str(coco), "--n", "6"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -116,6 +119,64 @@ def test_split_names(tmp_path, split, folder_split):
     assert not (tmp_path / "x").exists(), "a wrong source must leave nothing behind"
 
 
+@pytest.fixture()
+def two_splits(tmp_path, monkeypatch) -> Path:
+    """A COCO folder with train2014 and val2014 (their image ids overlap, as a careless folder would make them collide),
+    and a clean working directory."""
+    source = make_coco_folder(tmp_path / "coco", 6, seed=3)
+    make_coco_folder(source, 4, split="val2014", seed=5)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return source
+
+
+def test_each_split_has_its_own_default_files(two_splits, tmp_path):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    train = snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption")
+    data2csv.main(["--source", str(two_splits), "--split", "validation", "--n", "4"])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train, "the training files are untouched"
+    rows = read_csv(work / "coco-2014-val.csv")
+    assert [int(r["image_id"]) for r in rows] == first_ids(two_splits, 4, "val2014")
+    assert {Path(r["image_path"]).parent for r in rows} == {work / "coco_2014_caption_val"}
+    assert sorted(p.name for p in work.iterdir()) == [
+        "coco-2014-dataset.csv", "coco-2014-val.csv", "coco_2014_caption", "coco_2014_caption_val"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-dir", "coco_2014_caption"], r"coco_2014_caption already holds COCO train2014 images .* another --image-dir"),
+        (["--csv", "coco-2014-dataset.csv"], r"coco-2014-dataset.csv lists COCO train2014 images .* another --csv"),
+    ],
+)
+def test_a_folder_or_csv_of_another_split_is_refused(two_splits, tmp_path, args, message):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    train = snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption")
+    with pytest.raises(cli.UserError, match=message):
+        data2csv.main(["--source", str(two_splits), "--split", "val2014", "--n", "4", *args])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train
+    assert sorted(p.name for p in work.iterdir()) == ["coco-2014-dataset.csv", "coco_2014_caption"], "nothing written"
+    # The same command for the training split is a rerun, not a conflict.
+    data2csv.main(["--source", str(two_splits), "--n", "6", *args])
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train
+
+
+def test_a_folder_written_before_splits_were_recorded_is_adopted(two_splits, tmp_path, capsys):
+    work = tmp_path / "work"
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).unlink()
+    capsys.readouterr()
+    data2csv.main(["--source", str(two_splits), "--n", "6"])
+    out = capsys.readouterr()
+    assert "no record of their split (an older data2csv.py wrote them); recording them as train2014" in out.err
+    assert "(0 new, 6 already there)" in out.out
+    assert (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -138,7 +199,7 @@ def test_settings_are_the_documented_flags(capsys):
         data2csv.main(["--help"])
     assert exit_info.value.code == 0
     flags = set(__import__("re").findall(r"\[(--[a-z-]+)", capsys.readouterr().out))
-    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout"}
+    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout", "--verbose"}
 
 
 def test_missing_image_folder(coco, tmp_path):
@@ -198,6 +259,7 @@ def test_interrupted_then_rerun_equals_one_run(reference, tmp_path, monkeypatch,
     capsys.readouterr()
     data2csv.main(args)
     assert snapshot(csv_path, image_dir) == expected, "no temporary file left, no duplicate, same bytes"
+    assert not list(tmp_path.glob(".*.part")), "nor the CSV's"
     out = capsys.readouterr()
     assert f"({10 - len(finished)} new, {len(finished)} already there)" in out.out
     if k <= 10:
@@ -208,9 +270,9 @@ def test_half_the_images_deleted_are_restored(reference, tmp_path):
     args, expected = reference
     data2csv.main(args)
     image_dir = tmp_path / "coco_2014_caption"
-    for path in sorted(image_dir.iterdir())[::2]:
+    for path in sorted(image_dir.glob("*.jpg"))[::2]:
         path.unlink()
-    assert len(list(image_dir.iterdir())) == 5
+    assert len(list(image_dir.glob("*.jpg"))) == 5
     data2csv.main(args)
     assert snapshot(tmp_path / "coco-2014-dataset.csv", image_dir) == expected
 
@@ -268,7 +330,44 @@ def test_in_flight_images_are_bounded(tmp_path):
     assert max(ahead) <= 2 * 3
 
 
+def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    """The same image handed to every writer at once: each writes its own temporary file and renames it whole."""
+    picture = Image.new("RGB", (64, 64), "red")
+    results = list(data2csv.write_images((data2csv.SourceImage(7, ["a red square"], image=picture) for _ in range(300)),
+                                         tmp_path, workers=8))  # fmt: skip
+    assert [reason for _, reason in results] == [None] * 300
+    assert [p.name for p in tmp_path.iterdir()] == ["7.jpg"]
+
+
+def test_csv_leftovers_of_ended_runs_are_swept_those_of_running_ones_kept(coco, tmp_path, capsys):
+    ended, running = tmp_path / ".out.csv.4999999-1-0.part", tmp_path / ".out.csv.1-1-0.part"  # pid 1 always runs
+    ended.write_text("half a CSV")
+    running.write_text("a CSV being written")
+    data2csv.main(["--source", str(coco), "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")])
+    assert not ended.exists() and running.exists()
+    assert "removed 1 partial files" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------- bad sources
+
+
+def test_an_image_or_caption_listed_twice_is_one_row_and_one_reference(coco, tmp_path, capsys):
+    source = tmp_path / "coco"
+    shutil.copytree(coco, source)
+    coco_json = annotations(source)
+    coco_json["images"] += coco_json["images"]  # every image listed twice, as is every annotation id
+    coco_json["annotations"] += coco_json["annotations"]
+    (source / "annotations" / "captions_train2014.json").write_text(json.dumps(coco_json))
+
+    for attempt in range(5):  # two writers of one image failed most runs (the rename of a shared temporary name)
+        out_csv, images = tmp_path / f"{attempt}.csv", tmp_path / f"img{attempt}"
+        data2csv.main(["--source", str(source), "--n", "40", "--workers", "8", "--image-dir", str(images), "--csv", str(out_csv)])
+        rows = read_csv(out_csv)
+        assert [int(r["image_id"]) for r in rows] == first_ids(coco, 40)
+        assert all(len(json.loads(r["captions"])) == 5 for r in rows), "an annotation id listed twice is one reference"
+        assert sorted(p.name for p in images.iterdir()) == sorted([f"{r['image_id']}.jpg" for r in rows] + [".data2csv-split"])
+        err = capsys.readouterr().err
+        assert "lists 40 images and 200 captions more than once (same id); each is used once" in err
 
 
 def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, capsys):
@@ -286,7 +385,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, caps
     out_csv = tmp_path / "out.csv"
     data2csv.main(["--source", str(source), "--n", "10", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)])
     assert [int(r["image_id"]) for r in read_csv(out_csv)] == [i for j, i in enumerate(ids) if j not in (1, 3, 5, 7)]
-    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.jpg")) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
 
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if "warning:" in line]
@@ -355,10 +454,30 @@ def test_modelscope_rows_of_either_shape_become_one_image_each():
                    {"image_id": "3", "caption": " ", "image": picture},
                    {"image_id": "3", "caption": "a red circle", "image": picture},
                    {"image_id": "5", "caption": "x", "image": picture}]  # fmt: skip
-    for rows in (joined, one_per_row):
-        # Captions as they stand when each image is handed on: an image is written only once all its rows are read.
+    twice = [[row for row in rows for _ in range(2)] for rows in (joined, one_per_row)]
+    for rows in (joined, one_per_row, *twice):
+        # Captions as they stand when each image is handed on: an image is written only once all its rows are read. A
+        # repeated row (same image, same caption) adds no second reference.
         as_yielded = [(str(s.image_id), list(s.captions)) for s in data2csv.modelscope_images(iter(rows), 2)]
         assert as_yielded == [("9", ["a blue square", "one blue square"]), ("3", ["a red circle"])]
+
+
+def test_asking_for_more_images_than_the_source_has_says_so(coco, tmp_path, monkeypatch, capsys):
+    out = ["--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")]
+    data2csv.main(["--source", str(coco), "--n", "40", *out])
+    assert "warning" not in capsys.readouterr().err
+    data2csv.main(["--source", str(coco), "--n", "777", *out])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: asked for 777 images (--n) but {coco} (train2014) has only 40"]
+    assert len(read_csv(tmp_path / "out.csv")) == 40
+
+    picture = Image.new("RGB", (8, 8), "blue")
+    rows = [{"image_id": i, "caption": "a blue square", "image": picture} for i in (5, 6, 7)]
+    monkeypatch.setattr(data2csv, "open_modelscope", lambda *args, **kwargs: iter(rows))
+    out = ["--image-dir", str(tmp_path / "ms"), "--csv", str(tmp_path / "ms.csv")]
+    data2csv.main(["--n", "5", *out])
+    assert "asked for 5 images (--n) but ModelScope modelscope/coco_2014_caption (train) has only 3" in capsys.readouterr().err
+    assert len(read_csv(tmp_path / "ms.csv")) == 3
 
 
 def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
@@ -372,25 +491,142 @@ def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
     assert reason is not None and reason.kind == "no image"
 
 
-def test_modelscope_unreachable_fails_fast_naming_the_offline_source(tmp_path):
+class _DeadlineError(TimeoutError):
+    """What modelscope 1.40.2's client raises when its own deadline passes, message and all."""
+
+
+class _HubError(Exception):
+    pass
+
+
+def _wrapped(error: Exception) -> Exception:
+    try:
+        raise _HubError("请求失败") from error
+    except _HubError as e:
+        return e
+
+
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        (_DeadlineError("[E1001] 下载总时限已耗尽；已保存可继续下载的临时文件"), "could not be reached: its server did not answer in time"),
+        (ConnectionRefusedError(111, "Connection refused"), "could not be reached: no connection to its server"),
+        (_wrapped(ConnectionResetError(104, "reset")), "could not be reached: no connection to its server"),
+        (ValueError("数据集不存在"), "client could not load modelscope/coco_2014_caption split 'train': ValueError"),
+        (ModuleNotFoundError("No module named 'addict'", name="addict"), "client is not installed (no module 'addict'); pip"),
+        ([], "modelscope/coco_2014_caption split 'train' is empty"),
+    ],
+    ids=["timeout", "refused", "wrapped", "other", "not-installed", "empty"],
+)
+def test_modelscope_failures_are_said_in_our_words_the_clients_only_with_verbose(monkeypatch, failure, message):
+    """The client's own text (here Chinese, and after a timeout untrue: nothing was saved) only with --verbose."""
+
+    def load(*args, **kwargs):
+        if isinstance(failure, BaseException):
+            raise failure
+        return failure
+
+    fake = type(sys)("modelscope.msdatasets")
+    fake.MsDataset = type("MsDataset", (), {"load": staticmethod(load)})
+    monkeypatch.setitem(sys.modules, "modelscope", type(sys)("modelscope"))
+    monkeypatch.setitem(sys.modules, "modelscope.msdatasets", fake)
+    lines = {}
+    for verbose in (False, True):
+        with pytest.raises(cli.UserError) as raised:
+            data2csv.open_modelscope("train", timeout=10, verbose=verbose)
+        lines[verbose] = str(raised.value)
+        assert message in lines[verbose] and "\n" not in lines[verbose]
+        assert "--source PATH (with PATH/train2014/ and PATH/annotations/captions_train2014.json)" in lines[verbose]
+    assert not __import__("re").search(r"[\u3000-\u9fff\uff00-\uffef]", lines[False]), "no client text without --verbose"
+    if isinstance(failure, (OSError, ValueError)):  # the client's own failures
+        assert "(--verbose shows its client's own message)" in lines[False]
+        assert f"(its client said: {type(failure).__name__}: {failure})" in lines[True]
+
+
+@pytest.fixture()
+def unreachable_modelscope(tmp_path):
+    """An environment in which ModelScope cannot be reached, whatever the machine's network: the client's endpoint is a
+    local port that refuses connections (bound, never listening, so nothing else can take it), and everything the client
+    writes (cache, credentials, temporary files) goes under tmp_path/home. Yields (environment, working directory)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    for folder in (home / "tmp", work):
+        folder.mkdir(parents=True)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELSCOPE_", "HF_", "XDG_"))}
+        env.update(
+            MODELSCOPE_ENDPOINT=f"https://{address}",  # modelscope-hub's client
+            MODELSCOPE_DOMAIN=address,  # modelscope's own (1.40.2 reads both)
+            HOME=str(home),
+            MODELSCOPE_CACHE=str(home / "modelscope-cache"),
+            MODELSCOPE_HOME=str(home / ".modelscope"),
+            XDG_CACHE_HOME=str(home / ".cache"),
+            TMPDIR=str(home / "tmp"),
+            PYTHONDONTWRITEBYTECODE="1",  # an import's .pyc is not the run's doing
+        )
+        yield env, work
+
+
+def test_modelscope_unreachable_fails_fast_naming_the_offline_source(unreachable_modelscope):
+    env, work = unreachable_modelscope
     # The default image folder sits in the working directory, as it does on any rerun: ModelScope must still be asked.
-    (tmp_path / "coco_2014_caption").mkdir()
-    (tmp_path / "coco_2014_caption" / "1.jpg").write_bytes(b"")
+    (work / "coco_2014_caption").mkdir()
+    (work / "coco_2014_caption" / "1.jpg").write_bytes(b"")
     start = time.monotonic()
-    done = run_script(["--n", "3"], cwd=tmp_path, timeout=90)
+    done = run_script(["--n", "3"], cwd=work, timeout=90, env=env)
     assert time.monotonic() - start < 60
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: ModelScope could not be reached")
+    assert lines[0].startswith("error: ModelScope could not be reached: no connection to its server"), lines[0]
     assert "--source PATH" in lines[0] and "annotations/captions_train2014.json" in lines[0]
-    assert not (tmp_path / "coco-2014-dataset.csv").exists()
+    assert "--verbose shows its client's own message" in lines[0]
+    assert sorted(p.name for p in work.rglob("*")) == ["1.jpg", "coco_2014_caption"], "a failed source leaves nothing"
+
+    verbose = run_script(["--n", "3", "--verbose"], cwd=work, timeout=90, env=env)
+    assert verbose.returncode == 2 and len(verbose.stderr.strip().splitlines()) == 1, verbose.stderr
+    assert "(its client said: " in verbose.stderr and env["MODELSCOPE_DOMAIN"].split(":")[1] in verbose.stderr
+
+
+# Runs a script with an audit hook that logs every path Python opens for writing, creates, renames or removes.
+_LOG_WRITES = r"""
+import os, runpy, sys
+log = os.open(sys.argv.pop(1), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+PATHS = {"os.mkdir": 1, "os.rename": 2, "os.replace": 2, "os.remove": 1, "os.rmdir": 1, "os.symlink": 2, "os.link": 2,
+         "os.truncate": 1, "os.chmod": 1, "os.utime": 1, "shutil.rmtree": 1, "shutil.copyfile": 2, "sqlite3.connect": 1}
+def hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        paths = [path] if (mode and set(mode) & set("wax+")) or (mode is None and flags & WRITE) else []
+    else:
+        paths = args[:PATHS.get(event, 0)]
+    for path in paths:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            os.write(log, f"{event}\t{os.path.abspath(os.fsdecode(path))}\n".encode(errors="replace"))
+sys.addaudithook(hook)
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_an_unreachable_modelscope_run_writes_nothing_outside_its_folders(unreachable_modelscope, tmp_path):
+    env, work = unreachable_modelscope
+    log = tmp_path / "writes.log"
+    done = run_script(["--n", "3"], cwd=work, timeout=90, env=env, python_args=["-c", _LOG_WRITES, str(log)])
+    assert done.returncode == 2 and "error: ModelScope could not be reached" in done.stderr, done.stderr[-2000:]
+    written = {line.split("\t", 1)[1] for line in log.read_text().splitlines()}
+    inside = str(tmp_path.resolve()) + os.sep
+    outside = sorted(p for p in written if not os.path.realpath(p).startswith(inside) and not p.startswith("/dev/"))
+    assert not outside, f"written outside the test's folder: {outside}"
+    assert any(os.path.realpath(p).startswith(env["TMPDIR"]) for p in written), "the hook sees the run's own writes"
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(coco, tmp_path):
     """Two runs into one image folder would delete each other's unfinished files; the second says so and stops."""
     import fcntl
-    import os
 
     image_dir = tmp_path / "images"
     image_dir.mkdir()
