@@ -179,7 +179,7 @@ def test_a_type_cli_cannot_use_is_named(tmp_path):
         cli.parse_settings(ns, [])
 
 
-SCRIPTS = ["train.py", "infer.py", "csv2json.py", "tools/make_offline_model.py", "tools/make_coco_folder.py"]
+SCRIPTS = ["train.py", "infer.py", "csv2json.py", "data2csv.py", "tools/make_offline_model.py", "tools/make_coco_folder.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
