@@ -35,6 +35,23 @@ def run_script(*args, env=None, cwd=REPO):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+def one_error_line(result) -> str:
+    """The single `error: ...` line a script printed before exiting with status 2 (and nothing else on stderr)."""
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def closed_port() -> int:
+    """A local port nobody listens on: connecting to it is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def make_dataset(root: Path, n: int, size=(56, 56), split="train2014", seed=0) -> Path:
     """A data_vl.json of n shape pictures, made the way a user makes one: COCO folder -> data2csv -> csv2json."""
     import csv2json

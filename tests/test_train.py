@@ -111,7 +111,14 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
     result = run_script("train.py", *common(tmp_path / "b"))
     assert result.returncode == 2 and "--resume" in result.stderr and "Traceback" not in result.stderr
 
-    train.main([*common(tmp_path / "b"), "--resume"])
+    class StepsRun(TrainerCallback):
+        steps: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    train.main([*common(tmp_path / "b"), "--resume"], callbacks=[StepsRun()])
+    assert StepsRun.steps == [3, 4, 5, 6], "the resumed run must continue after checkpoint-2, not start again"
     state = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]

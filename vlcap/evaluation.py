@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 from vlcap import captioning, fastdecode, formats
-from vlcap.caption_metrics import mean_words, score_captions, tokenizer_used
 from vlcap.training_data import usable_conversations
 
 SCORES_FILE, CAPTIONS_FILE = "eval_scores.json", "eval_captions.jsonl"
@@ -46,6 +45,9 @@ def caption_conversations(model, processor, items: list[dict], recipe: captionin
 
 def evaluate(model, processor, items: list[dict], recipe: captioning.Recipe) -> tuple[dict, dict]:
     """(captions, scores) of the model on the evaluation conversations."""
+    # pycocoevalcap (100 MB with its Java tokenizer) is imported only by a run that scores.
+    from vlcap.caption_metrics import mean_words, score_captions, tokenizer_used
+
     captions = caption_conversations(model, processor, items, recipe)
     references = {formats.image_of(it): formats.references_of(it) for it in items}
     scores = score_captions(captions, {p: references[p] for p in captions})
