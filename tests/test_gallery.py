@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import random
-from html.parser import HTMLParser
 
 import pytest
+from html_page import Page
 from PIL import Image
 
 from vlcap import formats, gallery
@@ -16,43 +16,6 @@ from vlcap.caption_metrics import score_captions
 from vlcap.cli import UserError
 
 NASTY = 'a <b>bold</b> & "quoted" <script>alert(\'x\')</script> caption'
-
-
-class Page(HTMLParser):
-    """What a browser would show: the rows of the pictures table as lists of cell texts, and every tag and its attributes."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.tags, self.rows, self.cell, self.table = [], [], None, 0
-        self.feed(text)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        if tag == "table" and dict(attrs).get("class") == "pictures":
-            self.table = 1
-        elif tag == "tr" and self.table:
-            self.rows.append([])
-        elif tag == "td" and self.table:
-            self.cell = []
-            self.rows[-1].append(self.cell)
-
-    def handle_endtag(self, tag):
-        if tag == "td":
-            self.cell = None
-        elif tag == "table":
-            self.table = 0
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell.append(data)
-
-    def cells(self) -> list[list[str]]:
-        """Each picture's row as cell texts (whitespace-joined), without the header row."""
-        return [[" ".join(" ".join(c).split()) for c in row] for row in self.rows if row]
-
-    def images(self) -> list[dict]:
-        return [attrs for tag, attrs in self.tags if tag == "img"]
 
 
 def picture(path, size=(640, 480), mode="RGB", seed=0):
