@@ -157,7 +157,7 @@ td.picture { width: 170px; }
 td.picture img { display: block; }
 div.path { font-size: 11px; color: #888; word-break: break-all; max-width: 170px; }
 div.missing { width: 160px; height: 90px; background: #fee; color: #a00; font-size: 12px; padding: 4px; box-sizing: border-box; }
-td.caption { font-size: 15px; }
+td.caption { font-size: 15px; width: 24%; }
 div.score { color: #067; font-size: 12px; margin-top: 4px; }
 em.none { color: #999; }
 td.references { color: #555; font-size: 12px; }
