@@ -6,7 +6,7 @@
     gallery.write_captions_page("captions.html", paths, captions, references, scores, cider)  # what infer.py --html writes
     gallery.write_evaluation_page(output_dir / "eval.html", items, results)  # train.py: base model beside fine-tuned
 
-The page is one self-contained file: thumbnails are embedded as JPEGs (THUMBNAIL pixels on the long side, about 3-8 KB a
+The page is one self-contained file: thumbnails are embedded as JPEGs (THUMBNAIL pixels on the long side, about 5-10 KB a
 picture), so it opens from any folder, copied or sent elsewhere, without the pictures. Captions, references and paths are
 HTML-escaped. A picture that cannot be read gets a placeholder saying why, never an error. Rows keep the order given.
 Per-picture CIDEr comes from caption_metrics.score_captions(per_image=True): it is computed over the pictures of the page,
