@@ -68,6 +68,21 @@ def test_cider_d_by_hand():
     #   vs {the dog, dog sat} -> 1/2; no shared trigram.  Same length, no penalty.
     dog = 10 * ((1 + 1 + 1 + 0) / 4 + (1 / math.sqrt(2) + 1 / 2 + 0 + 0) / 4) / 2
     assert score_captions(captions, references, "simple")["CIDEr"] == pytest.approx((cat + dog) / 2, abs=1e-6)
+    # Per picture: each image gets its own value, and the corpus CIDEr is their mean.
+    scores, each = score_captions(captions, references, "simple", per_image=True)
+    assert each == pytest.approx({"cat": cat, "dog": dog}, abs=1e-6) and list(each) == list(captions)
+    assert scores == score_captions(captions, references, "simple")
+
+
+@pytest.mark.parametrize("tokenizer", BOTH)
+def test_per_picture_cider_averages_to_the_corpus_cider(tokenizer):
+    captions = {str(i): c for i, c in enumerate(TYPICAL)}
+    references = {str(i): [TYPICAL[(i + k) % len(TYPICAL)] for k in (0, 1, 2)] for i in range(len(TYPICAL))}
+    references["3"] = ["a giraffe eating leaves from a tree in a zoo"]  # one picture whose caption matches less well
+    scores, each = score_captions(captions, references, tokenizer, per_image=True)
+    assert set(each) == set(captions) and all(isinstance(v, float) for v in each.values())
+    assert sum(each.values()) / len(each) == pytest.approx(scores["CIDEr"], abs=1e-9)
+    assert min(each, key=each.get) == "3"
 
 
 def test_bleu_and_rouge_by_hand():

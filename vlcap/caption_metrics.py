@@ -3,6 +3,7 @@
     from caption_metrics import score_captions, tokenizer_used
     scores = score_captions({"img1": "a dog on a couch"}, {"img1": ["A dog lies on a sofa.", "A brown dog on a couch."]})
     print(tokenizer_used(), scores)  # ptb {'BLEU-1': ..., 'BLEU-4': ..., 'ROUGE-L': ..., 'CIDEr': ...}
+    scores, cider = score_captions(captions, references, per_image=True)  # cider: {"img1": CIDEr of its caption}
 
 Why pycocoevalcap: it is the packaged copy of the COCO caption evaluation code (github.com/tylin/coco-caption) behind the
 numbers captioning papers report, so scores here compare with published ones. Its `Cider` class is CIDEr-D, the variant the
@@ -129,11 +130,14 @@ def mean_words(captions: dict[str, str] | list[str]) -> float:
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
 
 
-def score_captions(captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto") -> dict[str, float]:
+def score_captions(captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto", per_image: bool = False):
     """BLEU-1..4, ROUGE-L and CIDEr(-D) of one caption per image against that image's reference captions.
 
     captions maps an image key to the generated caption; references maps image keys (a superset) to reference captions.
     tokenizer: "auto" (official PTB tokenizer when Java is present, else "simple"), "ptb" or "simple".
+    Returns {metric: score}; with per_image=True, (that dict, {image key: CIDEr of its caption}). Each image's CIDEr is
+    computed over the whole set (CIDEr's idf comes from all the images' references), so the values average to the
+    corpus CIDEr; they rank the pictures of this set and mean nothing alone (see the module docstring).
     """
     used = tokenizer_used(tokenizer)
     if not captions:
@@ -154,5 +158,6 @@ def score_captions(captions: dict[str, str], references: dict[str, list[str]], t
     with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its n-gram counts
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
-    return dict(zip(METRICS, [float(b) for b in bleu] + [float(rouge), float(cider)]))
+        cider, cider_each = Cider().compute_score(gts, res)  # cider_each follows gts' key order: keys
+    scores = dict(zip(METRICS, [float(b) for b in bleu] + [float(rouge), float(cider)]))
+    return (scores, dict(zip(keys, map(float, cider_each)))) if per_image else scores
