@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from vlcap import cli, formats, images
+from vlcap import cli, formats, gallery, images
 
 ADAPTER: str | None = None  # adapter folder train.py saved (default: the newest under output/)
 NO_ADAPTER: bool = False  # caption with the base model alone, e.g. to compare against the fine-tuned one
@@ -31,6 +31,7 @@ IMAGE_SIZE: int | None = None  # side images are resized to, multiple of 28, 0 =
 DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE: bool = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
+HTML: str | None = None  # write the captions as a web page with thumbnails to this file
 FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
 
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
     if not paths and not args.merge:
         raise cli.UserError("no images found in the given paths.")
+    if args.html:
+        gallery.check_page_path(args.html)
 
     from vlcap import captioning, qwen  # torch and transformers load once the settings are right
 
@@ -77,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write, args.fast_decode
         )
     summary = f"captioned {len(captions)} of {len(paths)} images -> {out}"
+    scores = cider = None
     if args.score and captions:
         from vlcap.caption_metrics import score_captions
 
-        scores = score_captions(captions, {p: references[p] for p in captions})
+        scores, cider = score_captions(captions, {p: references[p] for p in captions}, per_image=True)
         summary += "  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
         formats.write_json(out.with_suffix(".scores.json"), scores)
+    if args.html:
+        title = f"Captions by {adapter}" if adapter else "Captions by the base model"
+        summary += f"; web page {gallery.write_captions_page(args.html, paths, captions, references, scores, cider, title)}"
     print(summary + (f"; {len(failed)} failed (see warnings above)" if failed else ""))
     return 1 if failed else 0
 

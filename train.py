@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from vlcap import cli, formats, images, timing, tracking
+from vlcap import cli, formats, gallery, images, timing, tracking
 
 MODEL_DIR: str = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
 DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
@@ -120,13 +120,13 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     adapter_dir = save(model, processor, settings, result, marks, Path(args.output_dir) / "adapter", device)
     captions = evaluation.caption_conversations(model, processor, test_items, recipe)
-    for item in test_items:
-        if formats.image_of(item) in captions:
-            print(f"{formats.image_of(item)}\n  reference: {formats.caption_of(item)}\n  generated: {captions[formats.image_of(item)]}")
+    print_samples(test_items, captions)
     tracker.log_pictures("Prediction/after", captions)
     if eval_items:
         results["after"] = score(model, processor, eval_items, recipe, "after", tracker)
         evaluation.write_results(Path(args.output_dir), eval_items, results)
+        page = gallery.write_evaluation_page(Path(args.output_dir) / gallery.PAGE_FILE, eval_items, results)
+        print(f"the evaluation pictures with their captions before and after training: {page}")
     tracker.finish()
     print(f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}")
     print(f"adapter saved to {adapter_dir}")
@@ -139,8 +139,10 @@ def read_settings(argv: list[str] | None):
     args = cli.parse_settings(globals(), argv)
     cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
                                 "eval_batch_size": 1, "sample_max_new_tokens": 1, "lora_r": 1})  # fmt: skip
-    if not args.learning_rate > 0:
-        raise cli.UserError(f"--learning-rate must be a positive number, not {args.learning_rate}.")
+    cli.require_at_least(args, {"test_size": 0, "eval_size": 0, "max_length": 1})
+    cli.require_positive(args, ["learning_rate", "epochs", "lora_alpha"])
+    cli.require_range(args, ["lora_dropout"], at_least=0, below=1)
+    cli.require_range(args, ["vision_cache_gb"], at_least=0)
     images.check_size(args.image_size)
     if args.low_memory:  # the same effective batch in up to 4 pieces, with checkpointing
         pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)
@@ -324,6 +326,16 @@ def save(model, processor, settings: dict, result, marks, adapter_dir: Path, dev
     return adapter_dir
 
 
+def print_samples(items: list[dict], captions: dict[str, str], most: int = 4) -> None:
+    """A few held-out pictures with their reference and generated captions (infer.py captions all of them)."""
+    shown = [item for item in items if formats.image_of(item) in captions][:most]
+    for item in shown:
+        path = formats.image_of(item)
+        print(f"{path}\n  reference: {formats.caption_of(item)}\n  generated: {captions[path]}")
+    if len(captions) > len(shown):
+        print(f"... and {len(captions) - len(shown)} more held-out pictures: `python infer.py` captions them all")
+
+
 def score(model, processor, items: list[dict], recipe, when: str, tracker):
     """(captions, scores) of the evaluation split, printed and logged."""
     captions, scores = evaluation.evaluate(model, processor, items, recipe)
@@ -336,4 +348,4 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-    cli.run(main)
+    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + cli.rerun_command("--resume"))

@@ -222,6 +222,15 @@ def main() -> None:
         lines.append(f"\nThe fast loop's captions equal generate's for {r['same_captions']} of 64 pictures.")
     if training_rows:
         lines.append(f"\nImporting torch and transformers (before the clock starts): {training_rows[0]['imports_s']} s.")
+        try:  # a missing matplotlib must not lose the figures above
+            from plot import logged_steps_and_losses, plot_losses
+
+            runs = {r["variant"]: logged_steps_and_losses(work / f"out-{r['variant']}-{args.n}") for r in training_rows}
+            png = plot_losses(runs, Path(args.results).with_name(f"losses-{datetime.date.today()}-{args.n}.png"),
+                              f"training loss, {args.n} pictures, {card}")
+            lines.append(f"\n![training loss of each variant]({png.name})")
+        except Exception:
+            traceback.print_exc()
     entry = "\n".join(lines) + "\n"
     print(entry)
     with open(args.results, "a") as f:

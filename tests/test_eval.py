@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import QUICK, make_dataset, run_script
+from html_page import Page
 from swanlab_files import only_run, read_run
 
 import train
@@ -34,6 +35,10 @@ def test_training_scores_before_and_after(tiny_model, shapes_24, eval_split, tmp
         assert scores[when]["tokenizer"] in ("ptb", "simple")
     captions = [json.loads(line) for line in (out / "eval_captions.jsonl").read_text().splitlines()]
     assert len(captions) == 8 and all(len(c["references"]) == 5 and "before" in c and "after" in c for c in captions)
+    page = Page((out / "eval.html").read_text(encoding="utf-8"))  # the same pictures and captions, to look at
+    assert [img["title"] for img in page.images()] == [c["image"] for c in captions]
+    shown = [[cell.rsplit(" CIDEr ", 1)[0] for cell in row[2:4]] for row in page.cells()]
+    assert shown == [[c[w] or "(empty caption)" for w in ("before", "after")] for c in captions]
 
     run = read_run(only_run(tmp_path / "swanlog"))
     for when in ("before", "after"):
@@ -49,9 +54,14 @@ def test_infer_scores_an_adapter_against_the_base_model(trained, tiny_model, eva
     for name, args in [("after", ["--adapter", str(adapter)]), ("before", ["--no-adapter", "--model-dir", str(tiny_model),
                                                                          "--image-size", "56"])]:  # fmt: skip
         result = run_script("infer.py", *args, "--json", str(eval_split), "--score", "--device", "cpu",
-                            "--output", str(tmp_path / f"{name}.jsonl"), "--max-new-tokens", "16")  # fmt: skip
+                            "--output", str(tmp_path / f"{name}.jsonl"), "--max-new-tokens", "16",
+                            "--html", str(tmp_path / f"{name}.html"))  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
-        assert "CIDEr" in result.stdout.splitlines()[-1]
+        assert "CIDEr" in result.stdout.splitlines()[-1] and f"{name}.html" in result.stdout.splitlines()[-1]
+        page = Page((tmp_path / f"{name}.html").read_text(encoding="utf-8"))
+        captions = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert len(page.images()) == len(captions) == 12
+        assert [row[2].rsplit(" CIDEr ", 1)[0] for row in page.cells()] == [c["caption"] or "(empty caption)" for c in captions]
     before = json.loads((tmp_path / "before.scores.json").read_text())
     after = json.loads((tmp_path / "after.scores.json").read_text())
     print(f"base model BLEU-4 {before['BLEU-4']:.3f} CIDEr {before['CIDEr']:.3f}; "
