@@ -27,7 +27,7 @@ OUTPUT = "captions.jsonl"  # captions written here, one JSON object per image
 BATCH_SIZE = 32  # images per generate call
 MAX_NEW_TOKENS = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
-IMAGE_SIZE: int | None = None  # side images are resized to, multiple of 28, 0 = native (default: the adapter's; 280)
+IMAGE_SIZE: int | None = None  # side images are resized to, 0 = native (default: the adapter's; else 280 for Qwen2-VL and Qwen2.5-VL, 288 for Qwen3-VL)
 DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UserError("--merge needs an adapter to merge; pass --adapter DIR.")
     trained = formats.read_adapter_settings(adapter) if adapter else None
     prompt = args.prompt or (trained.prompt if trained else formats.DEFAULT_PROMPT)
-    image_size = args.image_size if args.image_size is not None else (trained.image_size if trained else images.DEFAULT_SIZE)
-    images.check_size(image_size)
+    image_size = args.image_size if args.image_size is not None else (trained.image_size if trained else None)
     paths, references = pictures_to_caption(args, trained)
     if args.score and not references:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
@@ -58,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = qwen.resolve_device(args.device)
     model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device)
+    image_size = qwen.resolve_image_size(processor, image_size)  # a multiple of this model's patches
     if args.merge:
         return merge_adapter(model, processor, adapter, args.merge)
 
