@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,21 @@ def prompt_text(processor, prompt: str) -> str:
     """The model's input text up to where the caption starts (the chat template, generation prompt added)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_answer_ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> answer_end_id, worked out once
+
+
+def answer_end_id(processor) -> int:
+    """The token the chat template closes an assistant turn with (<|im_end|> in every Qwen-VL family): what a caption
+    ends with in training, so that the model learns to stop."""
+    if processor not in _answer_ends:
+        mark = "CAPTION"
+        messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": mark}]}]  # fmt: skip
+        after = processor.apply_chat_template(messages, tokenize=False).split(mark, 1)[1]
+        _answer_ends[processor] = processor.tokenizer(after, add_special_tokens=False)["input_ids"][0]
+    return _answer_ends[processor]
 
 
 # -------------------------------------------------------------------------------------------------------------- LoRA
