@@ -56,7 +56,7 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def prepare(work: Path, n: int, arch: str) -> tuple[Path, Path]:
+def prepare(work: Path, n: int, arch: str = "qwen2_vl") -> tuple[Path, Path]:
     model, data = work / f"model-{arch}", work / f"data-{n}"
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
