@@ -21,8 +21,9 @@ What it does (bench/RESULTS.md has what each part bought):
    attention mask, positions, image-token places and the loss's token count are built by the collator, and batches are
    copied without waiting, so no step waits on the GPU.
 It leans on transformers internals (the mask builder, get_rope_index, the decoder layer's call): train.py uses it only
-where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL). None of it changes the mathematics:
-tests/test_fastpath.py trains with and without it and compares the losses and weights.
+where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+None of it changes the mathematics: tests/test_fastpath.py trains each family with and without it and compares the
+losses and weights.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from vlcap import qwen, vision_attention
-from vlcap.qwen import base_model
+from vlcap import vision_attention
+from vlcap.qwen import base_model, transformers_class
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -65,7 +66,7 @@ class RopeIndex:
 
     def __init__(self, config):
         self.config = config
-        self.inner = qwen.transformers_class(config, "inner")
+        self.inner = transformers_class(config, "inner")
 
     def get_rope_index(self, *args, **kwargs):
         return self.inner.get_rope_index(self, *args, **kwargs)

@@ -207,8 +207,6 @@ _PROJECTION = re.compile(r"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.
 def lora_target_names(source) -> list[str]:
     """The names LoRA can target: the language model's linear projections, e.g. q_proj ... down_proj. `source` is a
     model, or a model folder (its architecture is built on the meta device: no weights, no memory)."""
-    import torch
-
     if isinstance(source, (str, Path)):
         from transformers import AutoConfig
 
