@@ -27,7 +27,7 @@ OUTPUT = "captions.jsonl"  # captions written here, one JSON object per image
 BATCH_SIZE = 32  # images per generate call
 MAX_NEW_TOKENS = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
-IMAGE_SIZE: int | None = None  # side images are resized to, 0 = native (default: the adapter's; else 280 for Qwen2-VL and Qwen2.5-VL, 288 for Qwen3-VL)
+IMAGE_SIZE: int | None = None  # side images are resized to, 0 = native (default: the adapter's; without one 280, Qwen3-VL 288)
 DEVICE = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)

@@ -28,7 +28,7 @@ DATA_JSON = "data_vl.json"  # conversations written by csv2json.py
 OUTPUT_DIR = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
 TEST_SIZE = 4  # last conversations held out (data_vl_test.json) and captioned after training
 PROMPT = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
-IMAGE_SIZE: int | None = None  # side images are resized to, a multiple of the model's patch x merge, 0 = each image's own (default: 280 for Qwen2-VL and Qwen2.5-VL, 288 for Qwen3-VL)
+IMAGE_SIZE: int | None = None  # images resized to N x N, N a multiple of 28 (Qwen3-VL: 32), 0 = each image's own size (default: 280; Qwen3-VL 288)
 MAX_LENGTH = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
 LORA_R = 64  # LoRA rank
 LORA_ALPHA = 16  # LoRA scaling numerator (scale = alpha / r)
