@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner
 from PIL import Image
 from test_fastpath import train_run
@@ -26,7 +27,6 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_the_folder_decides_the_model_class_and_the_image_size(tiny_models, arch):
-    import transformers
     from make_offline_model import FAMILIES as BUILT
 
     assert qwen.model_class(tiny_models[arch]) is getattr(transformers, BUILT[arch].model_class)
@@ -211,7 +211,7 @@ def test_a_family_lacking_what_the_fast_path_needs_trains_through_the_plain_path
     guarded, _, settings = train_run(model_dir, shapes_24, tmp_path / "guarded", "qwen3_vl")  # defaults: fast if it can
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
     assert notes == [
-        "note: fast training off, using the plain path instead: transformers 5.24.0 lacks what it relies on "
+        f"note: fast training off, using the plain path instead: transformers {transformers.__version__} lacks what it relies on "
         "(Qwen3VLTextModel.forward has no visual_pos_masks, deepstack_visual_embeds)."
     ]
     assert not settings["vision_cache"] and guarded == plain
