@@ -27,7 +27,7 @@ OUTPUT: str = "captions.jsonl"  # captions written here, one JSON object per ima
 BATCH_SIZE: int = 32  # images per generate call
 MAX_NEW_TOKENS: int = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
-IMAGE_SIZE: int | None = None  # side images are resized to, multiple of 28, 0 = native (default: the adapter's; 280)
+IMAGE_SIZE: int | None = None  # side images are resized to, 0 = native (default: the adapter's; without one 280, Qwen3-VL 288)
 DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE: bool = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.UserError("--merge needs an adapter to merge; pass --adapter DIR.")
     trained = formats.read_adapter_settings(adapter) if adapter else None
     prompt = args.prompt or (trained.prompt if trained else formats.DEFAULT_PROMPT)
-    image_size = args.image_size if args.image_size is not None else (trained.image_size if trained else images.DEFAULT_SIZE)
-    images.check_size(image_size)
+    image_size = args.image_size if args.image_size is not None else (trained.image_size if trained else None)
     paths, references = pictures_to_caption(args, trained)
     if args.score and not references:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
@@ -61,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = qwen.resolve_device(args.device)
     model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device)
+    image_size = qwen.resolve_image_size(processor, image_size)  # a multiple of this model's patches
     if args.merge:
         return merge_adapter(model, processor, adapter, args.merge)
 

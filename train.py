@@ -21,14 +21,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from vlcap import cli, formats, gallery, images, timing, tracking
+from vlcap import cli, formats, gallery, timing, tracking
 
 MODEL_DIR: str = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
 DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
 OUTPUT_DIR: str = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
 TEST_SIZE: int = 4  # last conversations held out (data_vl_test.json) and captioned after training
 PROMPT: str = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
-IMAGE_SIZE: int = images.DEFAULT_SIZE  # images resized to IMAGE_SIZE x IMAGE_SIZE (multiple of 28; 0 = each image's own size)
+IMAGE_SIZE: int | None = None  # images resized to N x N, N a multiple of 28 (Qwen3-VL: 32), 0 = each image's own size (default: 280; Qwen3-VL 288)
 MAX_LENGTH: int = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
 LORA_R: int = 64  # LoRA rank
 LORA_ALPHA: int = 16  # LoRA scaling numerator (scale = alpha / r)
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     train_items, test_items = training_data.hold_out(items, args.test_size)
     model_dir = qwen.resolve_model_dir(args.model_dir)
     processor = qwen.load_processor(model_dir)
+    args.image_size = qwen.resolve_image_size(processor, args.image_size)  # a multiple of this model's patches
+    qwen.check_lora_targets(model_dir, args.lora_targets)
     dataset = training_data.CaptionDataset(train_items, processor, args.prompt, args.image_size, args.max_length)
     dataset.check_first()
     if is_main:  # every check that can fail early has passed: now the split files may change
@@ -143,7 +145,6 @@ def read_settings(argv: list[str] | None):
     cli.require_positive(args, ["learning_rate", "epochs", "lora_alpha"])
     cli.require_range(args, ["lora_dropout"], at_least=0, below=1)
     cli.require_range(args, ["vision_cache_gb"], at_least=0)
-    images.check_size(args.image_size)
     if args.low_memory:  # the same effective batch in up to 4 pieces, with checkpointing
         pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)
         args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
@@ -193,6 +194,7 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
 
     pad_id = processor.tokenizer.pad_token_id
     config = AutoConfig.from_pretrained(model_dir)
+    fast = fast and compat.available("fast training", config)  # this family's internals (Qwen2-VL, 2.5, 3)
     dtype = qwen.model_dtype(device)
     cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
     if not fast or cache_gb is None or cache_gb > args.vision_cache_gb:

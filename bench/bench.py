@@ -1,13 +1,16 @@
-"""Training and captioning speed of train.py / infer.py on one GPU, with the real 2B architecture (random weights).
+"""Training and captioning speed of train.py / infer.py on one GPU, with a real architecture (random weights).
 
-    python bench/bench.py                          # all variants; appends to bench/RESULTS.md
-    python bench/bench.py --variants fast --n 5000 # one variant on 5,000 pictures (issue: scale)
+    python bench/bench.py                                    # Qwen2-VL-2B, all variants; appends to bench/RESULTS.md
+    python bench/bench.py --variants fast --n 5000           # one variant on 5,000 pictures (issue: scale)
+    python bench/bench.py --arch qwen2_5_vl --variants plain,fast,low-memory   # Qwen2.5-VL-3B's shape
+    python bench/bench.py --arch qwen3_vl                    # Qwen3-VL-2B's shape
 
-Offline, in bench/work/: builds the 2B stand-in (tools/make_offline_model.py --size 2b), N generated 640x480 JPEGs with
-COCO-length captions (tools/make_coco_folder.py -> data2csv.py -> csv2json.py), then runs train.py itself with the
-tutorial's recipe (the last 4 held out, 2 epochs, effective batch 16, LoRA r=64/alpha=16/dropout 0.05 on the seven
-language-model projections, lr 1e-4, 280x280) in each variant, each in its own process so peak memory is its own. Prints a
-table and writes the same as a Markdown entry (date, card, versions) to --results.
+Offline, in bench/work/: builds the family's stand-in (tools/make_offline_model.py --arch ARCH --size full, into
+bench/work/model-ARCH), N generated 640x480 JPEGs with COCO-length captions (tools/make_coco_folder.py -> data2csv.py ->
+csv2json.py), then runs train.py itself with the tutorial's recipe (the last 4 held out, 2 epochs, effective batch 16, LoRA
+r=64/alpha=16/dropout 0.05 on the seven language-model projections, lr 1e-4, train.py's default image size: 280x280 for
+Qwen2-VL and Qwen2.5-VL, 288x288 for Qwen3-VL) in each variant, each in its own process so peak memory is its own. Prints
+a table and writes the same as a Markdown entry (date, card, versions, family) to --results.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from make_offline_model import FAMILIES  # noqa: E402  (the families a stand-in can be built of)
 
 # Each variant is train.py's flags on top of the recipe; "fast" is train.py's defaults.
 VARIANTS = {
@@ -51,12 +56,13 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def prepare(work: Path, n: int) -> tuple[Path, Path]:
-    model, data = work / "model-2b", work / f"data-{n}"
+def prepare(work: Path, n: int, arch: str = "qwen2_vl") -> tuple[Path, Path]:
+    model, data = work / f"model-{arch}", work / f"data-{n}"
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if not (model / "config.json").exists():
-        print(f"building the 2B stand-in: {run([py, 'tools/make_offline_model.py', '--size', '2b', '--out', str(model)], work / 'model.log'):.0f} s")
+        build = [py, "tools/make_offline_model.py", "--arch", arch, "--size", "full", "--out", str(model)]
+        print(f"building the {arch} stand-in: {run(build, work / f'model-{arch}.log'):.0f} s")
     if not (data / "data_vl.json").exists():
         data.mkdir(parents=True, exist_ok=True)
         steps = [
@@ -88,32 +94,32 @@ def matmul_tflops() -> float:
 
 def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int = 4) -> float:
     """FLOPs the 2-epoch job needs at least: vision forward, language model forward + backward to activations
-    (LoRA's own products are <1% and left out), the LM head on caption tokens only; per sample seen."""
+    (LoRA's own products are <1% and left out), the LM head on caption tokens only; per sample seen. At train.py's
+    default image size for the family."""
     import torch
-    from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+    from PIL import Image
+    from transformers import AutoConfig
 
+    from vlcap import fastpath, qwen
     from vlcap.training_data import encode_example
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = qwen.model_class(model_dir)(config)
     linear = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2)  # noqa: E731
     vision, language = linear(model.model.visual), linear(model.model.language_model.layers)
     head = config.text_config.hidden_size * config.text_config.vocab_size
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = qwen.load_processor(model_dir)
+    side = qwen.resolve_image_size(processor, None)
+    patches = fastpath.image_token_count(processor, side) * processor.image_processor.merge_size**2
     items = json.loads(data_json.read_text())[:-test_size]
-    prompt_tokens = len(encode_example(processor, _blank(), "", "COCO Yes:", 8192)["input_ids"]) - 1
+    blank = Image.new("RGB", (side, side), "white")
+    prompt_tokens = len(encode_example(processor, blank, "", "COCO Yes:", 8192)["input_ids"]) - 1
     total = 0.0
     for item in items:
         answer = len(processor.tokenizer(item["conversations"][1]["value"])["input_ids"]) + 1
-        total += 2 * vision * 400 + 4 * language * (prompt_tokens + answer) + 4 * head * answer
+        total += 2 * vision * patches + 4 * language * (prompt_tokens + answer) + 4 * head * answer
     return epochs * total
-
-
-def _blank():
-    from PIL import Image
-
-    return Image.new("RGB", (280, 280), "white")
 
 
 def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32) -> dict:
@@ -151,6 +157,8 @@ def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="qwen2_vl", choices=list(FAMILIES),
+                        help="model family, as the full-size stand-in of tools/make_offline_model.py")  # fmt: skip
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--n", type=int, default=500, help="generated pictures (the tutorial: 500)")
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
@@ -162,46 +170,48 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, data_json = prepare(work, args.n)
+    model_dir, data_json = prepare(work, args.n, args.arch)
     rate = matmul_tflops()
     flops = job_flops(model_dir, data_json)
     print(f"bf16 matmul {rate:.0f} TFLOP/s; job {flops / 1e15:.2f} PFLOP, floor {flops / rate / 1e12:.2f} s")
 
     rows = []
     for name in args.variants.split(","):
-        out = work / f"out-{name}-{args.n}"
+        out = work / f"out-{args.arch}-{name}-{args.n}"
         cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
                "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
                "--save-steps", "100000", "--sample-max-new-tokens", "32", *VARIANTS[name]]  # fmt: skip
-        wall = run(cmd, work / f"{name}-{args.n}.log")
+        wall = run(cmd, work / f"{args.arch}-{name}-{args.n}.log")
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]
         full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name]
         row = {"variant": name, "steps": steps, "prep_s": sec["prepare"], "setup_s": sec["to_first_step"] - sec["prepare"] - sec["capture"],
                "capture_s": sec["capture"], "train_s": sec["train"],
                "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
-               "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall,
+               "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall, "image_size": s["image_size"],
                "imports_s": sec.get("imports"), "prep_parts": sec.get("prepare_parts"),
                "mfu": flops / (sec["train"] * rate * 1e12) if full else None}  # fmt: skip
         rows.append(row)
         print(json.dumps(row))
     check = None
     if {"check-eager", "check-graphs"} <= {r["variant"] for r in rows}:
-        eager, graphs = (logged_losses(work / f"out-{v}-{args.n}") for v in ("check-eager", "check-graphs"))
+        eager, graphs = (logged_losses(work / f"out-{args.arch}-{v}-{args.n}") for v in ("check-eager", "check-graphs"))
         check = max(abs(a - b) / abs(a) for a, b in zip(eager, graphs))
         print(f"losses eager {eager}\nlosses graphs {graphs}\nmax relative difference {check:.2e}")
     training_rows = [r for r in rows if not r["variant"].startswith("check")]
     infer_row = None
     if training_rows and not args.no_inference:
         try:  # a failure here must not lose the training figures above
-            infer_row = inference(work / f"out-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
+            infer_row = inference(work / f"out-{args.arch}-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
             print(json.dumps(infer_row))
         except Exception:
             traceback.print_exc()
 
     card = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    lines = [f"\n### {datetime.date.today()} — {card}, {versions}, {args.n} pictures\n",
+    family = f"{FAMILIES[args.arch].name} stand-in ({args.arch}, full size, random weights)"
+    size = rows[0]["image_size"] if rows else "?"
+    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}\n",
              f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
              "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -214,7 +224,7 @@ def main() -> None:
         lines.append(f"\nCUDA graphs vs eager, 8 steps without dropout: largest relative loss difference {check:.1e}.")
     if infer_row:
         r = infer_row
-        lines.append(f"\nCaptioning 64 pictures at 280x280, 32 new tokens ({training_rows[-1]['variant']} adapter, merged), "
+        lines.append(f"\nCaptioning 64 pictures at {size}x{size}, 32 new tokens ({training_rows[-1]['variant']} adapter, merged), "
                      "captions/s: batched (first call of the shape / again) and one at a time.\n\n"
                      "| decoder | batched, first call | batched, again | one at a time |\n| --- | --- | --- | --- |")
         for name in ("generate", "fast"):

@@ -71,3 +71,16 @@ def load_captioner(adapter: Path, device: str = "cpu"):
 
     model, processor = qwen.load_for_captioning(adapter, formats.read_adapter_settings(adapter), None, device)
     return model, processor, formats.read_train_settings(adapter)
+
+
+# Each family's tiny folder takes pictures of this side as 4 image tokens (2x2 merged patches): 56 px for Qwen2-VL and
+# Qwen2.5-VL (14 px patches), 64 px for Qwen3-VL (16 px patches).
+TEST_IMAGE_SIZE = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 64}
+FAMILIES = list(TEST_IMAGE_SIZE)
+
+
+def for_family(args: list[str], arch: str) -> list[str]:
+    """A recipe (QUICK, LEARN_ARGS) with the family's test image size."""
+    args = list(args)
+    args[args.index("--image-size") + 1] = str(TEST_IMAGE_SIZE[arch])
+    return args

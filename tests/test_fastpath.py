@@ -1,16 +1,16 @@
-"""The fast path computes the same training as the plain one: same losses, same weights."""
+"""The fast path computes the same training as the plain one, for every family: same losses, same weights."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from helpers import QUICK
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family
 from transformers import AutoProcessor, TrainerCallback
 
-from vlcap import fastpath
 import train
-from vlcap import qwen, training_data, vision_attention
+from vlcap import fastpath, qwen, training_data, vision_attention
 
 
 class Losses(TrainerCallback):
@@ -22,41 +22,56 @@ class Losses(TrainerCallback):
             self.values.append(float(logs["loss"]))
 
 
-def test_fast_and_plain_paths_train_the_same(tiny_model, shapes_24, tmp_path):
+def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dict, dict]:
+    """(logged losses, adapter weights, train_settings.json) of 6 steps without dropout."""
+    from safetensors.torch import load_file
+
+    losses = Losses()
+    train.main(["--model-dir", str(model_dir), "--data-json", str(data_json), "--output-dir", str(out), "--max-steps", "6",
+                "--lora-dropout", "0", "--swanlab-mode", "disabled", *for_family(QUICK, arch), *extra],
+               callbacks=[losses])  # fmt: skip
+    settings = json.loads((out / "adapter" / "train_settings.json").read_text())
+    return losses.values, load_file(out / "adapter" / "adapter_model.safetensors"), settings
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, arch, monkeypatch):
     """Plain: pictures decoded per step, vision tower every step, full logits, per-batch padding.
 
     Fast: vision tower once (cache), precomputed positions, fixed padding, logits on caption positions only. Both fp32
     on the CPU from the same seed, dropout off (its random draws depend on the padded shape, so they would differ by
-    design). The only differences left are summation order in padded attention and the LM head: ~1e-6 relative, so
+    design). The only differences left are summation order in padded attention and the LM head: ~1e-7 relative, so
     1e-4 on the losses and 1e-4 on the weights after 6 steps leaves room for rounding but not for a masking or
-    normalisation bug (a wrong label shift or token count moves the loss by far more than 1%).
+    normalisation bug (a wrong label shift or token count moves the loss by far more than 1%). Qwen3-VL: without its
+    DeepStack features the fast path's losses move by ~3e-4, and the test checks that they do.
     """
-    from safetensors.torch import load_file
-
-    runs = {}
-    for name, cache in [("plain", "0"), ("fast", "8")]:
-        losses = Losses()
-        out = tmp_path / name
-        train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
-                    "--max-steps", "6", "--lora-dropout", "0", "--vision-cache-gb", cache, "--swanlab-mode", "disabled",
-                    *QUICK], callbacks=[losses])  # fmt: skip
-        settings = json.loads((out / "adapter" / "train_settings.json").read_text())
-        assert settings["vision_cache"] is (name == "fast")
-        runs[name] = losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
-    (plain_losses, plain_weights), (fast_losses, fast_weights) = runs["plain"], runs["fast"]
+    plain_losses, plain_weights, settings = train_run(tiny_models[arch], shapes_24, tmp_path / "plain", arch,
+                                                      "--vision-cache-gb", "0")  # fmt: skip
+    assert not settings["vision_cache"]
+    fast_losses, fast_weights, settings = train_run(tiny_models[arch], shapes_24, tmp_path / "fast", arch)
+    assert settings["vision_cache"]
     assert len(plain_losses) == len(fast_losses) == 6
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=0)
     assert plain_losses[0] != plain_losses[-1], "the weights should have moved"
     for name, weight in plain_weights.items():
         torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=1e-6)
 
+    if arch == "qwen3_vl":  # the comparison above can tell a fast path that leaves the DeepStack features out
+        monkeypatch.setattr(fastpath, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs))
+        without, _, _ = train_run(tiny_models[arch], shapes_24, tmp_path / "no-deepstack", arch)
+        gap = (torch.tensor(without) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)
+        agree = (torch.tensor(fast_losses) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)
+        assert gap.max() > 1e-4 and gap.max() > 100 * agree.max(), (gap, agree)
 
-def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, arch):
+    tiny_model = tiny_models[arch]
     processor = AutoProcessor.from_pretrained(tiny_model)
     items = json.loads(shapes_24.read_text())[:5]
     for i, item in enumerate(items):  # captions of different lengths, so rows end at different places
         item["conversations"][1]["value"] = " ".join(["a red circle"] * (i + 1))
-    dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
+    dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", TEST_IMAGE_SIZE[arch], 8192)
     plain = training_data.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
@@ -81,36 +96,48 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_model, shapes_24):
     padding = (batch["input_ids"] != processor.tokenizer.pad_token_id).long()
     expected = create_causal_mask(config=config, inputs_embeds=torch.zeros(5, pad_to, 8), attention_mask=padding,
                                   cache=None, position_ids=None)  # fmt: skip
-    assert torch.equal(batch["attention_mask"]["full_attention"], expected)
+    assert torch.equal(batch["attention_mask"], expected)
     # Image features go to exactly the image tokens' places, row after row.
     flat = batch["input_ids"].flatten()
     assert torch.equal(batch["image_positions"], (flat == image_token).nonzero()[:, 0])
 
 
-def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_model):
-    """One attention call for pictures of one size equals transformers' call per picture; other sizes are left alone."""
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_models, arch):
+    """One attention call for pictures of one size equals transformers' call per picture (Qwen2.5-VL's windowed blocks:
+    per window), DeepStack features included; other sizes are left alone."""
     import numpy as np
     from PIL import Image
 
-    import infer
+    model, processor = qwen.load_model(str(tiny_models[arch]), "cpu"), AutoProcessor.from_pretrained(tiny_models[arch])
+    unit = qwen.image_unit(processor)
 
-    model, processor = qwen.load_model(str(tiny_model), "cpu"), AutoProcessor.from_pretrained(tiny_model)
-    rng = np.random.default_rng(0)
-
-    def features(sizes, batched):
-        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    def features(sides, batched):
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sides]
         inputs = processor.image_processor(images=images, return_tensors="pt")
         grid = inputs["image_grid_thw"]
         with torch.no_grad(), vision_attention.batched(model, vision_attention.patches_per_image(grid) if batched else None):
-            return torch.cat(model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True).pooler_output)
+            out = model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True)
+        return [torch.cat(level) for level in (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))]
 
-    state = rng.bit_generator.state
-    expected = features([(56, 84)] * 4, batched=False)
-    rng.bit_generator.state = state
-    got = features([(56, 84)] * 4, batched=True)
-    assert expected.shape == (4 * 6, model.config.text_config.hidden_size)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    def same_batched_or_not(sides):
+        expected, got = features(sides, batched=False), features(sides, batched=True)
+        assert len(got) == fastpath.feature_levels(model.config)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        return expected[0]
+
+    sides = [(2 * unit, 3 * unit)] * 4
+    assert same_batched_or_not(sides).shape == (4 * 6, model.config.text_config.hidden_size)
     assert "forward" not in vars(model.model.visual.blocks[0].attn), "the tower's own forward is back after the block"
+    if arch == "qwen2_5_vl":  # windows of 2x2 merged tokens over 13x9: full, edge and corner windows (16, 8, 4 patches)
+        tower = model.model.visual
+        assert set(tower.fullatt_block_indexes) != set(range(len(tower.blocks))), "needs a windowed block"
+        tower.window_size = 2 * unit
+        windowed = same_batched_or_not([(9 * unit, 13 * unit)] * 3)
+        tower.window_size = 16 * unit  # one window per picture: what the windowed blocks compute differs
+        assert not torch.allclose(windowed, features([(9 * unit, 13 * unit)] * 3, batched=True)[0])
     assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
     assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
 
@@ -144,4 +171,4 @@ print(len(examples), tuple(features.shape))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-1500:]
-    assert result.stdout.split("\n")[-2].startswith("132 (132, 4,")
+    assert result.stdout.split("\n")[-2].startswith("132 (132, 1, 4,")  # pictures, feature levels, image tokens

@@ -7,9 +7,12 @@
 The fast training path (vlcap/fastpath.py), the fast captioning loop (vlcap/fastdecode.py) and the batched vision attention
 (vlcap/vision_attention.py) lean on transformers internals that are not public API and change between releases: the
 causal-mask builder's keywords, `get_rope_index`, the decoder layer's call, the vision attention's attributes, the static
-cache. Each accelerator runs only where the installed transformers is a version it was tested with AND those internals
-are there; otherwise train.py and infer.py take the plain path (Trainer with transformers' own attention; `generate`),
-which computes the same thing more slowly, and one line says why. Never a traceback from a mismatched library.
+cache, and for Qwen3-VL the language model's DeepStack arguments. Each family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; see
+vlcap/qwen.py's ARCHITECTURES) has classes of its own, so given a model or its config the checks read that family's
+classes; without one, only what every family shares. Each accelerator runs only where the installed transformers is a
+version it was tested with AND those internals are there; otherwise train.py and infer.py take the plain path (Trainer
+with transformers' own attention; `generate`), which computes the same thing more slowly, and one line says why. Never a
+traceback from a mismatched library.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ _said: set[str] = set()
 
 
 def problem(accelerator: str, model=None) -> str | None:
-    """Why `accelerator` cannot run with the installed transformers (and, when given, on this model), or None."""
+    """Why `accelerator` cannot run with the installed transformers (and, when given, on this model or this model's
+    config: each family's internals are its own), or None."""
     import transformers
 
     if transformers.__version__ not in TESTED_TRANSFORMERS:
@@ -38,7 +42,8 @@ def problem(accelerator: str, model=None) -> str | None:
 
 
 def available(accelerator: str, model=None) -> bool:
-    """True when `accelerator` can run; otherwise prints one line (once per accelerator and process) and returns False."""
+    """True when `accelerator` can run (on `model`, a model or config, when given); otherwise prints one line (once per
+    accelerator and process) and returns False."""
     why = problem(accelerator, model)
     if why and accelerator not in _said:
         _said.add(accelerator)
@@ -55,28 +60,57 @@ def _needs(function, *names: str) -> str | None:
     return f"{function.__qualname__} has no {', '.join(lacking)}" if lacking else None
 
 
-def _layers(model):
+def _family(model):
+    """(model_type, Architecture, modeling module) of a model or config; None for None (only what every family shares
+    is checked then: the per-family internals are checked again once the model or its config is at hand)."""
+    if model is None:
+        return None
+    import importlib
+
+    from vlcap import qwen
+
+    kind, arch = qwen.model_type(model), qwen.architecture(model)
+    return kind, arch, importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+
+
+def _inner(model):
+    """model.model (vision tower + language model) of a model, None of a config or None."""
     from vlcap.qwen import base_model
 
-    return base_model(model).model if model is not None else None
+    return getattr(base_model(model), "model", None) if model is not None and hasattr(model, "named_modules") else None
+
+
+def _config(model):
+    from vlcap.qwen import base_model
+
+    return getattr(base_model(model), "config", model)
 
 
 def _training(model) -> str | None:
     from transformers import Trainer
     from transformers.masking_utils import create_causal_mask
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 
-    for check in (
+    checks = [
         _needs(create_causal_mask, "config", "inputs_embeds", "attention_mask", "cache", "position_ids"),
-        _needs(qwen2_vl.Qwen2VLModel.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw"),
-        _needs(qwen2_vl.Qwen2VLModel.get_image_features, "pixel_values", "image_grid_thw"),
-        _needs(qwen2_vl.Qwen2VLDecoderLayer.forward, "hidden_states", "attention_mask", "position_embeddings"),
         _needs(Trainer.compute_loss, "model", "inputs", "return_outputs", "num_items_in_batch"),
         None if hasattr(Trainer, "_get_num_items_in_batch") else "Trainer has no _get_num_items_in_batch",
-    ):
+    ]
+    family = _family(model)
+    if family:
+        kind, arch, modeling = family
+        inner, text = getattr(modeling, arch.inner), getattr(modeling, arch.text_model)
+        checks += [
+            _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw"),
+            _needs(inner.get_image_features, "pixel_values", "image_grid_thw"),
+            _needs(getattr(modeling, arch.decoder_layer).forward, "hidden_states", "attention_mask", "position_embeddings"),
+            _needs(text.forward, "inputs_embeds", "attention_mask", "position_ids"),
+        ]
+        if getattr(_config(model).vision_config, "deepstack_visual_indexes", None):  # Qwen3-VL: cached, then injected
+            checks.append(_needs(text.forward, "visual_pos_masks", "deepstack_visual_embeds"))
+    for check in checks:
         if check:
             return check
-    inner = _layers(model)
+    inner = _inner(model)
     if inner is not None and not all(hasattr(inner, a) for a in ("language_model", "visual")):
         return f"{type(inner).__name__} has no language_model / visual"
     if inner is not None and not hasattr(inner.language_model, "rotary_emb"):
@@ -86,31 +120,42 @@ def _training(model) -> str | None:
 
 def _decode(model) -> str | None:
     from transformers import StaticCache
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
 
+    lacking = _needs(StaticCache.__init__, "config", "max_cache_len")
+    family = _family(model)
+    if lacking or not family:
+        return lacking
+    kind, arch, modeling = family
+    inner = getattr(modeling, arch.inner)
     return (
-        _needs(StaticCache.__init__, "config", "max_cache_len")
-        or _needs(qwen2_vl.Qwen2VLModel.forward, "input_ids", "attention_mask", "position_ids", "cache", "use_cache")
-        or _needs(qwen2_vl.Qwen2VLTextModel.forward, "input_ids", "attention_mask", "position_ids", "cache")
-        or _needs(qwen2_vl.Qwen2VLModel.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
-    )
+        _needs(inner.forward, "input_ids", "attention_mask", "position_ids", "cache", "pixel_values", "image_grid_thw",
+               "mm_token_type_ids")
+        or _needs(getattr(modeling, arch.text_model).forward, "input_ids", "attention_mask", "position_ids", "cache",
+                  "use_cache")
+        or _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+    )  # fmt: skip
 
 
 def _vision_attention(model) -> str | None:
-    from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl
-
-    if not hasattr(qwen2_vl, "apply_rotary_pos_emb_vision"):
-        return "modeling_qwen2_vl has no apply_rotary_pos_emb_vision"
-    lacking = _needs(qwen2_vl.VisionAttention.forward, "hidden_states", "cu_seqlens", "position_embeddings")
+    family = _family(model)
+    if not family:
+        return None
+    kind, arch, modeling = family
+    if not hasattr(modeling, "apply_rotary_pos_emb_vision"):
+        return f"modeling_{kind} has no apply_rotary_pos_emb_vision"
+    attention_class = getattr(modeling, arch.vision_attention)
+    lacking = _needs(attention_class.forward, "hidden_states", "cu_seqlens", "position_embeddings")
     if lacking:
         return lacking
-    inner = _layers(model)
+    inner = _inner(model)
     if inner is not None:
         attention = inner.visual.blocks[0].attn
-        if not isinstance(attention, qwen2_vl.VisionAttention):
+        if not isinstance(attention, attention_class):
             return f"the vision tower's attention is {type(attention).__name__}"
         if not all(hasattr(attention, a) for a in ("qkv", "proj", "num_heads", "scaling")):
-            return "VisionAttention has no qkv / proj / num_heads / scaling"
+            return f"{type(attention).__name__} has no qkv / proj / num_heads / scaling"
+        if kind == "qwen2_5_vl" and not hasattr(inner.visual, "fullatt_block_indexes"):
+            return "the vision tower has no fullatt_block_indexes (which blocks attend within windows)"
     return None
 
 

@@ -11,9 +11,12 @@ advanced inside the graph, so the CPU only launches replays and asks, every few 
 On the CPU the same step runs eagerly.
 
 The mathematics is generate's greedy search: the same positions, the same attention (the cache's unused slots are
-masked out), the model's repetition penalty if it has one, and the same stop tokens. tests/test_fastdecode.py compares the
-captions with `model.generate` token for token. Generation settings this loop does not implement fall back to generate,
-and so does a transformers release whose internals differ (vlcap/compat.py checks, captioning.py asks).
+masked out: a 4-D mask, which every family's language model takes as it is), the model's repetition penalty if it has
+one, and the same stop tokens. The prompt runs through the family's own forward, so Qwen3-VL's DeepStack features reach
+the image tokens as in generate; the tokens after it are text, which none of the families treats specially.
+tests/test_fastdecode.py compares the captions with `model.generate` token for token, for each family. Generation
+settings this loop does not implement fall back to generate, and so does a transformers release whose internals differ
+(vlcap/compat.py checks: captioning.py asks, and `greedy_tokens` asks again for the model's own family).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, StaticCache
 
+from vlcap import compat
 from vlcap.qwen import base_model
 
 CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended (each question waits for it)
@@ -105,7 +109,7 @@ class GreedyDecoder:
         query = torch.arange(n, device=self.slots.device)[:, None]
         mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
         hidden = self.model.model(
-            input_ids=input_ids, attention_mask={"full_attention": mask[:, None]}, position_ids=inputs["position_ids"],
+            input_ids=input_ids, attention_mask=mask[:, None], position_ids=inputs["position_ids"],
             pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
             mm_token_type_ids=inputs["mm_token_type_ids"], cache=self.cache, use_cache=True,
         ).last_hidden_state  # fmt: skip
@@ -115,7 +119,7 @@ class GreedyDecoder:
         """One token for every row: what the CUDA graph holds."""
         mask = self.keys_valid & (self.slots <= self.length)
         hidden = self.model.model.language_model(
-            input_ids=self.token, attention_mask={"full_attention": mask[:, None, None, :]},
+            input_ids=self.token, attention_mask=mask[:, None, None, :],
             position_ids=self.position.view(1, -1, 1).expand(3, -1, 1), cache=self.cache, use_cache=True,
         ).last_hidden_state  # fmt: skip
         self.position += 1
@@ -166,12 +170,23 @@ def greedy_tokens(model, inputs: dict, max_new_tokens: int, graphs: bool = True)
     The decoder of the last shape is kept on the model object given, so infer.py's equal-size batches capture their graph
     once. A graph holds the modules as they were: after changing them (adding LoRA, merging) call `release`.
     """
+    if not compat.available("fast captioning", model):  # this family's internals differ: generate's greedy search
+        return _generated_tokens(model, inputs, max_new_tokens)
     shape = (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1], max_new_tokens)
     decoder = vars(model).get("_greedy_decoder")  # the object's own, never one a wrapper forwards to
     if decoder is None or decoder.shape != shape:
         model._greedy_decoder = None  # free the old cache and graph before making new ones
         decoder = model._greedy_decoder = GreedyDecoder(model, *shape, graphs=graphs)
     return decoder.decode(inputs)
+
+
+def _generated_tokens(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
+    """generate's greedy new tokens, padded to max_new_tokens columns as the fast loop returns them."""
+    inputs = inputs.to(model.device) if hasattr(inputs, "to") else {k: v.to(model.device) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    pad, eos = model.generation_config.pad_token_id, model.generation_config.eos_token_id
+    pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    return torch.nn.functional.pad(out, (0, max_new_tokens - out.shape[1]), value=pad)
 
 
 def release(model) -> None:

@@ -8,9 +8,12 @@
 
 What it does (bench/RESULTS.md has what each part bought):
 1. Encode once. Every training picture is decoded, resized and tokenised once, by parallel DataLoader workers, and the
-   frozen vision tower runs once per picture, in batches; its output is kept on the GPU (`VISION_CACHE_GB` bounds it,
-   else the plain path runs). The M-RoPE position ids are computed once per example on the CPU, in the workers. Training
-   steps then run only the language model.
+   frozen vision tower runs once per picture, in batches; what the language model takes from it is kept on the GPU
+   (`VISION_CACHE_GB` bounds it, else the plain path runs): the image tokens' features, and for Qwen3-VL also the
+   DeepStack features of intermediate vision layers, which the language model adds to the image tokens' hidden states
+   after its first layers (passed to it as Qwen3VLModel passes them: `visual_pos_masks`, `deepstack_visual_embeds`).
+   The M-RoPE position ids are computed once per example on the CPU, in the workers, by the family's own
+   `get_rope_index`. Training steps then run only the language model.
 2. Logits only where there are labels: the LM head runs on the caption positions only, not on the image tokens and the
    prompt, and the loss is the same sum / token count transformers computes.
 3. CUDA graphs: with every batch padded to one length, each decoder layer's forward and backward are captured once
@@ -18,8 +21,9 @@ What it does (bench/RESULTS.md has what each part bought):
    attention mask, positions, image-token places and the loss's token count are built by the collator, and batches are
    copied without waiting, so no step waits on the GPU.
 It leans on transformers internals (the mask builder, get_rope_index, the decoder layer's call): train.py uses it only
-where vlcap/compat.py says the installed transformers has them. None of it changes the mathematics:
-tests/test_fastpath.py trains with and without it and compares the losses and weights.
+where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+None of it changes the mathematics: tests/test_fastpath.py trains each family with and without it and compares the
+losses and weights.
 """
 
 from __future__ import annotations
@@ -28,32 +32,47 @@ import functools
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Qwen2VLModel, Trainer
+from transformers import Trainer
 
 from vlcap import vision_attention
-from vlcap.qwen import base_model
+from vlcap.qwen import base_model, transformers_class
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
 def image_token_count(processor, image_size: int) -> int:
-    """Language-model tokens per picture at a fixed image size (14-pixel patches, merged 2x2)."""
-    merge = processor.image_processor.merge_size
-    return (image_size // (14 * merge)) ** 2
+    """Language-model tokens per picture at a fixed image size, as the processor makes them (patches merged 2x2)."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (image_size, image_size))
+    grid = processor.image_processor(images=[blank], return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // processor.image_processor.merge_size**2
+
+
+def feature_levels(config) -> int:
+    """Feature tensors the language model takes per image token: the tower's output, plus (Qwen3-VL) one per DeepStack
+    layer."""
+    return 1 + len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
 
 
 def vision_cache_bytes(config, processor, n_images: int, image_size: int, dtype) -> int:
-    return n_images * image_token_count(processor, image_size) * config.text_config.hidden_size * dtype.itemsize
+    tokens = image_token_count(processor, image_size)
+    return n_images * feature_levels(config) * tokens * config.text_config.hidden_size * dtype.itemsize
 
 
 class RopeIndex:
-    """transformers' own M-RoPE position code (Qwen2VLModel.get_rope_index), runnable without the model: in DataLoader
-    workers, which start before the model loads. It reads nothing but the config."""
-
-    get_rope_index = Qwen2VLModel.get_rope_index
-    get_vision_position_ids = Qwen2VLModel.get_vision_position_ids
+    """transformers' own M-RoPE position code (the family's get_rope_index: Qwen2VLModel's, Qwen2_5_VLModel's,
+    Qwen3VLModel's), runnable without the model: in DataLoader workers, which start before the model loads. It reads
+    nothing but the config."""
 
     def __init__(self, config):
         self.config = config
+        self.inner = transformers_class(config, "inner")
+
+    def get_rope_index(self, *args, **kwargs):
+        return self.inner.get_rope_index(self, *args, **kwargs)
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self.inner.get_vision_position_ids(self, *args, **kwargs)
 
 
 class _EncodedBatches:
@@ -98,8 +117,9 @@ def finish_encoding(model, batches, n_batches: int):
     """Run the vision tower once on every picture the workers encoded.
 
     Returns (examples, features): examples are dicts of CPU tensors (input_ids, labels, position_ids, image_positions)
-    with an `index` into features, a (n_examples, tokens_per_image, hidden) tensor on the model's device. Pixels are
-    dropped as soon as the tower has seen them, so host memory holds token ids only.
+    with an `index` into features, a (n_examples, levels, tokens_per_image, hidden) tensor on the model's device: level 0
+    the tower's output, levels 1... (Qwen3-VL) the DeepStack features, one per DeepStack layer. Pixels are dropped as
+    soon as the tower has seen them, so host memory holds token ids only.
     """
     from tqdm import tqdm
 
@@ -109,7 +129,9 @@ def finish_encoding(model, batches, n_batches: int):
         if not batch:
             continue
         with vision_attention.batched(model, vision_attention.patches_per_image(grids)):
-            features += model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True).pooler_output
+            out = model.model.get_image_features(pixels.to(device, dtype), grids.to(device), return_dict=True)
+        levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]  # each a tuple, one per image
+        features += [torch.stack(per_image) for per_image in zip(*levels)]
         for e in batch:
             examples.append({**{k: torch.from_numpy(v) for k, v in e.items()}, "index": len(examples)})
     return examples, torch.stack(features)
@@ -124,7 +146,8 @@ def collate_encoded(examples: list[dict], pad_token_id: int, pad_to: int) -> dic
     """Pad to one fixed length (one shape for every batch: CUDA graphs replay it) and keep logits for captions only.
 
     Everything the step needs is built here, on the CPU, so the step itself never waits for the GPU: the causal
-    attention mask with padding (the 4-D boolean mask transformers builds for SDPA, True = may attend), the flat
+    attention mask with padding (the 4-D boolean mask transformers builds for SDPA, True = may attend; every family's
+    language model takes a 4-D mask as it is), the flat
     positions the cached image features go to, the M-RoPE position ids. `logits_to_keep` are the positions whose next
     token is a caption token in some row; `shift_labels` are those next tokens (-100 elsewhere), the key transformers'
     Trainer counts the loss's tokens from; `labels` stays the full labels.
@@ -144,7 +167,7 @@ def collate_encoded(examples: list[dict], pad_token_id: int, pad_to: int) -> dic
     keep = torch.arange(first_label - 1, pad_to - 1)
     return {
         "input_ids": input_ids,
-        "attention_mask": {"full_attention": causal[None, None] & attention_mask[:, None, None, :]},
+        "attention_mask": causal[None, None] & attention_mask[:, None, None, :],
         "position_ids": position_ids,
         "labels": labels,
         "shift_labels": labels[:, keep + 1],
@@ -172,13 +195,27 @@ class CaptionTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The cached image features take the image tokens' places in the embeddings; every index is on the GPU
         # already, so nothing here waits for it (transformers' own placeholder check would: a sync per step).
-        embed = self.accelerator.unwrap_model(model).get_input_embeddings()
-        embeds = embed(inputs.pop("input_ids"))
-        features = self.vision_features[inputs.pop("image_index")].flatten(0, 1).to(embeds.dtype)
-        embeds = embeds.flatten(0, 1).index_copy(0, inputs.pop("image_positions"), features).view_as(embeds)
+        unwrapped = self.accelerator.unwrap_model(model)
+        input_ids = inputs.pop("input_ids")
+        embeds = unwrapped.get_input_embeddings()(input_ids)
+        features = self.vision_features[inputs.pop("image_index")]  # rows x levels x image tokens x hidden
+        embeds = embeds.flatten(0, 1).index_copy(
+            0, inputs.pop("image_positions"), features[:, 0].flatten(0, 1).to(embeds.dtype)
+        ).view_as(embeds)
         del inputs["labels"], inputs["caption_tokens"]
         labels = inputs.pop("shift_labels")
-        outputs = model(inputs_embeds=embeds, **inputs)
+        deepstack = None
+        if features.shape[1] > 1:  # Qwen3-VL: the DeepStack features go to the language model as Qwen3VLModel sends them
+            deepstack = base_model(unwrapped).model.language_model.register_forward_pre_hook(
+                functools.partial(_with_deepstack, input_ids == unwrapped.config.image_token_id,
+                                  [features[:, level].flatten(0, 1) for level in range(1, features.shape[1])]),
+                with_kwargs=True,
+            )  # fmt: skip
+        try:
+            outputs = model(inputs_embeds=embeds, **inputs)
+        finally:
+            if deepstack is not None:
+                deepstack.remove()
         loss = torch.nn.functional.cross_entropy(
             outputs.logits.float().flatten(0, 1), labels.flatten().to(outputs.logits.device), ignore_index=-100,
             reduction="sum",
@@ -189,6 +226,12 @@ class CaptionTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+def _with_deepstack(visual_pos_masks, deepstack_visual_embeds, module, args, kwargs):
+    """A forward pre-hook of Qwen3-VL's language model: the arguments Qwen3VLModel.forward passes it when it has run the
+    vision tower itself (the image tokens' places, and per DeepStack layer the features in the order of those places)."""
+    return args, {**kwargs, "visual_pos_masks": visual_pos_masks, "deepstack_visual_embeds": deepstack_visual_embeds}
 
 
 # ------------------------------------------------------------------------------------------------------- CUDA graphs

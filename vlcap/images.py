@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-DEFAULT_SIZE = 280  # the tutorial's side: 280 x 280 pixels are 100 image tokens for Qwen2-VL
+DEFAULT_SIZE = 280  # the tutorial's side (100 image tokens for Qwen2-VL); each model uses the nearest multiple of its patches
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # What PIL raises for a file that is not a usable picture (truncated, not an image, too many pixels, unknown mode).
@@ -53,17 +53,6 @@ def _grey_8bit(image: Image.Image) -> Image.Image:
     elif image.mode == "F" and top <= 1:
         values = values * 255
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-
-
-def check_size(image_size: int, unit: int = 28) -> None:
-    """IMAGE_SIZE must be a whole number of merged patches (Qwen2-VL: 14-pixel patches merged 2x2, 28), or 0 (native)."""
-    from vlcap.cli import UserError
-
-    if image_size < 0 or image_size % unit:
-        raise UserError(
-            f"image size {image_size} is not a multiple of {unit} (Qwen2-VL's 14-pixel patches merge 2x2); use e.g. "
-            f"{10 * unit}, or 0 for each image's own size."
-        )
 
 
 def load(path: str | Path, image_size: int) -> Image.Image:

@@ -1,19 +1,25 @@
 """The model side: which device, which model folder (local, or downloaded from ModelScope), the model, its processor,
-the prompt as the chat template writes it, LoRA, and an adapter loaded for captioning.
+the picture size its patches allow, the prompt as the chat template writes it, LoRA, and an adapter loaded for captioning.
 
     from vlcap import qwen
     device = qwen.resolve_device("auto")
-    model_dir = qwen.resolve_model_dir("Qwen/Qwen2-VL-2B-Instruct")  # or a local folder
+    model_dir = qwen.resolve_model_dir("Qwen/Qwen2.5-VL-3B-Instruct")  # or a local folder
     model, processor = qwen.load_model(model_dir, device), qwen.load_processor(model_dir)
+    image_size = qwen.resolve_image_size(processor, None)            # 280 (Qwen2-VL, Qwen2.5-VL) or 288 (Qwen3-VL)
 
-Never `trust_remote_code`: the Qwen vision-language models are part of transformers, and remote code would run whatever a
-downloaded model folder ships.
+Three families, each transformers' own classes, picked by the folder's config.json (ARCHITECTURES): Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL. What differs between them is read from the folder: the patch size (the processor), the chat template and
+special tokens (the processor), the module names LoRA can target (the model). Never `trust_remote_code`: the Qwen
+vision-language models are part of transformers, and remote code would run whatever a downloaded model folder ships.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +27,29 @@ import torch
 from vlcap.cli import UserError
 from vlcap.formats import AdapterSettings
 
-# model_type in a folder's config.json -> transformers' class for it.
-ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration"}
+
+@dataclass(frozen=True)
+class Architecture:
+    """A family's classes in transformers (module transformers.models.MODEL_TYPE.modeling_MODEL_TYPE). The fast paths
+    (vlcap/compat.py checks them) reach into the inner ones."""
+
+    name: str  # the family, as users know it
+    model: str  # the whole model: vision tower + language model + LM head
+    inner: str  # model.model: get_rope_index, get_image_features
+    text_model: str  # model.model.language_model
+    decoder_layer: str  # model.model.language_model.layers[i]
+    vision_attention: str  # model.model.visual.blocks[i].attn
+
+
+# model_type in a folder's config.json -> the family's classes.
+ARCHITECTURES = {
+    "qwen2_vl": Architecture("Qwen2-VL", "Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2VLTextModel",
+                             "Qwen2VLDecoderLayer", "VisionAttention"),
+    "qwen2_5_vl": Architecture("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+                               "Qwen2_5_VLTextModel", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionAttention"),
+    "qwen3_vl": Architecture("Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLTextModel",
+                             "Qwen3VLTextDecoderLayer", "Qwen3VLVisionAttention"),
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------ device
@@ -52,10 +79,10 @@ def resolve_model_dir(model_dir: str) -> str:
     path = Path(model_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json; --model-dir must be a Qwen2-VL model folder.")
+            raise UserError(f"{path} has no config.json; --model-dir must be a Qwen-VL model folder ({_supported()}).")
         return str(path)
     if model_dir.count("/") != 1 or model_dir.startswith((".", "/", "~")):
-        raise UserError(f"model folder {model_dir} does not exist; pass --model-dir a local Qwen2-VL folder.")
+        raise UserError(f"model folder {model_dir} does not exist; pass --model-dir a local Qwen-VL model folder.")
     try:
         from modelscope import snapshot_download
 
@@ -67,16 +94,38 @@ def resolve_model_dir(model_dir: str) -> str:
         ) from None
 
 
+def _supported() -> str:
+    return ", ".join(f"{key} ({arch.name})" for key, arch in ARCHITECTURES.items())
+
+
+def model_type(source) -> str | None:
+    """The model_type of a model folder, a config, or a model (peft-wrapped or not)."""
+    if isinstance(source, (str, Path)):
+        return json.loads((Path(source) / "config.json").read_text()).get("model_type")
+    config = getattr(base_model(source), "config", source)
+    return getattr(config, "model_type", None)
+
+
+def architecture(source) -> Architecture:
+    """The family of a model folder, config or model; one line naming those supported for any other."""
+    kind = model_type(source)
+    if kind not in ARCHITECTURES:
+        where = f"{source} holds" if isinstance(source, (str, Path)) else "this is"
+        raise UserError(f"{where} a {kind!r} model; supported: {_supported()}.")
+    return ARCHITECTURES[kind]
+
+
+def transformers_class(source, part: str = "model"):
+    """transformers' class for `part` (a field of Architecture) of the family of `source`."""
+    import importlib
+
+    kind, arch = model_type(source), architecture(source)
+    return getattr(importlib.import_module(f"transformers.models.{kind}.modeling_{kind}"), getattr(arch, part))
+
+
 def model_class(model_dir: str | Path):
     """transformers' class for the folder's architecture; one line naming those supported for any other."""
-    import transformers
-
-    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UserError(
-            f"{model_dir} holds a {model_type!r} model; supported: {', '.join(ARCHITECTURES)} (Qwen2-VL family)."
-        )
-    return getattr(transformers, ARCHITECTURES[model_type])
+    return transformers_class(model_dir)
 
 
 def load_model(model_dir: str, device: str):
@@ -89,9 +138,38 @@ def load_model(model_dir: str, device: str):
 
 
 def load_processor(model_dir: str | Path):
+    """The folder's processor (tokenizer, chat template, image processor); a model folder of a family not supported
+    is one line, before anything loads."""
     from transformers import AutoProcessor
 
+    if (Path(model_dir) / "config.json").is_file():
+        architecture(model_dir)
     return AutoProcessor.from_pretrained(str(model_dir))
+
+
+# -------------------------------------------------------------------------------------------------------- image size
+def image_unit(processor) -> int:
+    """Pixels per language-model token side: the patch size times the merge (Qwen2-VL, Qwen2.5-VL 14 x 2 = 28; Qwen3-VL
+    16 x 2 = 32). A picture's side must be a multiple of it, or the processor resizes it to one."""
+    return processor.image_processor.patch_size * processor.image_processor.merge_size
+
+
+def resolve_image_size(processor, image_size: int | None) -> int:
+    """The picture side to train and caption at: `image_size` checked against the model's patches, or by default the
+    multiple nearest the tutorial's 280 (280 for Qwen2-VL and Qwen2.5-VL, 288 for Qwen3-VL). 0: each picture's own."""
+    from vlcap.images import DEFAULT_SIZE
+
+    unit = image_unit(processor)
+    default = max(1, round(DEFAULT_SIZE / unit)) * unit
+    if image_size is None:
+        return default
+    if image_size < 0 or image_size % unit:
+        patch, merge = processor.image_processor.patch_size, processor.image_processor.merge_size
+        raise UserError(
+            f"image size {image_size} is not a multiple of {unit} (this model's {patch}-pixel patches merge "
+            f"{merge}x{merge}); use e.g. {default - unit} or {default}, or 0 for each image's own size."
+        )
+    return image_size
 
 
 def base_model(model):
@@ -106,18 +184,67 @@ def prompt_text(processor, prompt: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+_answer_ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> answer_end_id, worked out once
+
+
+def answer_end_id(processor) -> int:
+    """The token the chat template closes an assistant turn with (<|im_end|> in every Qwen-VL family): what a caption
+    ends with in training, so that the model learns to stop."""
+    if processor not in _answer_ends:
+        mark = "CAPTION"
+        messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": mark}]}]  # fmt: skip
+        after = processor.apply_chat_template(messages, tokenize=False).split(mark, 1)[1]
+        _answer_ends[processor] = processor.tokenizer(after, add_special_tokens=False)["input_ids"][0]
+    return _answer_ends[processor]
+
+
 # -------------------------------------------------------------------------------------------------------------- LoRA
+# The language model's projections, whatever the vision tower's names are (Qwen2.5-VL's vision MLP has gate_proj too).
+_PROJECTION = re.compile(r"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.(\w+)")
+
+
+def lora_target_names(source) -> list[str]:
+    """The names LoRA can target: the language model's linear projections, e.g. q_proj ... down_proj. `source` is a
+    model, or a model folder (its architecture is built on the meta device: no weights, no memory)."""
+    if isinstance(source, (str, Path)):
+        from transformers import AutoConfig
+
+        with torch.device("meta"):
+            source = model_class(source)(AutoConfig.from_pretrained(str(source)))
+    found = {}  # in the model's order: q_proj, k_proj, ... down_proj
+    for name, module in source.named_modules():
+        match = _PROJECTION.fullmatch(name)
+        if match and isinstance(module, torch.nn.Linear):
+            found[match.group(3)] = True
+    return list(found)
+
+
+def check_lora_targets(source, targets: str) -> list[str]:
+    """The names in `targets` (comma-separated), each one a projection of the language model; else one line naming
+    those that exist."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise UserError("--lora-targets is empty; name at least one projection, e.g. q_proj,v_proj.")
+    existing = lora_target_names(source)
+    unknown = [n for n in names if n not in existing]
+    if unknown:
+        raise UserError(
+            f"--lora-targets {', '.join(unknown)}: no language-model layer has such a projection; this model's are "
+            f"{','.join(existing)}."
+        )
+    return names
+
+
 def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
     """Wrap the model with LoRA on the language model's projections only; the vision tower stays frozen."""
     from peft import LoraConfig, get_peft_model
 
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise UserError("--lora-targets is empty; name at least one projection, e.g. q_proj,v_proj.")
+    names = check_lora_targets(model, targets)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         # A regex, so that only model.language_model.layers.N.* matches, whatever the vision tower's names are.
-        target_modules=rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})",
+        target_modules=_PROJECTION.pattern.replace(r"(\w+)", f"({'|'.join(map(re.escape, names))})"),
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -136,7 +263,7 @@ def load_for_captioning(adapter: str | Path | None, settings: AdapterSettings | 
     merged = adapter is not None and not (Path(adapter) / "adapter_config.json").is_file()
     base = str(adapter) if merged else (model_dir or (settings.model_dir if settings else None))
     if not base:
-        raise UserError("no base model given; pass --model-dir a Qwen2-VL folder (or --adapter DIR).")
+        raise UserError("no base model given; pass --model-dir a Qwen-VL model folder (or --adapter DIR).")
     base = resolve_model_dir(base)
     model = load_model(base, device)
     processor = load_processor(adapter or base)  # an adapter's own processor: the one it was trained with

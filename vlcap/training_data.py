@@ -6,9 +6,10 @@ and pixels, batched. This is the plain path's data; vlcap/fastpath.py encodes th
     dataset = training_data.CaptionDataset(train_items, processor, "COCO Yes:", image_size=280, max_length=8192)
     batch = training_data.collate([dataset[0], dataset[1]], pad_token_id)
 
-Labels cover only the caption and its closing <|im_end|>: the system prompt, the image tokens, the user prompt and the
-padding are -100, so the model learns to answer and to stop. A caption too long for max_length is cut, never the image
-tokens.
+Labels cover only the caption and its closing <|im_end|> (the token the model's chat template ends an answer with): the
+system prompt, the image tokens, the user prompt and the padding are -100, so the model learns to answer and to stop.
+The prompt is the model's own chat template, so each family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) sees its own format. A
+caption too long for max_length is cut, never the image tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from vlcap import formats, images
 from vlcap.cli import UserError
-from vlcap.qwen import prompt_text
+from vlcap.qwen import answer_end_id, prompt_text
 
 
 def usable_conversations(items: list[dict], limit: int | None = None) -> list[dict]:
@@ -55,7 +56,7 @@ def encode_example(processor, image, caption: str, prompt: str, max_length: int,
     costs the image processor and the caption's tokens only. Raises ValueError when max_length cannot hold the prompt.
     """
     tok = processor.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    im_end = answer_end_id(processor)
     pixels = processor.image_processor(images=[image], return_tensors="pt")
     key = (prompt, tuple(pixels["image_grid_thw"][0].tolist()))
     if prompts is None or key not in prompts:

@@ -5,15 +5,20 @@
 
 transformers' SDPA path cuts the patches into pictures and calls attention once per picture and block: for 64 pictures
 2,048 calls and 32 device round-trips, during which the GPU waits on Python. Pictures of one size are just a batch: the
-same attention, one call per block. Training's encoding pass and captioning use it. It replaces a private method of
-transformers' vision attention, so it runs only where vlcap.compat says the installed transformers has what it relies on;
-elsewhere the tower is left as it is (the same features, slower).
+same attention, one call per block. Qwen2.5-VL's windowed blocks (those not in `fullatt_block_indexes`) attend within
+windows of up to 8x8 patches instead, nine or more per picture; windows of one size are a batch too, so such a block
+makes one call per window size (at most four: inner windows, the right and bottom edges, the corner) for all pictures.
+Qwen2-VL, Qwen3-VL and Qwen2.5-VL's full-attention blocks attend within each picture. Training's encoding pass and
+captioning use it. It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat
+says the installed transformers has what it relies on for this model; elsewhere the tower is left as it is (the same
+features, slower).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 import torch
 
@@ -30,14 +35,22 @@ def patches_per_image(image_grid_thw: torch.Tensor) -> int | None:
 
 @contextlib.contextmanager
 def batched(model, patches: int | None):
-    """Inside the block, the vision tower attends within each picture by one attention call for all the pictures, which
-    must all have `patches` patches (None, or a transformers this was not tested with: the tower as it is)."""
+    """Inside the block, the vision tower attends within each picture (or window) by one attention call for all the
+    pictures, which must all have `patches` patches (None, or a transformers this was not tested with: the tower as it
+    is)."""
     if not patches or not compat.available("vision attention", model):
         yield
         return
-    attentions = [block.attn for block in base_model(model).model.visual.blocks]
-    for attention in attentions:
-        attention.forward = functools.partial(_attention, attention, patches)
+    tower = base_model(model).model.visual
+    rotary = sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision  # the family's own
+    full = set(getattr(tower, "fullatt_block_indexes", range(len(tower.blocks))))  # Qwen2.5-VL: the rest are windowed
+    windows = _Windows()
+    attentions = [block.attn for block in tower.blocks]
+    for i, attention in enumerate(attentions):
+        if i in full:
+            attention.forward = functools.partial(_attention, attention, rotary, patches)
+        else:
+            attention.forward = functools.partial(_windowed_attention, attention, rotary, windows)
     try:
         yield
     finally:
@@ -45,13 +58,47 @@ def batched(model, patches: int | None):
             del attention.forward  # the class's forward again
 
 
-def _attention(attention, patches: int, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-    """transformers' VisionAttention.forward for pictures of `patches` patches each, batched (see above)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+def _qkv(attention, rotary, hidden_states, position_embeddings):
+    """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them."""
+    length = hidden_states.shape[0]
+    q, k, v = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rotary(q, k, *position_embeddings)
+    return q, k, v
 
+
+def _attention(attention, rotary, patches: int, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """transformers' vision attention forward for pictures of `patches` patches each, batched (see above)."""
     length, heads = hidden_states.shape[0], attention.num_heads
-    q, k, v = attention.qkv(hidden_states).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    q, k, v = _qkv(attention, rotary, hidden_states, position_embeddings)
     q, k, v = (t.reshape(length // patches, patches, heads, -1).transpose(1, 2) for t in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
     return attention.proj(out.transpose(1, 2).reshape(length, -1))
+
+
+def _windowed_attention(attention, rotary, windows, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """transformers' vision attention forward within the windows `cu_seqlens` bounds, one call per window size."""
+    q, k, v = _qkv(attention, rotary, hidden_states, position_embeddings)
+    out = torch.empty_like(q)
+    for index in windows.groups(cu_seqlens):  # (windows of this size, size): the patches of each window
+        q_w, k_w, v_w = (t[index].transpose(1, 2) for t in (q, k, v))
+        out[index] = torch.nn.functional.scaled_dot_product_attention(q_w, k_w, v_w, scale=attention.scaling).transpose(1, 2)
+    return attention.proj(out.reshape(hidden_states.shape[0], -1))
+
+
+class _Windows:
+    """The windows of a `cu_seqlens`, grouped by size. Every windowed block of one tower call gets the same tensor, so
+    its boundaries are read back from the device once per call, not once per block (transformers reads them per block)."""
+
+    def __init__(self):
+        self.key, self.index = None, []
+
+    def groups(self, cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+        if self.key is not cu_seqlens:
+            bounds = cu_seqlens.tolist()
+            starts: dict[int, list[int]] = {}
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                if end > start:
+                    starts.setdefault(end - start, []).append(start)
+            self.key = cu_seqlens  # held, so that no other tensor can take its place under the same identity
+            self.index = [(torch.tensor(s)[:, None] + torch.arange(size)).to(cu_seqlens.device) for size, s in starts.items()]
+        return self.index
