@@ -85,7 +85,7 @@ def train(name: str, model_dir: Path, data_json: Path, eval_json: Path, work: Pa
         s = json.loads(settings_file.read_text())
         sec, plan = s["seconds"], s.get("memory_plan", {})
         row.update(
-            batch=f"{s['batch_size']} x {s['grad_accum']}", checkpointing=s["gradient_checkpointing"],
+            batch=f"{s['batch_size']} x {s['grad_accum']}", checkpointing=s["gradient_checkpointing"], captions=s["eval_batch_size"],
             vision_cache=s["vision_cache"], cuda_graphs=s["cuda_graphs_used"], precision=s.get("precision"),
             estimated_peak_gb=plan.get("estimated_peak_gb"), estimated_need_gb=plan.get("estimated_need_gb"),
             peak_gb=s["peak_gpu_memory_gb"], reserved_gb=s.get("peak_gpu_reserved_gb"), prep_s=sec["prepare"],
@@ -107,7 +107,8 @@ def table(rows: list[dict], limit_of: dict[str, str]) -> str:
             lines.append(f"| {r['run']} | {r['imitates']} | {limit_of[r['run']]} | {r['exit']} | — | — | — | — | — | — | — | — | — | "
                          f"{r.get('last_line', '')[:160]} |")  # fmt: skip
             continue
-        chosen = r["batch"] + (" + checkpointing" if r["checkpointing"] else "") + ("" if r["vision_cache"] else ", no cache")
+        chosen = (r["batch"] + (" + checkpointing" if r["checkpointing"] else "") + ("" if r["vision_cache"] else ", no cache")
+                  + ("" if r["captions"] == 32 else f", captions {r['captions']} at a time"))
         track = "—"
         if ref and r["losses"] and r["run"] != "80gb":
             n = min(len(ref["losses"]), len(r["losses"]), 3)

@@ -6,12 +6,13 @@ cache; whether it has bf16 picks the precision. What the user set explicitly is 
     shape = memory.Shape.of_model(model_dir, lora_r=64, lora_targets="q_proj,...")
     job = memory.Job(pictures=496, seq_tokens=144, caption_tokens=18, cache_gb=0.15)
     plan = memory.plan(card, shape, job, precision, user={"gradient_checkpointing": True})
-    print(plan.reason)   # "memory: 12.0 GB free on ...: batch 8 x 2 accumulation (needs about 10.9 GB; ...)"
+    print(plan.reason)   # "memory: 12.0 GB free on ...: batch 8 x 2 accumulation (needs about 11.8 GB with headroom; ...)"
 
 `plan` is a pure function of those four things and the settings the user gave: tests call it for simulated cards.
 It walks a ladder from fastest to smallest and takes the first rung the memory model says fits: the whole batch in
 one step; smaller batches with accumulation (the same effective batch); then gradient checkpointing from the largest
-batch down; the vision cache is dropped only when nothing with it fits. GB here is 10^9 bytes, as bench/RESULTS.md and
+batch down; each with fewer pictures captioned at a time after training before the next; the vision cache is dropped
+only when nothing with it fits. GB here is 10^9 bytes, as bench/RESULTS.md and
 torch.cuda.max_memory_allocated() / 1e9 report it.
 
 For testing, VLCAP_GPU_MEMORY_GB=12 makes Card.detect cap this process's GPU memory at 12 GB
@@ -34,7 +35,8 @@ BF16_ENV = "VLCAP_GPU_BF16"  # testing: 0 imitates a card without bf16
 # train.py's settings this module chooses when the user leaves them alone, at their shipped values (train.py's
 # constants; tests/test_memory.py checks the two agree). A setting counts as the user's when it is on the command line or
 # its constant no longer holds this value.
-SHIPPED = {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "vision_cache_gb": 8.0, "cuda_graphs": True}
+SHIPPED = {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "vision_cache_gb": 8.0, "cuda_graphs": True,
+           "eval_batch_size": 32}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # ---------------------------------------------------------------------------------------------------- memory model
@@ -42,20 +44,24 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 #     base weights                    parameters x 2 bytes (bf16 / fp16) or 4 (fp32)
 #   + LoRA                            its parameters x 16 bytes: fp32 weight, gradient, Adam's two moments
 #   + vision cache                    pictures x image tokens x hidden x 2 or 4 bytes (fastpath.vision_cache_bytes)
-#   + batch x activations per sample  without checkpointing: tokens x layers x ACTIVATION_BYTES x (hidden + intermediate)
-#                                     with checkpointing: each layer's input (tokens x layers x hidden x 2 bytes) plus one
-#                                     layer's activations, recomputed in the backward pass
-#                                     plus logits: LOGIT_BYTES x vocabulary per position the LM head runs on (caption
-#                                     positions on the fast path, every position on the plain path)
 #   + OVERHEAD_GB
-# (activations and logits twice as large in fp32). Calibration: bench/RESULTS.md, one H100 80GB, the 2B stand-in (2,208,985,600
-# parameters: 4.42 GB in bf16; LoRA r=64 on the seven projections, 73,859,072 parameters: 1.18 GB), 496 pictures at
-# 280x280 (100 image tokens each: a 0.15 GB cache), sequences padded to 144 tokens of which 18 are caption positions,
-# peaks from torch.cuda.max_memory_allocated:
-#   (a) fast path, batch 16, no checkpointing                14.1 GB   runs B, C, D, F-L
-#   (b) fast path, batch 4 x 4 with checkpointing (--low-memory)  6.1 GB   runs A-C, H, I
-#   (c) plain path (no vision cache), batch 16               17.3 GB   runs B-D, H, I
-# (c) - (a) is the full logits: 16 x 126 more positions x 151,936 x LOGIT_BYTES, less the cache -> LOGIT_BYTES 10.9.
+#   + the larger of
+#     - a training step: batch x per sample, without checkpointing tokens x layers x ACTIVATION_BYTES x (hidden +
+#       intermediate); with checkpointing each layer's input (tokens x layers x hidden x 2 bytes) plus one layer's
+#       activations, recomputed in the backward pass; plus the logits, LOGIT_BYTES x vocabulary per position the LM head
+#       runs on (the caption positions on the fast path, every position on the plain path)
+#     - captioning after training, EVAL_BATCH_SIZE pictures at a time, CAPTION_BYTES_PER_TOKEN per token of their prompts,
+#       beside the memory pool of the CUDA graphs (when used), which keeps a batch's layer activations for the graphs' life
+# with activations, logits and captioning twice as large in fp32.
+#
+# Calibration: bench/RESULTS.md, one H100 80GB, the 2B stand-in (2,208,985,600 parameters: 4.42 GB in bf16; LoRA r=64 on
+# the seven projections, 73,859,072 parameters: 1.18 GB), 496 pictures at 280x280 (100 image tokens each: a 0.15 GB
+# cache), sequences padded to 144 tokens of which 18 are caption positions, the 4 held-out pictures captioned after
+# training, peaks from torch.cuda.max_memory_allocated:
+#   (a) fast path, batch 16, no checkpointing                     14.1 GB   runs B, C, D, F-L
+#   (b) fast path, batch 4 x 4 with checkpointing (--low-memory)   6.1 GB   runs A-C, H, I
+#   (c) plain path (no vision cache), batch 16                    17.3 GB   runs B-D, H, I
+# (c) - (a) is the full logits: 16 x 126 more positions x 151,936 x LOGIT_BYTES, less the cache: LOGIT_BYTES 10.9.
 # (a) and (b) then give ACTIVATION_BYTES (120 KB per token and layer of the 2B shape: 11.46 x (1536 + 8960)) and
 # OVERHEAD_GB 0.11. Counting the tensors autograd saves for one decoder layer of that shape on the CPU gives 184 KB per
 # token (the CPU's autocast keeps more fp32 copies), the same order. Checked against measurements not used to fit:
@@ -64,10 +70,14 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ACTIVATION_BYTES = 11.46  # saved per token, decoder layer and unit of (hidden + intermediate) size, 16-bit training
 LOGIT_BYTES = 11.0  # per logit the LM head computes: bf16 logits, their fp32 copy, log-softmax and gradient (in part)
 OVERHEAD_GB = 0.11  # what the rest of a step holds at its peak (cuBLAS workspace, optimizer temporaries, masks)
+# Captioning (not measured; from the 2B shapes, per 280x280 picture of 144 tokens and 64 new ones): its KV cache 5.4 MB
+# (28 layers x 2 x 256 x 2 bytes a token) and the larger of the vision tower's transients (~12.5 MB: a block's MLP over
+# 400 patches) and one decoder layer's prefill (~7 MB): about 20 MB, 140 KB per token of the prompt.
+CAPTION_BYTES_PER_TOKEN = 140e3
 # Headroom (not calibrated: no measurement gives it): the caching allocator reserves more than it hands out, mostly in
 # what changes every step; and the CUDA context, kernels loaded later and other libraries use memory outside it.
-FRAGMENTATION = 0.15  # reserve this fraction of the activations on top
-MARGIN_GB = 0.75  # and this much of the card untouched (kernels loaded as training goes grow the CUDA context)
+FRAGMENTATION = 0.15  # reserve this fraction of what changes (a step's activations, or captioning) on top
+MARGIN_GB = 0.75  # and leave this much of the card untouched
 # Token counts when none are measured: the chat template, the prompt and the closing tokens around the picture take 26
 # tokens, captions up to 32 (COCO captions are 10-20 words).
 PROMPT_TOKENS = 26
@@ -247,6 +257,7 @@ class Settings:
     gradient_checkpointing: bool
     vision_cache: bool
     cuda_graphs: bool
+    eval_batch_size: int = SHIPPED["eval_batch_size"]  # pictures captioned at a time, after training
 
     def describe(self) -> str:
         split = f"batch {self.batch_size} in one step" if self.grad_accum == 1 else f"batch {self.batch_size} x {self.grad_accum} accumulation"
@@ -256,7 +267,8 @@ class Settings:
         """The command-line flags that ask for these settings."""
         return (f"--batch-size {self.batch_size} --grad-accum {self.grad_accum}"
                 + (" --gradient-checkpointing" if self.gradient_checkpointing else "")
-                + ("" if self.vision_cache else " --vision-cache-gb 0"))  # fmt: skip
+                + ("" if self.vision_cache else " --vision-cache-gb 0")
+                + ("" if self.eval_batch_size == SHIPPED["eval_batch_size"] else f" --eval-batch-size {self.eval_batch_size}"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -266,17 +278,24 @@ class Estimate:
     weights: float
     lora: float
     cache: float
-    activations: float
+    activations: float  # a training step's
+    retained: float = 0.0  # kept after training: the CUDA graphs' memory pool
+    captioning: float = 0.0  # a batch of captions after training
     overhead: float = OVERHEAD_GB
 
     @property
+    def changing(self) -> float:
+        """What is not there from the start: a training step's activations, or captioning beside what training kept."""
+        return max(self.activations, self.retained + self.captioning)
+
+    @property
     def peak(self) -> float:
-        return self.weights + self.lora + self.cache + self.activations + self.overhead
+        return self.weights + self.lora + self.cache + self.changing + self.overhead
 
     @property
     def need(self) -> float:
         """The peak plus headroom: what the card must have free."""
-        return self.peak + FRAGMENTATION * self.activations + MARGIN_GB
+        return self.peak + FRAGMENTATION * self.changing + MARGIN_GB
 
 
 def estimate(shape: Shape, job: Job, precision: Precision, settings: Settings) -> Estimate:
@@ -284,16 +303,18 @@ def estimate(shape: Shape, job: Job, precision: Precision, settings: Settings) -
     scale = precision.bytes / 2  # activations and logits in fp32 take twice the room
     per_token_layer = ACTIVATION_BYTES * (shape.hidden + shape.intermediate) * scale
     if settings.gradient_checkpointing:
-        sample = job.seq_tokens * (shape.layers * shape.hidden * precision.bytes + per_token_layer)
+        layers = job.seq_tokens * (shape.layers * shape.hidden * precision.bytes + per_token_layer)
     else:
-        sample = job.seq_tokens * shape.layers * per_token_layer
+        layers = job.seq_tokens * shape.layers * per_token_layer
     logit_positions = job.caption_tokens if settings.vision_cache else job.seq_tokens
-    sample += logit_positions * shape.vocab * LOGIT_BYTES * scale
+    logits = logit_positions * shape.vocab * LOGIT_BYTES * scale
     return Estimate(
         weights=shape.params * precision.bytes / GB,
         lora=shape.lora_params * 16 / GB,
         cache=job.cache_gb if settings.vision_cache and job.cache_gb else 0.0,
-        activations=settings.batch_size * sample / GB,
+        activations=settings.batch_size * (layers + logits) / GB,
+        retained=settings.batch_size * layers / GB if settings.cuda_graphs else 0.0,
+        captioning=settings.eval_batch_size * job.seq_tokens * CAPTION_BYTES_PER_TOKEN * scale / GB,
     )
 
 
@@ -323,14 +344,15 @@ class Plan:
             s = self.settings
             args.batch_size, args.grad_accum = s.batch_size, s.grad_accum
             args.gradient_checkpointing, args.cuda_graphs = s.gradient_checkpointing, s.cuda_graphs
+            args.eval_batch_size = s.eval_batch_size
 
     def smaller(self) -> Settings | None:
-        """The next rung of the ladder that needs less memory than this plan's, or None."""
-        chosen = [s for s, _ in self.ladder].index(self.settings) if self.settings in [s for s, _ in self.ladder] else -1
-        for s, e in self.ladder[chosen + 1 :]:
-            if e.need < self.estimate.need:
-                return s
-        return None
+        """The next rung of the ladder whose training step needs less memory than this plan's, or None."""
+        rungs = [s for s, _ in self.ladder]
+        later = self.ladder[rungs.index(self.settings) + 1 :] if self.settings in rungs else self.ladder
+        smaller = [s for s, e in later if e.activations < self.estimate.activations]
+        same_captions = [s for s in smaller if s.eval_batch_size == self.settings.eval_batch_size]
+        return (same_captions or smaller or [None])[0]
 
     def as_dict(self) -> dict:
         """For train_settings.json: what was chosen, the estimate, the card."""
@@ -354,12 +376,12 @@ def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: 
     given = {**SHIPPED, **user}
     cache_ok = job.fast and job.cache_gb is not None and job.cache_gb <= given["vision_cache_gb"]
 
-    def settings(batch, accum, ckpt, cache):
+    def settings(batch, accum, ckpt, cache, captions=given["eval_batch_size"]):
         graphs = given["cuda_graphs"] and cache and not ckpt and precision.name == "bf16" and card is not None
-        return Settings(batch, accum, ckpt, cache, graphs)
+        return Settings(batch, accum, ckpt, cache, graphs, captions)
 
     if card is None:
-        s = settings(given["batch_size"], given["grad_accum"], given["gradient_checkpointing"], cache_ok)
+        s = settings(given["batch_size"], given["grad_accum"], given["gradient_checkpointing"], cache_ok)  # fmt: skip
         e = estimate(shape, job, precision, s)
         return Plan(s, precision, e, None, True, f"memory: the CPU: {s.describe()}; precision {precision.name}", user, ((s, e),))
 
@@ -367,14 +389,19 @@ def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: 
         splits = [(given["batch_size"], given["grad_accum"])]
     else:
         splits = _splits(given["batch_size"] * given["grad_accum"])
+    # Captioning fewer pictures at a time after training costs seconds; a slower training step costs minutes: each
+    # training rung is tried with smaller captioning batches before the next rung.
+    captions = given["eval_batch_size"]
+    caption_batches = [captions] if "eval_batch_size" in user else [captions] + [c for c in (16, 8, 4) if c < captions]
     ladder = []
     for cache in (True, False) if cache_ok else (False,):
         for ckpt in [user["gradient_checkpointing"]] if "gradient_checkpointing" in user else [False, True]:
             for batch, accum in splits:
                 if batch == 1 and not ckpt and len(splits) > 1 and "gradient_checkpointing" not in user:
                     continue  # one picture per step without checkpointing: checkpointing a larger batch is as small, faster
-                s = settings(batch, accum, ckpt, cache)
-                ladder.append((s, estimate(shape, job, precision, s)))
+                for c in caption_batches:
+                    s = settings(batch, accum, ckpt, cache, c)
+                    ladder.append((s, estimate(shape, job, precision, s)))
     chosen = next(((s, e) for s, e in ladder if e.need <= card.free_gb), None)
     fits = chosen is not None
     if chosen is None:
@@ -399,7 +426,9 @@ def _reason(p: Plan, job: Job) -> str:
         what += " with checkpointing" + (" (as set)" if "gradient_checkpointing" in mine else "")
     if (s.batch_size, s.grad_accum, s.gradient_checkpointing) == (4, 4, True) and not mine:
         what += ", as --low-memory"
-    if not s.vision_cache and job.fast and job.cache_gb is not None and job.cache_gb <= given["vision_cache_gb"]:
+    if s.eval_batch_size != given["eval_batch_size"]:
+        what += f", captions {s.eval_batch_size} pictures at a time"
+    if p.fits and not s.vision_cache and job.fast and job.cache_gb is not None and job.cache_gb <= given["vision_cache_gb"]:
         what += f", without the vision cache (its {job.cache_gb:.1f} GB do not fit beside training)"
     if given["cuda_graphs"] and s.vision_cache and not s.gradient_checkpointing and not s.cuda_graphs:
         what += f", no CUDA graphs in {p.precision.name} (they are captured in bf16)"
