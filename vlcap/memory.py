@@ -470,6 +470,8 @@ def out_of_memory(plan: Plan, output_dir, device: str = "cuda", now: tuple[float
         now = torch.cuda.mem_get_info(device)[0] / GB, torch.cuda.memory_reserved(device) / GB
     free, mine = now
     card = plan.card
+    if card is not None and card.simulated:  # capped by VLCAP_GPU_MEMORY_GB: free within the cap
+        free = min(free, max(0.0, card.total_gb - mine))
     others_then = card.total_gb - card.free_gb if card else 0.0
     others_now = (card.total_gb - free - mine) if card else 0.0
     cause = (f"other processes took {others_now - others_then:.1f} GB since it started" if card and others_now > others_then + 0.5
