@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from vlcap import cli, formats, gallery, images
+from vlcap import cli, formats, gallery, images, memory
 
 ADAPTER: str | None = None  # adapter folder train.py saved (default: the newest under output/)
 NO_ADAPTER: bool = False  # caption with the base model alone, e.g. to compare against the fine-tuned one
@@ -33,6 +33,7 @@ MERGE: str | None = None  # write base + adapter merged into this folder instead
 SCORE: bool = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
 HTML: str | None = None  # write the captions as a web page with thumbnails to this file
 FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
+PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16), bf16, fp16 or fp32
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         globals(), argv, lambda p: p.add_argument("images", nargs="*", help="image files or folders to caption")
     )
     cli.require_at_least(args, {"batch_size": 1, "max_new_tokens": 1})
+    memory.check_precision(args.precision)
     if args.no_adapter and args.adapter:
         raise cli.UserError("--no-adapter and --adapter contradict each other; pass one of them.")
     adapter = None if args.no_adapter else Path(args.adapter or formats.latest_adapter())
@@ -59,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     from vlcap import captioning, qwen  # torch and transformers load once the settings are right
 
     device = qwen.resolve_device(args.device)
-    model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device)
+    card = memory.Card.detect(device) if device.startswith("cuda") else None
+    precision = memory.choose_precision(card, args.precision, training=False)
+    if card is not None:
+        print(f"precision: {precision.reason}")
+    model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device, precision.dtype)
     image_size = qwen.resolve_image_size(processor, image_size)  # a multiple of this model's patches
     if args.merge:
         return merge_adapter(model, processor, adapter, args.merge)

@@ -9,6 +9,10 @@ Every UPPER_CASE setting below is also a --lower-case flag (`python train.py --h
 conversations are held out (data_vl_test.json) and captioned after training. The adapter, its processor and every
 setting of the run (train_settings.json) are saved to OUTPUT_DIR/adapter; infer.py reads them back so it captions with
 the same prompt and image size. The last line printed names the adapter folder.
+
+On a GPU, the batch split, gradient checkpointing and the vision cache are fitted to its free memory and the precision
+to what it computes in (vlcap/memory.py), keeping the effective batch; one line says what was chosen and why. Settings
+you give (on the command line, or by editing a constant below) are kept as they are, and checked against the memory.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from vlcap import cli, formats, gallery, timing, tracking
+from vlcap import cli, formats, gallery, memory, timing, tracking
 
 MODEL_DIR: str = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
 DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
@@ -43,6 +47,7 @@ GRADIENT_CHECKPOINTING: bool = False  # recompute activations in the backward pa
 LOW_MEMORY: bool = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
 VISION_CACHE_GB: float = 8.0  # run the frozen vision tower once per picture and keep its output if it fits (0: every step)
 CUDA_GRAPHS: bool = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
+PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16 with loss scaling), bf16, fp16 or fp32
 LOGGING_STEPS: int = 10  # log the loss every this many optimizer steps
 SAVE_STEPS: int = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
 SEED: int = 42  # seed for LoRA initialisation, dropout and data order
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     marks = timing.Marks()
     marks("imports")
     global compat, evaluation, fastpath, qwen, training_data  # torch and transformers load once the settings are right
+    import torch
+
     from vlcap import compat, evaluation, fastpath, qwen, training_data
 
     marks("start")
@@ -89,9 +96,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         for path, part in zip(formats.split_paths(args.data_json), (train_items, test_items)):
             formats.write_json(path, part)
     fast = compat.available("fast training")
-    finish_data = start_data(args, dataset, model_dir, processor, device, fast)
+    plan = fit_to_device(args, dataset, model_dir, processor, device, fast)
+    finish_data = start_data(args, dataset, model_dir, processor, device, fast, plan)
     marks("loading")
-    model = qwen.load_model(model_dir, device)
+    model = qwen.load_model(model_dir, device, plan.precision.dtype)
     marks("loaded")
     eval_items = evaluation.load_split(args.eval_json, args.eval_size) if is_main else []
     train_dataset, collator, features, pad_to = finish_data(model)
@@ -107,8 +115,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 
     model, graphs = add_lora(model, args, device, pad_to if features is not None else None, marks)
     settings = run_settings(args, model_dir, model, len(train_items), features is not None, graphs)
+    settings["memory_plan"] = plan.as_dict()
     tracker.update_config(settings)
-    trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), *(callbacks or [])])
+    guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
+    trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])])
     trainer.vision_features = features
     if resume_from:
         print(f"resuming from {resume_from}")
@@ -117,6 +127,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except KeyboardInterrupt:
         tracker.finish(aborted=True)
         raise
+    except torch.OutOfMemoryError:  # another process took memory, or the estimate was short: one line, not a traceback
+        tracker.finish(aborted=True)
+        raise cli.UserError(memory.out_of_memory(plan, args.output_dir, device)) from None
     if not is_main:
         return 0
 
@@ -139,6 +152,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
 def read_settings(argv: list[str] | None):
     """The settings, parsed and checked: every mistake is one line here, before anything is loaded or written."""
     args = cli.parse_settings(globals(), argv)
+    set_by_user = memory.explicit_settings(globals(), argv)  # the others are fitted to the GPU (fit_to_device)
+    memory.check_precision(args.precision)
     cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
                                 "eval_batch_size": 1, "sample_max_new_tokens": 1, "lora_r": 1})  # fmt: skip
     cli.require_at_least(args, {"test_size": 0, "eval_size": 0, "max_length": 1})
@@ -149,6 +164,8 @@ def read_settings(argv: list[str] | None):
         pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)
         args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
         args.gradient_checkpointing = True
+        set_by_user |= {"batch_size", "grad_accum", "gradient_checkpointing"}
+    args.set_by_user = sorted(set_by_user)
     if args.gradient_checkpointing:
         args.cuda_graphs = False  # recomputation inside a captured graph is not supported
     return args
@@ -183,8 +200,33 @@ def captioning_recipe(args):
     return Recipe(args.prompt, args.image_size, args.eval_batch_size, args.sample_max_new_tokens)
 
 
+def fit_to_device(args, dataset, model_dir: str, processor, device: str, fast: bool):
+    """The memory plan (vlcap/memory.py): on a GPU, the settings the user left alone chosen to fit its free memory, the
+    precision to fit the card; one line each. Settings of the user's that cannot fit stop the run here."""
+    from transformers import AutoConfig
+
+    card = memory.Card.detect(device) if device.startswith("cuda") else None
+    precision = memory.choose_precision(card, args.precision)
+    if args.image_size:
+        image_tokens = fastpath.image_token_count(processor, args.image_size)
+        cache_gb = fastpath.vision_cache_bytes(AutoConfig.from_pretrained(model_dir), processor, len(dataset),
+                                               args.image_size, precision.dtype) / 1e9  # fmt: skip
+    else:  # pictures of their own size: the largest the processor makes, as a bound
+        image_tokens, cache_gb = processor.image_processor.max_pixels // qwen.image_unit(processor) ** 2, None
+    job = memory.Job.measure(dataset, image_tokens, args.max_length, cache_gb=cache_gb, cache_limit_gb=args.vision_cache_gb, fast=fast)
+    shape = memory.Shape.of_model(model_dir, args.lora_r, args.lora_targets)
+    plan = memory.plan(card, shape, job, precision, {n: getattr(args, n) for n in args.set_by_user})
+    if card is not None:
+        if plan.hopeless:
+            raise cli.UserError(plan.reason + ".")
+        print(plan.reason if plan.fits else f"warning: {plan.reason}; it may run out of memory")
+        print(f"precision: {precision.reason}")
+    plan.apply(args)
+    return plan
+
+
 # ------------------------------------------------------------------------------------------------------------------ data
-def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool):
+def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool, plan):
     """Start what can run before the model loads: the encoding workers when the vision cache will be used.
 
     Returns finish(model) -> (train dataset, collator, vision features, padded length); features and padded length are
@@ -195,10 +237,11 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
     pad_id = processor.tokenizer.pad_token_id
     config = AutoConfig.from_pretrained(model_dir)
     fast = fast and compat.available("fast training", config)  # this family's internals (Qwen2-VL, 2.5, 3)
-    dtype = qwen.model_dtype(device)
+    dtype = plan.precision.dtype
     cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
-    if not fast or cache_gb is None or cache_gb > args.vision_cache_gb:
-        why = "the fast path is off" if not fast else "each image's own size" if cache_gb is None else f"{cache_gb:.1f} GB > --vision-cache-gb"
+    if not fast or cache_gb is None or cache_gb > args.vision_cache_gb or not plan.settings.vision_cache:
+        why = ("the fast path is off" if not fast else "each image's own size" if cache_gb is None else
+               f"{cache_gb:.1f} GB > --vision-cache-gb" if cache_gb > args.vision_cache_gb else "no room beside training")  # fmt: skip
         print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
         return lambda model: (dataset, lambda batch: training_data.collate(batch, pad_id), None, None)
     encoding = fastpath.start_encoding(dataset, config, args.workers)  # the workers decode while the model loads
@@ -284,8 +327,9 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         save_total_limit=2,
         seed=args.seed,
         data_seed=args.seed,
-        # bf16 autocast on the GPU: the base weights are bf16, the LoRA weights and their optimizer state stay fp32.
-        bf16=device.startswith("cuda"),
+        # Autocast in the plan's precision (fp16 with loss scaling); the LoRA weights and their optimizer state stay fp32.
+        bf16=args.precision == "bf16",
+        fp16=args.precision == "fp16",
         logging_nan_inf_filter=False,  # its per-step NaN check makes every step wait for the GPU
         use_cpu=device == "cpu",
         # Batches are copied from pinned memory without making the CPU wait for the GPU.
@@ -323,6 +367,7 @@ def save(model, processor, settings: dict, result, marks, adapter_dir: Path, dev
                  "to_first_step": marks.seconds("start", "first_step"), "capture": capture, "steps": steps,
                  "train": round(steps + capture, 2)},
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
+        peak_gpu_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if device.startswith("cuda") else None,
     )  # fmt: skip
     formats.write_train_settings(adapter_dir, settings)
     return adapter_dir

@@ -264,3 +264,31 @@ def test_fp16_mixed_precision_trains_the_tiny_model_as_fp32_does(tiny_model, sha
     assert fp16[-1] < 0.9 * fp16[0]
     assert max(abs(a - b) / b for a, b in zip(fp16, fp32)) < 0.02
 
+
+# ------------------------------------------------------------------------------------------------------ train.py wiring
+def test_train_records_which_settings_the_user_gave():
+    import train
+
+    assert train.read_settings([]).set_by_user == []
+    assert train.read_settings(["--batch-size", "8"]).set_by_user == ["batch_size"]
+    low = train.read_settings(["--low-memory"])
+    assert low.set_by_user == ["batch_size", "grad_accum", "gradient_checkpointing"] and low.precision == "auto"
+    with pytest.raises(cli.UserError, match="--precision must be one of"):
+        train.read_settings(["--precision", "fp8"])
+
+
+def test_fp16_training_on_the_cpu_is_refused_in_one_line(tiny_model, shapes_24, tmp_path):
+    from helpers import QUICK, run_script
+
+    done = run_script("train.py", "--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir",
+                      str(tmp_path / "out"), *QUICK, "--precision", "fp16")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --precision fp16 needs a CUDA GPU")
+
+
+def test_the_plan_is_saved_beside_the_adapter(trained):
+    from vlcap import formats
+
+    settings = formats.read_train_settings(trained[0])
+    assert settings["precision"] == "fp32" and settings["memory_plan"]["precision"] == "fp32"
+    assert settings["memory_plan"]["card"] is None and "batch_size" in settings["set_by_user"]

@@ -128,13 +128,14 @@ def model_class(model_dir: str | Path):
     return transformers_class(model_dir)
 
 
-def load_model(model_dir: str, device: str):
-    """The model from a local folder, straight onto the device (no full copy in host memory first)."""
+def load_model(model_dir: str, device: str, dtype: torch.dtype | None = None):
+    """The model from a local folder, straight onto the device (no full copy in host memory first), in `dtype`
+    (default: bf16 on the GPU, fp32 on the CPU; vlcap/memory.py chooses it for the card)."""
     if device.startswith("cuda"):
         # cuDNN's attention plans anew for every new sequence length, ~1 ms of CPU a call: the vision tower calls it
         # once per image and block, generation once per token and layer. Flash / memory-efficient attention don't.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return model_class(model_dir).from_pretrained(model_dir, dtype=model_dtype(device), device_map=device)
+    return model_class(model_dir).from_pretrained(model_dir, dtype=dtype or model_dtype(device), device_map=device)
 
 
 def load_processor(model_dir: str | Path):
@@ -255,7 +256,9 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
         raise UserError(f"--lora-targets {targets!r} matches no language-model projection ({e}).") from None
 
 
-def load_for_captioning(adapter: str | Path | None, settings: AdapterSettings | None, model_dir: str | None, device: str):
+def load_for_captioning(
+    adapter: str | Path | None, settings: AdapterSettings | None, model_dir: str | None, device: str, dtype: torch.dtype | None = None
+):
     """(model, processor) to caption with: the base model with the adapter folded in, or the base model alone.
 
     A folder written by infer.py --merge carries train_settings.json but no adapter_config.json: it loads as a plain model.
@@ -265,7 +268,7 @@ def load_for_captioning(adapter: str | Path | None, settings: AdapterSettings | 
     if not base:
         raise UserError("no base model given; pass --model-dir a Qwen-VL model folder (or --adapter DIR).")
     base = resolve_model_dir(base)
-    model = load_model(base, device)
+    model = load_model(base, device, dtype)
     processor = load_processor(adapter or base)  # an adapter's own processor: the one it was trained with
     if adapter and not merged:
         from peft import PeftModel
