@@ -163,7 +163,6 @@ def test_settings_the_user_gave_are_told_apart_from_defaults():
     assert {k.lower(): v for k, v in cli.settings_of(namespace).items() if k.lower() in memory.SHIPPED} == memory.SHIPPED
     assert memory.explicit_settings(namespace, []) == set()
     assert memory.explicit_settings(namespace, ["--batch-size", "16", "--epochs", "1"]) == {"batch_size"}
-    assert memory.explicit_settings(namespace, ["--batch", "8"]) == {"batch_size"}  # argparse's abbreviations too
     assert memory.explicit_settings(namespace, ["--no-gradient-checkpointing", "--no-cuda-graphs"]) == {
         "gradient_checkpointing", "cuda_graphs"}  # fmt: skip
     assert memory.explicit_settings(namespace, ["--vision-cache-gb=0"]) == {"vision_cache_gb"}
