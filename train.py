@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     tracker.update_config(settings)
     guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
     trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])])
-    trainer.vision_features = features
+    trainer.use_vision_cache(features, graphs)
     if resume_from:
         print(f"resuming from {resume_from}")
     try:

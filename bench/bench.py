@@ -235,8 +235,8 @@ def main() -> None:
         try:  # a missing matplotlib must not lose the figures above
             from plot import logged_steps_and_losses, plot_losses
 
-            runs = {r["variant"]: logged_steps_and_losses(work / f"out-{r['variant']}-{args.n}") for r in training_rows}
-            png = plot_losses(runs, Path(args.results).with_name(f"losses-{datetime.date.today()}-{args.n}.png"),
+            runs = {r["variant"]: logged_steps_and_losses(work / f"out-{args.arch}-{r['variant']}-{args.n}") for r in training_rows}
+            png = plot_losses(runs, Path(args.results).with_name(f"losses-{args.arch}-{datetime.date.today()}-{args.n}.png"),
                               f"training loss, {args.n} pictures, {card}")
             lines.append(f"\n![training loss of each variant]({png.name})")
         except Exception:

@@ -3,7 +3,7 @@
     encoding = fastpath.start_encoding(dataset, config, workers)       # before the model loads: workers start decoding
     examples, features = fastpath.finish_encoding(model, *encoding)    # the vision tower, once per picture
     trainer = fastpath.CaptionTrainer(..., train_dataset=examples, data_collator=partial(collate_encoded, ...))
-    trainer.vision_features = features
+    trainer.use_vision_cache(features, graphed=True)
     fastpath.graph_decoder_layers(model, batch_size, pad_to)           # GPU: CUDA graphs of each decoder layer
 
 What it does (bench/RESULTS.md has what each part bought):
@@ -182,6 +182,26 @@ class CaptionTrainer(Trainer):
     """transformers' Trainer, fed from the vision cache, with the loss computed on the kept logits."""
 
     vision_features: torch.Tensor | None = None
+    graphed: bool = False  # whether the decoder layers replay CUDA graphs (graph_decoder_layers)
+
+    def use_vision_cache(self, features: torch.Tensor | None, graphed: bool) -> None:
+        """Train from the cached features (None: the plain path), with graphed decoder layers or not."""
+        self.vision_features, self.graphed = features, graphed
+        if features is not None:
+            # This path's loss is divided by the caption tokens of the whole accumulated batch (compute_loss), so
+            # Trainer must not divide it by the accumulation steps again, whatever the model class declares
+            # (Qwen2.5-VL declares accepts_loss_kwargs = False).
+            self.model_accepts_loss_kwargs = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.graphed and self.args.gradient_accumulation_steps > 1:
+            # A graphed layer's backward hands autograd the same gradient buffers at every replay. Into a .grad that is
+            # None autograd adopts such a buffer as it is, and the next micro-batch's replay overwrites it: with
+            # gradient accumulation only the last micro-batch would count. A .grad that exists is added to instead.
+            for parameter in model.parameters():
+                if parameter.requires_grad and parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # The loss's token count, from the collator's count: counting the labels, already on the GPU, and bringing the

@@ -74,10 +74,12 @@ OVERHEAD_GB = 0.11  # what the rest of a step holds at its peak (cuBLAS workspac
 # (28 layers x 2 x 256 x 2 bytes a token) and the larger of the vision tower's transients (~12.5 MB: a block's MLP over
 # 400 patches) and one decoder layer's prefill (~7 MB): about 20 MB, 140 KB per token of the prompt.
 CAPTION_BYTES_PER_TOKEN = 140e3
-# Headroom (not calibrated: no measurement gives it): the caching allocator reserves more than it hands out, mostly in
-# what changes every step; and the CUDA context, kernels loaded later and other libraries use memory outside it.
-FRAGMENTATION = 0.15  # reserve this fraction of what changes (a step's activations, or captioning) on top
-MARGIN_GB = 0.75  # and leave this much of the card untouched
+# Headroom: the caching allocator reserves more than it hands out, mostly in what changes every step; and the CUDA
+# context, kernels loaded later and other libraries use memory outside it. From bench/memory_fit.py (bench/RESULTS.md,
+# memory_fit run 1): batch 16 in one step, estimated 13.8 GB, needed 16.1 GB under a 16 GB cap (it ran out there at
+# 0.15 / 0.75), while batch 8 x 2, estimated 10.1 GB, ran within 12 GB (10.8 GB reserved).
+FRAGMENTATION = 0.25  # reserve this fraction of what changes (a step's activations, or captioning) on top
+MARGIN_GB = 0.6  # and leave this much of the card untouched
 # Token counts when none are measured: the chat template, the prompt and the closing tokens around the picture take 26
 # tokens, captions up to 32 (COCO captions are 10-20 words).
 PROMPT_TOKENS = 26
