@@ -266,14 +266,19 @@ def add_lora(model, args, device: str, pad_to: int | None, marks):
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
     model = qwen.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     # Graphs are captured per process before DDP wraps the model; that pairing is untested, so several processes run eager.
-    graphs = (pad_to is not None and args.cuda_graphs and device.startswith("cuda")
+    graphs = (pad_to is not None and args.cuda_graphs and can_graph(device)
               and int(os.environ.get("WORLD_SIZE", "1")) == 1 and compat.available("fast training", model))  # fmt: skip
     marks("capture")
     if graphs:
         model.train()  # captured with dropout active, as training replays it
-        fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
+        fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
     marks("captured")
     return model, graphs
+
+
+def can_graph(device: str) -> bool:
+    """CUDA graphs need a GPU (the tests stand in for them on the CPU: tests/cpu_graphs.py)."""
+    return device.startswith("cuda")
 
 
 def run_settings(args, model_dir: str, model, train_size: int, cached: bool, graphs: bool) -> dict:

@@ -246,11 +246,13 @@ class _LayerCall(torch.nn.Module):
         return self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=(cos, sin))
 
 
-def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
+def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool = False) -> None:
     """Capture every decoder layer's forward and backward for (batch_size, seq_len) and route matching calls to them.
 
     The layers' `forward` is replaced on the instance, so parameter names, saving and peft are untouched; generation,
-    evaluation and any other shape run the original forward.
+    evaluation and any other shape run the original forward. `accumulate`: gradients are accumulated over several
+    micro-batches (see _fresh_parameter_gradients). Under torchrun each process captures its own, before DDP wraps the
+    model: a graphed layer's backward feeds the LoRA weights' AccumulateGrad nodes, where DDP's hooks sit, as eager does.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -272,12 +274,13 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples, num_warmup_iters=1)
     for layer, graphed, sample in zip(layers, calls, samples):
-        layer.forward = _routed(layer, graphed, sample)
+        layer.forward = _routed(layer, graphed, sample, accumulate)
 
 
-def _routed(layer, graphed, sample):
+def _routed(layer, graphed, sample, accumulate: bool):
     """The layer's new forward: the graph for calls like the captured one (training, with gradients), else eager."""
     eager_forward, (hidden_s, _, _, mask_s) = layer.forward, sample
+    fresh_gradients = functools.partial(_fresh_parameter_gradients, len(sample))
 
     def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         if (
@@ -289,7 +292,21 @@ def _routed(layer, graphed, sample):
             and attention_mask.shape == mask_s.shape
             and attention_mask.dtype == mask_s.dtype
         ):
-            return graphed(hidden_states, *position_embeddings, attention_mask)
+            out = graphed(hidden_states, *position_embeddings, attention_mask)
+            if accumulate:
+                out.grad_fn.register_hook(fresh_gradients)
+            return out
         return eager_forward(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
 
     return forward
+
+
+def _fresh_parameter_gradients(args: int, grad_inputs, grad_outputs):
+    """A hook on a graphed layer's backward node: its parameters' gradients (after its `args` inputs) as fresh tensors.
+
+    The graph's backward returns its static gradient buffers, which its next replay overwrites, and autograd makes a
+    gradient that nothing else holds the parameter's .grad as it is: after the first micro-batch .grad would be the
+    buffer, and the next micro-batch's replay would overwrite the sum being accumulated (pytorch/pytorch#181723; the
+    tests reproduce it on the CPU). Without accumulation each step's .grad is consumed before the next replay.
+    """
+    return (*grad_inputs[:args], *(g.clone() if g is not None else None for g in grad_inputs[args:]))
