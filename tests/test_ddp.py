@@ -18,6 +18,7 @@ from helpers import QUICK, REPO, closed_port
 from swanlab_files import only_run, read_run
 
 import train
+from vlcap import cli, processes
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled"}
 
@@ -174,3 +175,37 @@ def _children(pid: int) -> list[int]:
 
 def _environment(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    """A process that dies while saving leaves a checkpoint without trainer_state.json (Trainer writes it last):
+    --resume takes the last complete one, and a fresh run still refuses to overwrite either."""
+    for step, complete in ((2, True), (4, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "rng_state_1.pth").write_bytes(b"")
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    args = train.read_settings(["--output-dir", str(tmp_path), "--resume"])
+    assert train.check_output_dir(args, is_main=True) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(cli.UserError, match="holds checkpoints of an earlier run"):
+        train.check_output_dir(train.read_settings(["--output-dir", str(tmp_path)]), is_main=True)
+
+
+def test_processes_that_found_different_checkpoints_stop_with_one_line(tmp_path):
+    """Each machine looks in its own OUTPUT_DIR: where process 0's checkpoint is missing (a folder not shared), every
+    process stops before training with the same line, instead of training from different starting points."""
+    torch.multiprocessing.spawn(_resume_from, args=(tmp_path,), nprocs=2)
+    lines = [(tmp_path / f"rank-{r}.txt").read_text() for r in range(2)]
+    assert lines[0] == lines[1] and "process 0: checkpoint-4, process 1: none" in lines[0], lines
+    assert "a folder every machine shares" in lines[0]
+
+
+def _resume_from(rank: int, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+    try:
+        processes.same_checkpoint(str(tmp_path / "checkpoint-4") if rank == 0 else None)
+    except cli.UserError as e:
+        (tmp_path / f"rank-{rank}.txt").write_text(str(e))
+    assert not dist.is_initialized()  # closed by both, neither waits for the other

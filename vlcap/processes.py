@@ -46,8 +46,11 @@ def rerun_command(*extra: str) -> str:
 
 def stop_with_one_line() -> None:
     """When one process fails, torchrun stops the others of its machine with SIGTERM: each says so in one line (and how
-    to continue) instead of dying silently or with a traceback. Processes of other machines learn it from the lost
-    connection, which the collective they wait in raises (see stopped)."""
+    to continue) instead of dying silently or with a traceback. Processes of other machines learn it from the process
+    group: gloo raises the lost connection in the collective they wait in at once (lost_peer); NCCL reports a lost peer
+    from its own threads (its watchdog ends the process), at the latest after the collective timeout (transformers'
+    ddp_timeout, 30 minutes). A process blocked in CUDA when SIGTERM comes cannot run this handler: torchrun kills it
+    30 s later."""
 
     def stopped_by_torchrun(signum, frame):
         raise UserError(stopped("stopped by torchrun, which stops every process of a run when one fails"))
