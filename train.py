@@ -412,4 +412,4 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + cli.rerun_command("--resume"))
+    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume"))

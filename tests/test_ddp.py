@@ -158,7 +158,7 @@ def test_a_killed_process_stops_the_other_and_resume_continues(common, tmp_path)
     err = (tmp_path / "stderr").read_text()
     lines = err.replace("\r", "\n").splitlines()
     (line,) = [s for s in lines if s.startswith("error: ")]  # process 0's one line
-    assert "torchrun --nproc_per_node 2 train.py" in line and line.endswith("--resume"), line
+    assert f"torchrun --nproc_per_node 2 {REPO / 'train.py'} --model-dir" in line and line.endswith("--resume"), line
     assert not any(s.startswith("[rank0]") for s in lines), err[-3000:]  # no traceback from process 0
 
     status, out, err = finished(torchrun(REPO / "train.py", [*with_batch(args, 2), "--resume"], tmp_path,

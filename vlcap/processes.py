@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from vlcap.cli import UserError
+from vlcap.cli import rerun_command as cli_rerun_command
 
 
 def rank() -> int:
@@ -34,9 +35,11 @@ def is_main() -> bool:
 
 
 def rerun_command(*extra: str) -> str:
-    """The torchrun command that runs this script again, with `extra` flags: rerun_command("--resume") ->
-    "torchrun --nproc_per_node 2 train.py --epochs 1 --resume" (with --nnodes for several machines, run on each)."""
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    """The command that runs this script again, with `extra` flags; under torchrun, torchrun's: rerun_command("--resume")
+    -> "torchrun --nproc_per_node 2 train.py --epochs 1 --resume" (with --nnodes for several machines, run on each)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun
+        return cli_rerun_command(*extra)
+    argv = list(sys.argv)  # the script as given to torchrun
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
     launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
                 "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(count()))]  # fmt: skip
