@@ -285,7 +285,8 @@ def main() -> None:
         if torch.cuda.device_count() < args.gpus:
             raise SystemExit(f"--gpus {args.gpus}, but this machine has {torch.cuda.device_count()} GPU(s).")
         card = torch.cuda.get_device_name()
-        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         lines = [(f"\n### {datetime.date.today()} — data parallel, {args.gpus} x {card}, "
                   f"{FAMILIES[args.arch].name} stand-in ({args.arch}), torch {torch.__version__} (NCCL {nccl}), "
                   f"transformers {transformers.__version__}, {args.n} pictures\n"),
