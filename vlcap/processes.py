@@ -50,10 +50,10 @@ def rerun_command(*extra: str) -> str:
 def stop_with_one_line() -> None:
     """When one process fails, torchrun stops the others of its machine with SIGTERM: each says so in one line (and how
     to continue) instead of dying silently or with a traceback. Processes of other machines learn it from the process
-    group: gloo raises the lost connection in the collective they wait in at once (lost_peer); NCCL reports a lost peer
-    from its own threads (its watchdog ends the process), at the latest after the collective timeout (transformers'
-    ddp_timeout, 30 minutes). A process blocked in CUDA when SIGTERM comes cannot run this handler: torchrun kills it
-    30 s later."""
+    group: gloo raises the lost connection in the collective they wait in at once (lost_peer); with NCCL, its watchdog
+    ends the process when the transport reports the lost peer, at the latest at the collective timeout (transformers'
+    ddp_timeout, 30 minutes; not measured here). A process blocked in CUDA when SIGTERM comes cannot run this handler:
+    torchrun kills it 30 s later."""
 
     def stopped_by_torchrun(signum, frame):
         raise UserError(stopped("stopped by torchrun, which stops every process of a run when one fails"))
@@ -66,7 +66,8 @@ def stopped(why: str) -> str:
     SIGTERM, which may follow, would interrupt the line or the exit)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _end_progress_bars()
-    return f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: {rerun_command('--resume')}"
+    return (f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: "
+            f"{rerun_command('--resume')}")  # fmt: skip
 
 
 def _end_progress_bars() -> None:
