@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
     trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])])
     trainer.vision_features = features
-    processes.same_checkpoint(resume_from)
+    processes.same_start(resume_from, args.batch_size, args.grad_accum)
     if resume_from:
         print(f"resuming from {resume_from}")
     try:

@@ -191,21 +191,25 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
         train.check_output_dir(train.read_settings(["--output-dir", str(tmp_path)]), is_main=True)
 
 
-def test_processes_that_found_different_checkpoints_stop_with_one_line(tmp_path):
-    """Each machine looks in its own OUTPUT_DIR: where process 0's checkpoint is missing (a folder not shared), every
-    process stops before training with the same line, instead of training from different starting points."""
-    torch.multiprocessing.spawn(_resume_from, args=(tmp_path,), nprocs=2)
-    lines = [(tmp_path / f"rank-{r}.txt").read_text() for r in range(2)]
-    assert lines[0] == lines[1] and "process 0: checkpoint-4, process 1: none" in lines[0], lines
-    assert "a folder every machine shares" in lines[0]
+def test_processes_that_would_start_differently_stop_with_one_line(tmp_path):
+    """Each machine looks in its own OUTPUT_DIR, and each process fits the batch split to its own GPU: where process 0's
+    checkpoint is missing for another (a folder not shared), or another program holds part of one GPU, every process
+    stops before training with the same line, instead of training from different points or hanging at the first step."""
+    torch.multiprocessing.spawn(_start, args=(tmp_path,), nprocs=2)
+    for case, expected in (("checkpoint", "process 0: checkpoint-4, process 1: none"),
+                           ("split", "(batch x accumulation: process 0: 16 x 1, process 1: 8 x 2)")):  # fmt: skip
+        lines = [(tmp_path / f"{case}-{r}.txt").read_text() for r in range(2)]
+        assert lines[0] == lines[1] and expected in lines[0], lines
 
 
-def _resume_from(rank: int, tmp_path: Path) -> None:
+def _start(rank: int, tmp_path: Path) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
-    try:
-        processes.same_checkpoint(str(tmp_path / "checkpoint-4") if rank == 0 else None)
-    except cli.UserError as e:
-        (tmp_path / f"rank-{rank}.txt").write_text(str(e))
-    assert not dist.is_initialized()  # closed by both, neither waits for the other
+    cases = {"checkpoint": ((str(tmp_path / "checkpoint-4"), 16, 1), (None, 16, 1)), "split": ((None, 16, 1), (None, 8, 2))}
+    for case, starts in cases.items():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / case}", rank=rank, world_size=2)
+        try:
+            processes.same_start(*starts[rank])
+        except cli.UserError as e:
+            (tmp_path / f"{case}-{rank}.txt").write_text(str(e))
+        assert not dist.is_initialized()  # closed by both, neither waits for the other

@@ -90,20 +90,26 @@ def lost_peer(error: BaseException) -> bool:
     )
 
 
-def same_checkpoint(resume_from: str | None) -> None:
-    """Every process resumes from the same checkpoint, or none does; one line if not (each process looks in
-    OUTPUT_DIR on its own machine, and only process 0 writes checkpoints)."""
+def same_start(resume_from: str | None, batch_size: int, grad_accum: int) -> None:
+    """Every process resumes from the same checkpoint (or none does) and runs the same steps, or all stop here with one
+    line: each process looks in OUTPUT_DIR on its own machine (only process 0 writes checkpoints), and fits the batch
+    split to its own GPU's free memory (vlcap/memory.py), which another program may have taken part of."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, resume_from and Path(resume_from).name)
-    if len(set(seen)) > 1:
+    dist.all_gather_object(seen, (resume_from and Path(resume_from).name, batch_size, grad_accum))
+    if len({checkpoint for checkpoint, _, _ in seen}) > 1:
         close()  # every process stops here, none waits for another
-        where = ", ".join(f"process {r}: {name or 'none'}" for r, name in enumerate(seen))
+        where = ", ".join(f"process {r}: {checkpoint or 'none'}" for r, (checkpoint, _, _) in enumerate(seen))
         raise UserError(f"the processes found different checkpoints to resume from ({where}); --output-dir must be a "
                         "folder every machine shares, where process 0 writes the checkpoints.")  # fmt: skip
+    if len({(b, a) for _, b, a in seen}) > 1:
+        close()
+        where = ", ".join(f"process {r}: {b} x {a}" for r, (_, b, a) in enumerate(seen))
+        raise UserError(f"the processes' GPUs fit different batch splits (batch x accumulation: {where}); pass "
+                        "--batch-size and --grad-accum to give all the same.")  # fmt: skip
 
 
 def finish(device: str) -> list[dict] | None:
