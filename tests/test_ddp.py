@@ -24,7 +24,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled"}
 
 
 def torchrun(script: Path, args: list[str], cwd: Path, *launcher: str, env=None, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--nproc_per_node", "2"]), str(script), *args]
+    """torchrun `script` in the background; 2 processes on a free local port unless `launcher` says otherwise."""
+    launcher = launcher or ("--standalone", "--nproc_per_node", "2")
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *args]
     return subprocess.Popen(command, env=env or ENV, cwd=cwd, text=True, **popen)
 
 
