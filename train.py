@@ -25,7 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from vlcap import cli, formats, gallery, memory, timing, tracking
+from vlcap import cli, formats, gallery, memory, processes, timing, tracking
 
 MODEL_DIR: str = "Qwen/Qwen2-VL-2B-Instruct"  # local Qwen2-VL folder, or a ModelScope id to download
 DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
@@ -72,7 +72,9 @@ SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or ca
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
     args = read_settings(argv)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 alone writes files, logs and captions
+    is_main = processes.is_main()  # under torchrun, process 0 of all (on any machine) alone writes files, logs, captions
+    if processes.count() > 1:
+        processes.stop_with_one_line()  # when another process fails
     resume_from = check_output_dir(args, is_main)
     swanlab_mode = tracking.choose_mode(args.swanlab_mode, args.swanlab_require_cloud) if is_main else "disabled"
     marks = timing.Marks()
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     tracker.update_config(settings)
     guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
     trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])])
-    trainer.use_vision_cache(features, graphs)
+    trainer.use_vision_cache(features)
+    processes.same_start(resume_from, args.batch_size, args.grad_accum)
     if resume_from:
         print(f"resuming from {resume_from}")
     try:
@@ -130,8 +133,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     except torch.OutOfMemoryError:  # another process took memory, or the estimate was short: one line, not a traceback
         tracker.finish(aborted=True)
         raise cli.UserError(memory.out_of_memory(plan, args.output_dir, device)) from None
+    except Exception as e:
+        if not processes.lost_peer(e):
+            raise
+        tracker.finish(aborted=True)
+        raise cli.UserError(processes.stopped("lost the connection to another process of this run")) from None
+    peaks = processes.finish(device)  # several processes: each one's peak memory; then process 0 goes on alone
     if not is_main:
         return 0
+    if peaks:
+        settings["peak_gpu_memory_gb_by_process"] = peaks
 
     adapter_dir = save(model, processor, settings, result, marks, Path(args.output_dir) / "adapter", device)
     captions = evaluation.caption_conversations(model, processor, test_items, recipe)
@@ -177,17 +188,19 @@ def check_output_dir(args, is_main: bool) -> str | None:
     if out.exists() and not out.is_dir():
         raise cli.UserError(f"--output-dir {out} is a file; name a folder for the checkpoints and the adapter.")
     checkpoints = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
-    last = str(checkpoints[-1]) if checkpoints else None
+    # Trainer writes trainer_state.json last: a checkpoint without it was cut short (a process died while saving).
+    complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
+    last = str(complete[-1]) if complete else None
     if args.resume:
         if last is None:
             print(f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr)
         return last
-    if last is not None and not args.overwrite:
+    if checkpoints and not args.overwrite:
         raise cli.UserError(
             f"{out} holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start afresh, "
             "or another --output-dir."
         )
-    if last is not None and is_main:
+    if checkpoints and is_main:
         # --overwrite: the earlier run's checkpoints go, so no later --resume can pick one of them up by mistake.
         for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
@@ -265,20 +278,24 @@ def add_lora(model, args, device: str, pad_to: int | None, marks):
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad to backprop LoRA
     model = qwen.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    # Graphs are captured per process before DDP wraps the model; that pairing is untested, so several processes run eager.
-    graphs = (pad_to is not None and args.cuda_graphs and device.startswith("cuda")
-              and int(os.environ.get("WORLD_SIZE", "1")) == 1 and compat.available("fast training", model))  # fmt: skip
+    # Under torchrun each process captures its own, before Trainer wraps the model in DDP (fastpath.graph_decoder_layers).
+    graphs = pad_to is not None and args.cuda_graphs and can_graph(device) and compat.available("fast training", model)
     marks("capture")
     if graphs:
         model.train()  # captured with dropout active, as training replays it
-        fastpath.graph_decoder_layers(model, args.batch_size, pad_to)
+        fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
     marks("captured")
     return model, graphs
 
 
+def can_graph(device: str) -> bool:
+    """CUDA graphs need a GPU (the tests stand in for them on the CPU: tests/cpu_graphs.py)."""
+    return device.startswith("cuda")
+
+
 def run_settings(args, model_dir: str, model, train_size: int, cached: bool, graphs: bool) -> dict:
     """Every setting of the run, as saved beside the adapter (train_settings.json) and logged to SwanLab."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = processes.count()
     effective_batch = args.batch_size * args.grad_accum * world_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(train_size / effective_batch) * args.epochs
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -395,4 +412,4 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + cli.rerun_command("--resume"))
+    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume"))

@@ -4,6 +4,8 @@
     python bench/bench.py --variants fast --n 5000           # one variant on 5,000 pictures (issue: scale)
     python bench/bench.py --arch qwen2_5_vl --variants plain,fast,low-memory   # Qwen2.5-VL-3B's shape
     python bench/bench.py --arch qwen3_vl                    # Qwen3-VL-2B's shape
+    python bench/bench.py --gpus 2 --n 500                   # data parallel: 1 GPU and 2 under torchrun, then checks
+    python bench/bench.py --gpus 2 --n 5000 --no-checks      # the same scaling rows on 5,000 pictures
 
 Offline, in bench/work/: builds the family's stand-in (tools/make_offline_model.py --arch ARCH --size full, into
 bench/work/model-ARCH), N generated 640x480 JPEGs with COCO-length captions (tools/make_coco_folder.py -> data2csv.py ->
@@ -11,6 +13,12 @@ csv2json.py), then runs train.py itself with the tutorial's recipe (the last 4 h
 r=64/alpha=16/dropout 0.05 on the seven language-model projections, lr 1e-4, train.py's default image size: 280x280 for
 Qwen2-VL and Qwen2.5-VL, 288x288 for Qwen3-VL) in each variant, each in its own process so peak memory is its own. Prints
 a table and writes the same as a Markdown entry (date, card, versions, family) to --results.
+
+--gpus N (a machine with N GPUs): instead of the variants, train.py's default fast path on one GPU and under
+`torchrun --nproc_per_node N`, at effective batch 16 and 32 (the batch per GPU divided by N): samples per second,
+scaling efficiency against one GPU at effective batch 16, each process's peak memory, the mean loss against one GPU at
+the same effective batch. Then (unless --no-checks) 8 steps without dropout whose per-step losses must agree: N GPUs
+with graphs against N GPUs eager and against one GPU, and graphs against eager with gradient accumulation (8 x 2).
 """
 
 from __future__ import annotations
@@ -44,6 +52,25 @@ VARIANTS = {
 }  # fmt: skip
 
 
+# --gpus N: effective batch -> (name, processes, train.py flags; `{b16}` / `{b32}` the batch per GPU for effective batch
+# 16 / 32). One GPU at 16 is train.py's default.
+SCALING = {16: [("1 GPU", 1, []), ("N GPUs", None, ["--batch-size", "{b16}"])],
+           32: [("1 GPU", 1, ["--batch-size", "32"]), ("N GPUs", None, ["--batch-size", "{b32}"])]}  # fmt: skip
+CHECK = ["--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"]
+CHECKS = {
+    "1 GPU graphs": (1, CHECK),
+    "N GPUs eager": (None, ["--batch-size", "{b16}", "--no-cuda-graphs", *CHECK]),
+    "N GPUs graphs": (None, ["--batch-size", "{b16}", *CHECK]),
+    "1 GPU 8x2 eager": (1, ["--batch-size", "8", "--grad-accum", "2", "--no-cuda-graphs", *CHECK]),
+    "1 GPU 8x2 graphs": (1, ["--batch-size", "8", "--grad-accum", "2", *CHECK]),
+}  # fmt: skip
+# (check, against it, what the difference must be): graphs against eager replay the same kernels.
+COMPARE = [("N GPUs graphs", "N GPUs eager", "bf16 noise at most; ~0 expected"),
+           ("N GPUs graphs", "1 GPU graphs", "bf16 noise (other batch shapes, other sum order)"),
+           ("1 GPU 8x2 graphs", "1 GPU 8x2 eager", "bf16 noise at most; ~0 expected"),
+           ("1 GPU 8x2 graphs", "1 GPU graphs", "bf16 noise")]  # fmt: skip
+
+
 def logged_losses(out: Path) -> list[float]:
     (state,) = out.glob("checkpoint-*/trainer_state.json")
     return [h["loss"] for h in json.loads(state.read_text())["log_history"] if "loss" in h]
@@ -54,6 +81,85 @@ def run(cmd: list[str], log: Path) -> float:
     with log.open("a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     return time.perf_counter() - started
+
+
+def train_command(processes: int, flags: list[str]) -> list[str]:
+    """train.py on one GPU, or under torchrun on `processes` GPUs of this machine."""
+    if processes == 1:
+        return [sys.executable, "train.py", *flags]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "train.py", *flags]
+
+
+def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
+    """--gpus N: the scaling rows, then the checks; the Markdown lines of the entry."""
+    gpus = args.gpus
+    if 16 % gpus:
+        raise SystemExit(f"--gpus {gpus}: the effective batch of 16 must split evenly over the GPUs (2, 4, 8 or 16).")
+    sizes = {"{b16}": str(16 // gpus), "{b32}": str(32 // gpus)}
+
+    def shown(name: str) -> str:
+        return name.replace("N GPUs", f"{gpus} GPUs")
+
+    def go(name: str, processes: int | None, flags: list[str]) -> dict | None:
+        processes = processes or gpus
+        flags = [sizes.get(f, f) for f in flags]
+        slug = shown(name).replace(" ", "-") + "-" + "-".join(flags).replace("--", "")
+        out = Path(args.work) / f"out-{args.arch}-gpus-{slug}-{args.n}"
+        cmd = train_command(processes, ["--model-dir", str(model_dir), "--data-json", str(data_json),
+                                        "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
+                                        "--save-steps", "100000", "--sample-max-new-tokens", "32", *flags])  # fmt: skip
+        log = Path(args.work) / f"{args.arch}-gpus-{slug}-{args.n}.log"
+        try:  # one failed run must not lose the others' figures
+            wall = run(cmd, log)
+        except subprocess.CalledProcessError:
+            print(f"{name} {' '.join(flags)} failed; the end of {log}:\n" + log.read_text()[-3000:])
+            return None
+        s = json.loads((out / "adapter" / "train_settings.json").read_text())
+        sec, steps = s["seconds"], s["global_step"]
+        peaks = [p["allocated"] for p in s.get("peak_gpu_memory_gb_by_process") or [{"allocated": s["peak_gpu_memory_gb"]}]]
+        row = {"name": shown(name), "processes": processes, "batch": s["batch_size"],
+               "accumulation": s["grad_accum"], "effective": s["effective_batch"], "steps": steps,
+               "prep_s": sec["prepare"], "capture_s": sec["capture"], "train_s": sec["train"],
+               "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
+               "peaks_gb": peaks, "loss": s["train_loss"], "graphs": s["cuda_graphs_used"], "wall_s": wall,
+               "losses": logged_losses(out)}  # fmt: skip
+        print(json.dumps(row))
+        return row
+
+    runs = [run_ for effective in args.effective for run_ in SCALING[effective]]
+    rows = [go(name, processes, flags) for name, processes, flags in runs]
+    lines = [("| run | batch per GPU x GPUs (x accumulation) | effective batch | steps | prep s | graph capture s | "
+              "train s | ms/step | samples/s | scaling efficiency | peak GB per GPU | mean loss | loss vs 1 GPU |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    base = rows[0] if runs[0] == SCALING[16][0] else None
+    for (name, _, flags), r in zip(runs, rows):
+        if r is None:
+            lines.append(f"| {shown(name)} {' '.join(sizes.get(f, f) for f in flags)} | failed |")
+            continue
+        alone = next((o for o in rows if o and o["processes"] == 1 and o["effective"] == r["effective"]), None)
+        efficiency = f"{100 * r['samples_per_s'] / (r['processes'] * base['samples_per_s']):.0f}%" if base else "—"
+        versus = f"{r['loss'] - alone['loss']:+.4f}" if alone and alone is not r else "—"
+        accumulation = f" x {r['accumulation']}" if r["accumulation"] > 1 else ""
+        lines.append(f"| {r['name']}{'' if r['graphs'] else ' (eager)'} | {r['batch']} x {r['processes']}{accumulation} | "
+                     f"{r['effective']} | {r['steps']} | {r['prep_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | "
+                     f"{r['step_ms']:.0f} | {r['samples_per_s']:.0f} | {efficiency} | "
+                     f"{' / '.join(f'{p:.1f}' if p is not None else '—' for p in r['peaks_gb'])} | {r['loss']:.4f} | {versus} |")  # fmt: skip
+    lines.append("\nScaling efficiency: samples/s over (GPUs x one GPU's samples/s at effective batch 16, its default). "
+                 "Peak GB per GPU: each process's own (train_settings.json's peak_gpu_memory_gb_by_process).")  # fmt: skip
+    if args.no_checks:
+        return lines
+    checks = {name: go(name, processes, flags) for name, (processes, flags) in CHECKS.items()}
+    lines += ["\n8 steps without dropout, per-step losses (train.py --lora-dropout 0 --max-steps 8 --logging-steps 1):\n",
+              "| check | against | largest relative loss difference | expected | graphs used |", "| --- | --- | --- | --- | --- |"]
+    for a, b, expected in COMPARE:
+        ra, rb = checks[a], checks[b]
+        if ra is None or rb is None:
+            lines.append(f"| {shown(a)} | {shown(b)} | failed | {expected} | |")
+            continue
+        worst = max(abs(x - y) / abs(y) for x, y in zip(ra["losses"], rb["losses"]))
+        print(f"{shown(a)} {ra['losses']}\n{shown(b)} {rb['losses']}\nlargest relative difference {worst:.2e}")
+        lines.append(f"| {shown(a)} | {shown(b)} | {worst:.1e} | {expected} | {ra['graphs']} / {rb['graphs']} |")
+    return lines
 
 
 def prepare(work: Path, n: int, arch: str = "qwen2_vl") -> tuple[Path, Path]:
@@ -164,6 +270,11 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to append to")
     parser.add_argument("--no-inference", action="store_true", help="skip the captioning benchmark")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="N > 1: data parallel over N GPUs under torchrun against one GPU, instead of the variants")  # fmt: skip
+    parser.add_argument("--no-checks", action="store_true", help="with --gpus: skip the 8-step loss checks")
+    parser.add_argument("--effective", default="16,32", type=lambda t: [int(b) for b in t.split(",")],
+                        help="with --gpus: the effective batches to run, from 16 and 32 (scaling efficiency needs 16)")  # fmt: skip
     args = parser.parse_args()
     import torch
     import transformers
@@ -174,6 +285,21 @@ def main() -> None:
     rate = matmul_tflops()
     flops = job_flops(model_dir, data_json)
     print(f"bf16 matmul {rate:.0f} TFLOP/s; job {flops / 1e15:.2f} PFLOP, floor {flops / rate / 1e12:.2f} s")
+    if args.gpus > 1:
+        if torch.cuda.device_count() < args.gpus:
+            raise SystemExit(f"--gpus {args.gpus}, but this machine has {torch.cuda.device_count()} GPU(s).")
+        card = torch.cuda.get_device_name()
+        version = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        lines = [(f"\n### {datetime.date.today()} — data parallel, {args.gpus} x {card}, "
+                  f"{FAMILIES[args.arch].name} stand-in ({args.arch}), torch {torch.__version__} (NCCL {nccl}), "
+                  f"transformers {transformers.__version__}, {args.n} pictures\n"),
+                 *multi_gpu(args, model_dir, data_json)]  # fmt: skip
+        entry = "\n".join(lines) + "\n"
+        print(entry)
+        with open(args.results, "a") as f:
+            f.write(entry)
+        return
 
     rows = []
     for name in args.variants.split(","):

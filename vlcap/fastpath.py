@@ -3,7 +3,7 @@
     encoding = fastpath.start_encoding(dataset, config, workers)       # before the model loads: workers start decoding
     examples, features = fastpath.finish_encoding(model, *encoding)    # the vision tower, once per picture
     trainer = fastpath.CaptionTrainer(..., train_dataset=examples, data_collator=partial(collate_encoded, ...))
-    trainer.use_vision_cache(features, graphed=True)
+    trainer.use_vision_cache(features)
     fastpath.graph_decoder_layers(model, batch_size, pad_to)           # GPU: CUDA graphs of each decoder layer
 
 What it does (bench/RESULTS.md has what each part bought):
@@ -182,26 +182,15 @@ class CaptionTrainer(Trainer):
     """transformers' Trainer, fed from the vision cache, with the loss computed on the kept logits."""
 
     vision_features: torch.Tensor | None = None
-    graphed: bool = False  # whether the decoder layers replay CUDA graphs (graph_decoder_layers)
 
-    def use_vision_cache(self, features: torch.Tensor | None, graphed: bool) -> None:
-        """Train from the cached features (None: the plain path), with graphed decoder layers or not."""
-        self.vision_features, self.graphed = features, graphed
+    def use_vision_cache(self, features: torch.Tensor | None) -> None:
+        """Train from the cached features (None: the plain path)."""
+        self.vision_features = features
         if features is not None:
             # This path's loss is divided by the caption tokens of the whole accumulated batch (compute_loss), so
             # Trainer must not divide it by the accumulation steps again, whatever the model class declares
             # (Qwen2.5-VL declares accepts_loss_kwargs = False).
             self.model_accepts_loss_kwargs = True
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.graphed and self.args.gradient_accumulation_steps > 1:
-            # A graphed layer's backward hands autograd the same gradient buffers at every replay. Into a .grad that is
-            # None autograd adopts such a buffer as it is, and the next micro-batch's replay overwrites it: with
-            # gradient accumulation only the last micro-batch would count. A .grad that exists is added to instead.
-            for parameter in model.parameters():
-                if parameter.requires_grad and parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-        return super().training_step(model, inputs, num_items_in_batch)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # The loss's token count, from the collator's count: counting the labels, already on the GPU, and bringing the
@@ -266,11 +255,13 @@ class _LayerCall(torch.nn.Module):
         return self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=(cos, sin))
 
 
-def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
+def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool = False) -> None:
     """Capture every decoder layer's forward and backward for (batch_size, seq_len) and route matching calls to them.
 
     The layers' `forward` is replaced on the instance, so parameter names, saving and peft are untouched; generation,
-    evaluation and any other shape run the original forward.
+    evaluation and any other shape run the original forward. `accumulate`: gradients are accumulated over several
+    micro-batches (see _fresh_parameter_gradients). Under torchrun each process captures its own, before DDP wraps the
+    model: a graphed layer's backward feeds the LoRA weights' AccumulateGrad nodes, where DDP's hooks sit, as eager does.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -292,12 +283,13 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples, num_warmup_iters=1)
     for layer, graphed, sample in zip(layers, calls, samples):
-        layer.forward = _routed(layer, graphed, sample)
+        layer.forward = _routed(layer, graphed, sample, accumulate)
 
 
-def _routed(layer, graphed, sample):
+def _routed(layer, graphed, sample, accumulate: bool):
     """The layer's new forward: the graph for calls like the captured one (training, with gradients), else eager."""
     eager_forward, (hidden_s, _, _, mask_s) = layer.forward, sample
+    fresh_gradients = functools.partial(_fresh_parameter_gradients, len(sample))
 
     def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         if (
@@ -309,7 +301,21 @@ def _routed(layer, graphed, sample):
             and attention_mask.shape == mask_s.shape
             and attention_mask.dtype == mask_s.dtype
         ):
-            return graphed(hidden_states, *position_embeddings, attention_mask)
+            out = graphed(hidden_states, *position_embeddings, attention_mask)
+            if accumulate:
+                out.grad_fn.register_hook(fresh_gradients)
+            return out
         return eager_forward(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
 
     return forward
+
+
+def _fresh_parameter_gradients(args: int, grad_inputs, grad_outputs):
+    """A hook on a graphed layer's backward node: its parameters' gradients (after its `args` inputs) as fresh tensors.
+
+    The graph's backward returns its static gradient buffers, which its next replay overwrites, and autograd makes a
+    gradient that nothing else holds the parameter's .grad as it is: after the first micro-batch .grad would be the
+    buffer, and the next micro-batch's replay would overwrite the sum being accumulated (pytorch/pytorch#181723; the
+    tests reproduce it on the CPU). Without accumulation each step's .grad is consumed before the next replay.
+    """
+    return (*grad_inputs[:args], *(g.clone() if g is not None else None for g in grad_inputs[args:]))
