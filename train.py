@@ -242,7 +242,9 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
     fast = fast and compat.available("fast training", config)  # this family's internals (Qwen2-VL, 2.5, 3)
     dtype = plan.precision.dtype
     cache_bytes = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) if args.image_size else None
-    if not fast or cache_bytes is None or not args.vision_cache_gb or not plan.settings.vision_cache:
+    # The plan keeps the cache unless --vision-cache-gb is 0 or nothing fits with it; its GPU share may be 0 (all of it
+    # in host memory and the file).
+    if not fast or cache_bytes is None or not plan.settings.vision_cache:
         why = ("the fast path is off" if not fast else "each image's own size" if cache_bytes is None else
                "--vision-cache-gb 0" if not args.vision_cache_gb else "no room beside training")  # fmt: skip
         print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")

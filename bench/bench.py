@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640, help="generated pictures' width (COCO's are about 640x480)")
     parser.add_argument("--height", type=int, default=480, help="generated pictures' height")
     parser.add_argument("--prepare-only", action="store_true", help="build the stand-in and the pictures, then stop")
+    parser.add_argument("--train-args", default="", help='more train.py flags for every variant, e.g. "--workers 15"')
     args = parser.parse_args()
     import torch
     import transformers
@@ -227,6 +229,7 @@ def main() -> None:
                "--save-steps", "100000", "--sample-max-new-tokens", "32", *VARIANTS[name]]  # fmt: skip
         if args.max_steps > 0 and "--max-steps" not in VARIANTS[name]:
             cmd += ["--max-steps", str(args.max_steps)]
+        cmd += shlex.split(args.train_args)
         wall, host_gb = run_measured(cmd, work / f"{args.arch}-{name}-{args.n}.log")
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]
@@ -266,7 +269,8 @@ def main() -> None:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     family = f"{FAMILIES[args.arch].name} stand-in ({args.arch}, full size, random weights)"
     size = rows[0]["image_size"] if rows else "?"
-    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}\n",
+    extra = f" with `{args.train_args}`" if args.train_args else ""
+    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}{extra}\n",
              f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
              "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | host GB | MFU | mean loss |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
