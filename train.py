@@ -23,6 +23,7 @@ import platform
 import shutil
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from vlcap import cli, formats, gallery, memory, processes, timing, tracking
@@ -45,7 +46,9 @@ GRAD_ACCUM: int = 1  # forward passes per optimizer step (effective batch = BATC
 LEARNING_RATE: float = 1e-4  # peak learning rate (linear decay to 0)
 GRADIENT_CHECKPOINTING: bool = False  # recompute activations in the backward pass: less memory, slower
 LOW_MEMORY: bool = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
-VISION_CACHE_GB: float = 8.0  # run the frozen vision tower once per picture and keep its output if it fits (0: every step)
+VISION_CACHE_GB: float = 8.0  # GPU memory for the vision cache: the frozen tower's output, once per picture (0: the tower runs every step)
+HOST_CACHE_GB: float = 32.0  # host memory for the pictures beyond VISION_CACHE_GB (at most half of what is available); the rest go to OUTPUT_DIR/vision_cache
+KEEP_VISION_CACHE: bool = True  # keep OUTPUT_DIR/vision_cache after training: --resume and later runs on the same data read it instead of encoding
 CUDA_GRAPHS: bool = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
 PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16 with loss scaling), bf16, fp16 or fp32
 LOGGING_STEPS: int = 10  # log the loss every this many optimizer steps
@@ -170,7 +173,7 @@ def read_settings(argv: list[str] | None):
     cli.require_at_least(args, {"test_size": 0, "eval_size": 0, "max_length": 1})
     cli.require_positive(args, ["learning_rate", "epochs", "lora_alpha"])
     cli.require_range(args, ["lora_dropout"], at_least=0, below=1)
-    cli.require_range(args, ["vision_cache_gb"], at_least=0)
+    cli.require_range(args, ["vision_cache_gb", "host_cache_gb"], at_least=0)
     if args.low_memory:  # the same effective batch in up to 4 pieces, with checkpointing
         pieces = next(d for d in (4, 3, 2, 1) if args.batch_size % d == 0)
         args.batch_size, args.grad_accum = args.batch_size // pieces, args.grad_accum * pieces
@@ -251,22 +254,65 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
     config = AutoConfig.from_pretrained(model_dir)
     fast = fast and compat.available("fast training", config)  # this family's internals (Qwen2-VL, 2.5, 3)
     dtype = plan.precision.dtype
-    cache_gb = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) / 1e9 if args.image_size else None
-    if not fast or cache_gb is None or cache_gb > args.vision_cache_gb or not plan.settings.vision_cache:
-        why = ("the fast path is off" if not fast else "each image's own size" if cache_gb is None else
-               f"{cache_gb:.1f} GB > --vision-cache-gb" if cache_gb > args.vision_cache_gb else "no room beside training")  # fmt: skip
+    cache_bytes = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) if args.image_size else None
+    # The plan keeps the cache unless --vision-cache-gb is 0 or nothing fits with it; its GPU share may be 0 (all of it
+    # in host memory and the file).
+    if not fast or cache_bytes is None or not plan.settings.vision_cache:
+        why = ("the fast path is off" if not fast else "each image's own size" if cache_bytes is None else
+               "--vision-cache-gb 0" if not args.vision_cache_gb else "no room beside training")  # fmt: skip
         print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
         return lambda model: (dataset, lambda batch: training_data.collate(batch, pad_id), None, None)
-    encoding = fastpath.start_encoding(dataset, config, args.workers)  # the workers decode while the model loads
+    layout = vision_cache_layout(args, dataset, model_dir, dtype, cache_bytes)
+    header = fastpath.reusable(layout.folder, layout.key) if layout.folder else None
+    if header:
+        print(f"vision cache: reading {layout.folder} back (written {header['written']} for the same model, pictures and "
+              "settings) instead of encoding the pictures again")  # fmt: skip
+    else:
+        if layout.folder:
+            fastpath.remove_cache(layout.folder)  # another model's, data's or settings' features, or a run cut short
+        encoding = fastpath.start_encoding(dataset, config, args.workers)  # the workers decode while the model loads
 
     def finish(model):
-        examples, features = fastpath.finish_encoding(model, *encoding)
+        if header:
+            examples, features = fastpath.read_cache(layout.folder, layout, model.device)
+        else:
+            examples, features = fastpath.finish_encoding(model, *encoding, layout)
+        features.keep_file = args.keep_vision_cache
         pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
-        print(f"vision cache: {len(examples)} pictures, {features.numel() * features.element_size() / 1e9:.2f} GB on "
-              f"{features.device}; sequences padded to {pad_to} tokens")  # fmt: skip
-        return examples, lambda batch: fastpath.collate_encoded(batch, pad_id, pad_to), features, pad_to
+        print(f"vision cache: {features.describe()}; sequences padded to {pad_to} tokens")
+        return examples, lambda batch: features.collate(fastpath.collate_encoded(batch, pad_id, pad_to)), features, pad_to
 
     return finish
+
+
+def vision_cache_layout(args, dataset, model_dir: str, dtype, cache_bytes: int):
+    """Where the vision cache goes (fastpath.CacheLayout): the GPU up to --vision-cache-gb, host memory up to
+    --host-cache-gb (at most half of what the system has available, shared by the processes of this machine), and a file
+    in OUTPUT_DIR holding every picture when they do not all fit on the GPU. One line when it cannot go anywhere."""
+    rank, local_processes = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    folder = Path(args.output_dir) / (fastpath.CACHE_FOLDER + (f"-rank{rank}" if rank else ""))  # one per process
+    picture = cache_bytes // len(dataset)
+    host_gb = min(args.host_cache_gb, fastpath.host_memory_available_gb() / 2 / local_processes)
+    layout = fastpath.CacheLayout.choose(len(dataset), picture, args.vision_cache_gb, host_gb, folder)
+    if layout.folder is None:
+        return layout
+    layout = replace(layout, key=fastpath.encoding_key(dataset, model_dir, dtype))
+    if fastpath.reusable(folder, layout.key):
+        return layout
+    existing = folder / "features.bin"
+    disk = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(disk).free + (existing.stat().st_size if existing.is_file() else 0)
+    if free < cache_bytes + 1e9:  # and a GB to spare
+        if layout.in_file == 0:
+            print(f"vision cache: {free / 1e9:.1f} GB free in {disk}, {cache_bytes / 1e9:.1f} GB needed for its file: kept "
+                  "in GPU and host memory only (--resume will encode the pictures again)")  # fmt: skip
+            return replace(layout, folder=None)
+        raise cli.UserError(
+            f"the vision cache needs {cache_bytes / 1e9:.1f} GB on disk in {folder} ({layout.in_file} pictures fit neither "
+            f"--vision-cache-gb nor --host-cache-gb) and {free / 1e9:.1f} GB are free there: free disk space, give another "
+            "--output-dir, or raise --host-cache-gb."
+        )
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------------------------- model

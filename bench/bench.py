@@ -6,6 +6,13 @@
     python bench/bench.py --arch qwen3_vl                    # Qwen3-VL-2B's shape
     python bench/bench.py --gpus 2 --n 500                   # data parallel: 1 GPU and 2 under torchrun, then checks
     python bench/bench.py --gpus 2 --n 5000 --no-checks      # the same scaling rows on 5,000 pictures
+    python bench/bench.py --n 20000 --prepare-only           # build the stand-in and 20,000 pictures (one command)
+    python bench/bench.py --n 20000 --variants fast,spill,spill --max-steps 200 --no-inference   # the cache beyond the GPU
+
+`spill` keeps 2 GB of the vision cache on the GPU and 2 GB in host memory and reads the rest from its file (written
+once; a second `spill` in the same call reads the file back instead of encoding: its prep time is that). `--max-steps`
+stops every variant after that many steps; the entry then adds a computed full-split epoch (82,783 pictures) from the
+measured preparation per picture and time per step. Host GB is the peak resident memory of train.py's largest process.
 
 Offline, in bench/work/: builds the family's stand-in (tools/make_offline_model.py --arch ARCH --size full, into
 bench/work/model-ARCH), N generated 640x480 JPEGs with COCO-length captions (tools/make_coco_folder.py -> data2csv.py ->
@@ -27,6 +34,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -46,6 +54,9 @@ VARIANTS = {
     "cache": ["--no-cuda-graphs"],
     "fast": [],
     "low-memory": ["--low-memory"],
+    # The vision cache beyond the GPU (fastpath.VisionCache): 2 GB on the GPU, 2 GB in host memory, the rest in its file.
+    "spill": ["--vision-cache-gb", "2", "--host-cache-gb", "2"],
+    "spill-file": ["--vision-cache-gb", "2", "--host-cache-gb", "0"],  # everything beyond the GPU read from the file
     # CUDA graphs must not change the arithmetic: 8 steps without dropout (whose draws differ by design), eager vs graphs.
     "check-eager": ["--no-cuda-graphs", "--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
     "check-graphs": ["--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
@@ -77,10 +88,19 @@ def logged_losses(out: Path) -> list[float]:
 
 
 def run(cmd: list[str], log: Path) -> float:
+    return run_measured(cmd, log)[0]
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """(seconds, peak resident memory in GB of the command's largest process: itself or a child it waited for)."""
     started = time.perf_counter()
     with log.open("a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    return time.perf_counter() - started
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+    return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9  # kB on Linux
 
 
 def train_command(processes: int, flags: list[str]) -> list[str]:
@@ -162,8 +182,8 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
     return lines
 
 
-def prepare(work: Path, n: int, arch: str = "qwen2_vl") -> tuple[Path, Path]:
-    model, data = work / f"model-{arch}", work / f"data-{n}"
+def prepare(work: Path, n: int, arch: str = "qwen2_vl", size: tuple[int, int] = (640, 480)) -> tuple[Path, Path]:
+    model, data = work / f"model-{arch}", work / (f"data-{n}" if size == (640, 480) else f"data-{n}-{size[0]}x{size[1]}")
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if not (model / "config.json").exists():
@@ -172,13 +192,28 @@ def prepare(work: Path, n: int, arch: str = "qwen2_vl") -> tuple[Path, Path]:
     if not (data / "data_vl.json").exists():
         data.mkdir(parents=True, exist_ok=True)
         steps = [
-            [py, "tools/make_coco_folder.py", "--out", str(data / "coco"), "--n", str(n), "--width", "640", "--height", "480"],
+            [py, "tools/make_coco_folder.py", "--out", str(data / "coco"), "--n", str(n), "--width", str(size[0]),
+             "--height", str(size[1])],
             [py, "data2csv.py", "--source", str(data / "coco"), "--n", str(n), "--image-dir", str(data / "images"),
              "--csv", str(data / "data.csv"), "--workers", "16"],
             [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(data / "data_vl.json"), "--workers", "16"],
         ]  # fmt: skip
         print(f"{n} pictures: {sum(run(cmd, data / 'prepare.log') for cmd in steps):.0f} s")
     return model, data / "data_vl.json"
+
+
+FULL_SPLIT = 82_783  # train2014's pictures
+FULL_SPLIT_STEPS = -(-(FULL_SPLIT - 4) // 16)  # the last 4 held out, batches of 16
+
+
+def full_split_epoch(row: dict, n: int) -> str:
+    """One epoch of the full split as this run's figures predict it: data reading and encoding scale with the pictures,
+    the model load and the set-up do not; then FULL_SPLIT_STEPS steps at the measured time per step."""
+    scale = FULL_SPLIT / n
+    parts = row["prep_parts"] or {"before_model": 0.0, "load_model": 0.0, "after_model": row["prep_s"]}
+    prep = parts["before_model"] * scale + parts["load_model"] + parts["after_model"] * scale + row["setup_total_s"]
+    steps = FULL_SPLIT_STEPS * row["step_ms"] / 1000
+    return f"preparation {prep / 60:.1f} min + training {steps / 60:.1f} min = **{(prep + steps) / 60:.1f} min**"
 
 
 def matmul_tflops() -> float:
@@ -265,7 +300,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="qwen2_vl", choices=list(FAMILIES),
                         help="model family, as the full-size stand-in of tools/make_offline_model.py")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.startswith("spill")),
+                        help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: all but the spill ones)")  # fmt: skip
     parser.add_argument("--n", type=int, default=500, help="generated pictures (the tutorial: 500)")
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to append to")
@@ -275,13 +311,23 @@ def main() -> None:
     parser.add_argument("--no-checks", action="store_true", help="with --gpus: skip the 8-step loss checks")
     parser.add_argument("--effective", default="16,32", type=lambda t: [int(b) for b in t.split(",")],
                         help="with --gpus: the effective batches to run, from 16 and 32 (scaling efficiency needs 16)")  # fmt: skip
+    parser.add_argument("--max-steps", type=int, default=-1,
+                        help="stop every variant after this many optimizer steps (-1: the 2 epochs)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=640, help="generated pictures' width (COCO's are about 640x480)")
+    parser.add_argument("--height", type=int, default=480, help="generated pictures' height")
+    parser.add_argument("--prepare-only", action="store_true", help="build the stand-in and the pictures, then stop")
+    parser.add_argument("--train-args", default="", help='more train.py flags for every variant, e.g. "--workers 15"')
     args = parser.parse_args()
     import torch
     import transformers
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, data_json = prepare(work, args.n, args.arch)
+    started = time.perf_counter()
+    model_dir, data_json = prepare(work, args.n, args.arch, (args.width, args.height))
+    print(f"prepared {model_dir} and {data_json} in {time.perf_counter() - started:.0f} s")
+    if args.prepare_only:
+        return
     rate = matmul_tflops()
     flops = job_flops(model_dir, data_json)
     print(f"bf16 matmul {rate:.0f} TFLOP/s; job {flops / 1e15:.2f} PFLOP, floor {flops / rate / 1e12:.2f} s")
@@ -307,14 +353,18 @@ def main() -> None:
         cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
                "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
                "--save-steps", "100000", "--sample-max-new-tokens", "32", *VARIANTS[name]]  # fmt: skip
-        wall = run(cmd, work / f"{args.arch}-{name}-{args.n}.log")
+        if args.max_steps > 0 and "--max-steps" not in VARIANTS[name]:
+            cmd += ["--max-steps", str(args.max_steps)]
+        cmd += shlex.split(args.train_args)
+        wall, host_gb = run_measured(cmd, work / f"{args.arch}-{name}-{args.n}.log")
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]
-        full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name]
+        full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name] and args.max_steps <= 0
         row = {"variant": name, "steps": steps, "prep_s": sec["prepare"], "setup_s": sec["to_first_step"] - sec["prepare"] - sec["capture"],
                "capture_s": sec["capture"], "train_s": sec["train"],
                "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
                "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall, "image_size": s["image_size"],
+               "host_gb": host_gb, "setup_total_s": sec["to_first_step"] - sec["prepare"],
                "imports_s": sec.get("imports"), "prep_parts": sec.get("prepare_parts"),
                "mfu": flops / (sec["train"] * rate * 1e12) if full else None}  # fmt: skip
         rows.append(row)
@@ -324,6 +374,14 @@ def main() -> None:
         eager, graphs = (logged_losses(work / f"out-{args.arch}-{v}-{args.n}") for v in ("check-eager", "check-graphs"))
         check = max(abs(a - b) / abs(a) for a, b in zip(eager, graphs))
         print(f"losses eager {eager}\nlosses graphs {graphs}\nmax relative difference {check:.2e}")
+    # The cache beyond the GPU must read the same features in the same order: the same losses as the cache on the GPU.
+    spilled = {}
+    if "fast" in {r["variant"] for r in rows}:
+        on_gpu = logged_losses(work / f"out-{args.arch}-fast-{args.n}")
+        for v in sorted({r["variant"] for r in rows if r["variant"].startswith("spill")}):
+            losses = logged_losses(work / f"out-{args.arch}-{v}-{args.n}")
+            spilled[v] = max(abs(a - b) / abs(a) for a, b in zip(on_gpu, losses)) if len(losses) == len(on_gpu) else None
+            print(f"losses fast {on_gpu}\nlosses {v} {losses}\nmax relative difference {spilled[v]}")
     training_rows = [r for r in rows if not r["variant"].startswith("check")]
     infer_row = None
     if training_rows and not args.no_inference:
@@ -337,17 +395,26 @@ def main() -> None:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     family = f"{FAMILIES[args.arch].name} stand-in ({args.arch}, full size, random weights)"
     size = rows[0]["image_size"] if rows else "?"
-    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}\n",
+    extra = f" with `{args.train_args}`" if args.train_args else ""
+    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}{extra}\n",
              f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
-             "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | MFU | mean loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | host GB | MFU | mean loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in training_rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "—"
         parts = " / ".join(f"{v:.1f}" for v in r["prep_parts"].values()) if r["prep_parts"] else "—"
         lines.append(f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {parts} | {r['setup_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
-                     f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {mfu} | {r['loss']:.3f} |")  # fmt: skip
+                     f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {r['host_gb']:.1f} | {mfu} | {r['loss']:.3f} |")  # fmt: skip
     if check is not None:
         lines.append(f"\nCUDA graphs vs eager, 8 steps without dropout: largest relative loss difference {check:.1e}.")
+    for v, difference in spilled.items():
+        said = "not comparable (different numbers of logged losses)" if difference is None else f"{difference:.1e}"
+        lines.append(f"\n{v} vs fast (the cache on the GPU), logged losses: largest relative difference {said}.")
+    if args.max_steps > 0 and training_rows:
+        lines.append(f"\nEach variant stopped after {args.max_steps} steps. A full-split epoch computed from these figures "
+                     f"(82,783 pictures, {FULL_SPLIT_STEPS:,} steps of 16; preparation scaled per picture but the model load):\n")
+        for r in training_rows:
+            lines.append(f"- {r['variant']}: {full_split_epoch(r, args.n)}")
     if infer_row:
         r = infer_row
         lines.append(f"\nCaptioning 64 pictures at {size}x{size}, 32 new tokens ({training_rows[-1]['variant']} adapter, merged), "

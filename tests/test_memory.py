@@ -79,14 +79,18 @@ def test_less_free_memory_means_smaller_steps_then_checkpointing():
     assert not too_small.fits and "free GPU memory" in too_small.reason
 
 
-def test_a_large_vision_cache_is_dropped_only_when_nothing_fits_with_it():
+def test_a_large_vision_cache_keeps_on_the_gpu_what_fits_and_the_rest_in_host_memory():
     big = Job(20_000, 144, 18, cache_gb=6.1)
-    assert plan_for(24, job=big).settings.vision_cache
+    plan = plan_for(24, job=big)
+    assert plan.settings.vision_cache and plan.estimate.cache == 6.1
+    # On 12 GB nothing fits with all of it on the GPU: a smaller share there, the rest read from host memory.
     plan = plan_for(12, job=big)
-    assert plan.fits and not plan.settings.vision_cache and not plan.settings.cuda_graphs
-    assert "without the vision cache" in plan.reason
-    # A cache above VISION_CACHE_GB is never planned; nor one for pictures of their own size.
-    assert not plan_for(80, job=Job(80_000, 144, 18, cache_gb=24.6)).settings.vision_cache
+    assert plan.fits and plan.settings.vision_cache and 0 <= plan.estimate.cache < 6.1
+    assert plan.settings.cache_gpu_gb == plan.estimate.cache and "of the 6.1 GB vision cache on the GPU" in plan.reason
+    assert f"--vision-cache-gb {plan.settings.cache_gpu_gb:g}" in plan.settings.flags()
+    # A cache above VISION_CACHE_GB: that much on the GPU, the rest in host memory; none for pictures of their own size.
+    full_split = plan_for(80, job=Job(80_000, 144, 18, cache_gb=24.6))
+    assert full_split.settings.vision_cache and full_split.estimate.cache == 8.0
     assert not plan_for(80, job=Job(500, 1336, 40, cache_gb=None)).settings.vision_cache
 
 

@@ -11,8 +11,9 @@ cache; whether it has bf16 picks the precision. What the user set explicitly is 
 `plan` is a pure function of those four things and the settings the user gave: tests call it for simulated cards.
 It walks a ladder from fastest to smallest and takes the first rung the memory model says fits: the whole batch in
 one step; smaller batches with accumulation (the same effective batch); then gradient checkpointing from the largest
-batch down; each with fewer pictures captioned at a time after training before the next; the vision cache is dropped
-only when nothing with it fits. GB here is 10^9 bytes, as bench/RESULTS.md and
+batch down; each with fewer pictures captioned at a time after training before the next; when a rung does not fit
+with the vision cache on the GPU up to VISION_CACHE_GB, with less of it there (the rest is read from host memory ahead
+of each step: vlcap/fastpath.py's VisionCache). GB here is 10^9 bytes, as bench/RESULTS.md and
 torch.cuda.max_memory_allocated() / 1e9 report it.
 
 For testing, VLCAP_GPU_MEMORY_GB=12 makes Card.detect cap this process's GPU memory at 12 GB
@@ -43,7 +44,8 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Peak GPU memory of a training run =
 #     base weights                    parameters x 2 bytes (bf16 / fp16) or 4 (fp32)
 #   + LoRA                            its parameters x 16 bytes: fp32 weight, gradient, Adam's two moments
-#   + vision cache                    pictures x image tokens x hidden x 2 or 4 bytes (fastpath.vision_cache_bytes)
+#   + vision cache on the GPU         pictures x image tokens x hidden x 2 or 4 bytes (fastpath.vision_cache_bytes), up to
+#                                     VISION_CACHE_GB or less when that makes training fit; the rest is in host memory
 #   + OVERHEAD_GB
 #   + the larger of
 #     - a training step: batch x per sample, without checkpointing tokens x layers x ACTIVATION_BYTES x (hidden +
@@ -224,7 +226,7 @@ class Job:
     pictures: int
     seq_tokens: int  # longest training sequence (the fast path pads every batch to it)
     caption_tokens: int  # positions the LM head runs on in the fast path (seq_tokens less the prompt)
-    cache_gb: float | None = None  # the vision cache's size; None: no cache possible (each picture's own size)
+    cache_gb: float | None = None  # the vision cache's size (all of it); None: no cache possible (each picture's own size)
     cache_limit_gb: float = SHIPPED["vision_cache_gb"]  # VISION_CACHE_GB
     fast: bool = True  # the fast path (vision cache) is available with the installed transformers
 
@@ -260,6 +262,7 @@ class Settings:
     vision_cache: bool
     cuda_graphs: bool
     eval_batch_size: int = SHIPPED["eval_batch_size"]  # pictures captioned at a time, after training
+    cache_gpu_gb: float | None = None  # GB of the vision cache kept on the GPU when less than VISION_CACHE_GB allows
 
     def describe(self) -> str:
         split = f"batch {self.batch_size} in one step" if self.grad_accum == 1 else f"batch {self.batch_size} x {self.grad_accum} accumulation"
@@ -270,6 +273,7 @@ class Settings:
         return (f"--batch-size {self.batch_size} --grad-accum {self.grad_accum}"
                 + (" --gradient-checkpointing" if self.gradient_checkpointing else "")
                 + ("" if self.vision_cache else " --vision-cache-gb 0")
+                + ("" if self.cache_gpu_gb is None or not self.vision_cache else f" --vision-cache-gb {self.cache_gpu_gb:g}")
                 + ("" if self.eval_batch_size == SHIPPED["eval_batch_size"] else f" --eval-batch-size {self.eval_batch_size}"))  # fmt: skip
 
 
@@ -300,6 +304,14 @@ class Estimate:
         return self.peak + FRAGMENTATION * self.changing + MARGIN_GB
 
 
+def _cache_on_gpu(job: Job, settings: Settings) -> float:
+    """GB of the vision cache on the GPU: up to VISION_CACHE_GB (cache_limit_gb), or the plan's smaller share."""
+    if not settings.vision_cache or not job.cache_gb:
+        return 0.0
+    on_gpu = min(job.cache_gb, job.cache_limit_gb)
+    return on_gpu if settings.cache_gpu_gb is None else min(on_gpu, settings.cache_gpu_gb)
+
+
 def estimate(shape: Shape, job: Job, precision: Precision, settings: Settings) -> Estimate:
     """The memory model above, for one configuration."""
     scale = precision.bytes / 2  # activations and logits in fp32 take twice the room
@@ -313,7 +325,7 @@ def estimate(shape: Shape, job: Job, precision: Precision, settings: Settings) -
     return Estimate(
         weights=shape.params * precision.bytes / GB,
         lora=shape.lora_params * 16 / GB,
-        cache=job.cache_gb if settings.vision_cache and job.cache_gb else 0.0,
+        cache=_cache_on_gpu(job, settings),
         activations=settings.batch_size * (layers + logits) / GB,
         retained=settings.batch_size * layers / GB if settings.cuda_graphs else 0.0,
         captioning=settings.eval_batch_size * job.seq_tokens * CAPTION_BYTES_PER_TOKEN * scale / GB,
@@ -347,6 +359,8 @@ class Plan:
             args.batch_size, args.grad_accum = s.batch_size, s.grad_accum
             args.gradient_checkpointing, args.cuda_graphs = s.gradient_checkpointing, s.cuda_graphs
             args.eval_batch_size = s.eval_batch_size
+            if s.cache_gpu_gb is not None:
+                args.vision_cache_gb = s.cache_gpu_gb
 
     def smaller(self) -> Settings | None:
         """The next rung of the ladder whose training step needs less memory than this plan's, or None."""
@@ -376,7 +390,9 @@ def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: 
     """
     user = dict(user or {})
     given = {**SHIPPED, **user}
-    cache_ok = job.fast and job.cache_gb is not None and job.cache_gb <= given["vision_cache_gb"]
+    # What does not fit VISION_CACHE_GB goes to host memory (fastpath.VisionCache): the cache is used whatever its size.
+    cache_ok = job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0
+    job = replace(job, cache_limit_gb=given["vision_cache_gb"])
 
     def settings(batch, accum, ckpt, cache, captions=given["eval_batch_size"]):
         graphs = given["cuda_graphs"] and cache and not ckpt and precision.name == "bf16" and card is not None
@@ -395,15 +411,34 @@ def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: 
     # training rung is tried with smaller captioning batches before the next rung.
     captions = given["eval_batch_size"]
     caption_batches = [captions] if "eval_batch_size" in user else [captions] + [c for c in (16, 8, 4) if c < captions]
-    ladder = []
-    for cache in (True, False) if cache_ok else (False,):
+
+    def rungs(cache: bool):
         for ckpt in [user["gradient_checkpointing"]] if "gradient_checkpointing" in user else [False, True]:
             for batch, accum in splits:
                 if batch == 1 and not ckpt and len(splits) > 1 and "gradient_checkpointing" not in user:
                     continue  # one picture per step without checkpointing: checkpointing a larger batch is as small, faster
                 for c in caption_batches:
                     s = settings(batch, accum, ckpt, cache, c)
-                    ladder.append((s, estimate(shape, job, precision, s)))
+                    yield s, estimate(shape, job, precision, s)
+
+    def less_on_gpu(s: Settings, e: Estimate):
+        """The same step with as much of the cache on the GPU as fits beside it (the rest read from host memory or disk)."""
+        s = replace(s, cache_gpu_gb=math.floor(100 * max(0.0, e.cache - (e.need - card.free_gb))) / 100)
+        return s, estimate(shape, job, precision, s)
+
+    # Rungs with the cache on the GPU up to VISION_CACHE_GB first; when one does not fit, the same rung with less of
+    # it there. Where part of the cache is read from host memory anyway, right after the rung: streaming more costs
+    # about nothing, a smaller step costs time. Where it all fits, only after every rung with all of it on the GPU.
+    with_cache = list(rungs(True)) if cache_ok else []
+    spills = cache_ok and job.cache_gb > given["vision_cache_gb"]
+    ladder = []
+    for s, e in with_cache:
+        ladder.append((s, e))
+        if spills and e.need > card.free_gb and e.cache > 0:
+            ladder.append(less_on_gpu(s, e))
+    if not spills:
+        ladder += [less_on_gpu(s, e) for s, e in with_cache if e.need > card.free_gb and e.cache > 0]
+    ladder += list(rungs(False))
     chosen = next(((s, e) for s, e in ladder if e.need <= card.free_gb), None)
     fits = chosen is not None
     if chosen is None:
@@ -430,8 +465,11 @@ def _reason(p: Plan, job: Job) -> str:
         what += ", as --low-memory"
     if s.eval_batch_size != given["eval_batch_size"]:
         what += f", captions {s.eval_batch_size} pictures at a time"
-    if p.fits and not s.vision_cache and job.fast and job.cache_gb is not None and job.cache_gb <= given["vision_cache_gb"]:
+    if p.fits and not s.vision_cache and job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0:
         what += f", without the vision cache (its {job.cache_gb:.1f} GB do not fit beside training)"
+    if s.vision_cache and job.cache_gb and job.cache_gb > p.estimate.cache:
+        what += (f", {p.estimate.cache:.1f} GB of the {job.cache_gb:.1f} GB vision cache on the GPU (the rest read ahead "
+                 "of each step from host memory or disk)")  # fmt: skip
     if given["cuda_graphs"] and s.vision_cache and not s.gradient_checkpointing and not s.cuda_graphs:
         what += f", no CUDA graphs in {p.precision.name} (they are captured in bf16)"
     if not p.fits:
