@@ -404,6 +404,17 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         ddp_find_unused_parameters=False,
         report_to="none",
     )
+    if device.startswith("cuda") and processes.count() == 1:
+        # One process trains on one GPU. With several visible, Trainer would wrap the model in torch's DataParallel,
+        # which splits every batch tensor along its first axis (the M-RoPE positions' is not the batch): torchrun runs
+        # one process per GPU instead.
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            print(f"note: {torch.cuda.device_count()} GPUs visible, this process trains on one; "
+                  f"`torchrun --nproc_per_node {torch.cuda.device_count()} train.py` trains on all of them")  # fmt: skip
+        _ = training_args.device  # set up the devices now, so that Trainer keeps the count below
+        training_args._n_gpu = 1
     return fastpath.CaptionTrainer(
         model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
         callbacks=[c for c in callbacks if c],
