@@ -166,6 +166,17 @@ def first_of_each_id(entries: list[dict]) -> list[dict]:
     return list(by_id.values())
 
 
+@contextlib.contextmanager
+def _chdir(folder):
+    """contextlib.chdir, which Python 3.10 lacks (3.11+)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterator[dict]:
     """ModelScope's COCO rows as a stream, or a UserError within `timeout` seconds when ModelScope cannot be reached."""
     offline = f"or use a local COCO folder: --source PATH (with PATH/{SPLITS[split][1]}/ and PATH/annotations/captions_{SPLITS[split][1]}.json)"
@@ -184,7 +195,7 @@ def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterat
     # The hub client has its own retries and deadlines; this bounds the whole wait, whatever the network does.
     thread = threading.Thread(target=connect, daemon=True)
     # A connect thread still running after the timeout may hold the folder: leave it rather than fail removing it.
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as empty, contextlib.chdir(empty):
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as empty, _chdir(empty):
         # MsDataset.load treats 'modelscope/coco_2014_caption' as a local dataset when ./coco_2014_caption exists,
         # and that is the default image folder, so every rerun would load our own output instead of COCO.
         thread.start()

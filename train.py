@@ -373,6 +373,8 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
     """transformers' Trainer (vlcap.fastpath.CaptionTrainer: the plain Trainer when given no vision cache)."""
     from transformers import TrainingArguments
 
+    from vlcap import compat
+
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
@@ -382,7 +384,6 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         optim="adamw_torch_fused" if device.startswith("cuda") else "adamw_torch",
-        activation_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -403,6 +404,8 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
         report_to="none",
+        # activation_checkpointing (transformers 5.24) or gradient_checkpointing (5.20, Python 3.10's last release)
+        **{compat.checkpointing_keyword(): args.gradient_checkpointing},
     )
     if device.startswith("cuda") and processes.count() == 1:
         # One process trains on one GPU. With several visible, Trainer would wrap the model in torch's DataParallel,

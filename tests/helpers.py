@@ -8,12 +8,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in (REPO, REPO / "tools"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+from vlcap import compat  # noqa: E402  (after the sys.path lines above)
+
+
+def untested_transformers() -> str | None:
+    """Why the fast paths are off in this environment, or None: they run only with a transformers release they were
+    tested with (vlcap/compat.py), and Python 3.10's newest transformers (5.20.2) is not one."""
+    installed = version("transformers")
+    if installed in compat.TESTED_TRANSFORMERS:
+        return None
+    return (f"the installed transformers {installed} is not the tested {', '.join(compat.TESTED_TRANSFORMERS)}, so the "
+            "fast paths are off (Python 3.10's newest transformers is 5.20.2)")  # fmt: skip
+
+
+FAST_PATHS = untested_transformers() is None  # False on Python 3.10: train.py and infer.py take the plain path there
+# For tests of the fast paths themselves (fastpath.py, fastdecode.py, vision_attention.py, compat's internal checks):
+# skipped where the installed transformers is not the tested release; they run, unchanged, wherever it is.
+needs_fast_paths = pytest.mark.skipif(not FAST_PATHS, reason=f"needs the fast paths: {untested_transformers()}")
 
 # The recipe of ../shared/FACTS.md's calibration (r=16, no dropout, batch 8, lr 3e-3, 56x56), run for 300 steps: measured
 # here at colour 100%, shape 69%, both 69% on 36 held-out pictures (150 steps gave only 19% both; chance is 8%).

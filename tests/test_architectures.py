@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner
+from helpers import FAMILIES, FAST_PATHS, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner, needs_fast_paths
 from PIL import Image
 from test_fastpath import train_run
 from transformers import TrainerCallback
@@ -112,7 +112,8 @@ def test_learns_colour_and_shape_from_the_pictures(trained_family, tiny_models, 
     adapter, output = trained_family(arch)
     settings = formats.read_train_settings(adapter)
     assert settings["model_dir"] == str(tiny_models[arch]) and settings["image_size"] == TEST_IMAGE_SIZE[arch]
-    assert settings["vision_cache"], "the fast path should have trained it"
+    # The fast path where the installed transformers is the tested one; else (Python 3.10) the plain path, which must learn too.
+    assert settings["vision_cache"] == FAST_PATHS, "the fast path should have trained it" if FAST_PATHS else "the plain path should"
     model, processor, _ = load_captioner(adapter)
     test = formats.read_conversations(settings["test_json"])
     pictures = [images.load(formats.image_of(it), settings["image_size"]) for it in test]
@@ -184,6 +185,7 @@ def test_the_default_image_size_is_the_models_and_is_saved(tiny_models, shapes_2
                        "--max-new-tokens", "2", picture]) == 0  # fmt: skip
 
 
+@needs_fast_paths
 def test_a_family_lacking_what_the_fast_path_needs_trains_through_the_plain_path(tiny_models, shapes_24, tmp_path,
                                                                                  monkeypatch, capsys):  # fmt: skip
     """Qwen3-VL's fast path passes the cached DeepStack features to the language model; a transformers whose

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import QUICK, load_captioner
+from helpers import QUICK, load_captioner, needs_fast_paths
 from transformers import TrainerCallback
 
 import train
@@ -38,6 +38,7 @@ def untested_transformers(monkeypatch):
     monkeypatch.setattr(compat, "_said", set())
 
 
+@needs_fast_paths
 def test_an_untested_transformers_trains_through_the_plain_path(tiny_model, shapes_24, tmp_path, capsys):
     plain, plain_settings = train_losses(tiny_model, shapes_24, tmp_path / "plain", "--vision-cache-gb", "0", "--no-cuda-graphs")
     assert not plain_settings["vision_cache"]
@@ -57,6 +58,7 @@ def test_an_untested_transformers_trains_through_the_plain_path(tiny_model, shap
     assert fast_settings["vision_cache"]
 
 
+@needs_fast_paths
 def test_a_missing_internal_turns_the_fast_path_off(monkeypatch):
     from transformers import masking_utils
 
@@ -66,6 +68,26 @@ def test_a_missing_internal_turns_the_fast_path_off(monkeypatch):
     monkeypatch.setattr(masking_utils, "create_causal_mask", create_causal_mask)
     assert "create_causal_mask has no cache" in compat.problem("fast training")
     assert compat.problem("fast captioning") is None  # each accelerator is judged on what it uses
+
+
+def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_releases_keyword(tiny_model, shapes_24, tmp_path):
+    """TrainingArguments calls it activation_checkpointing in transformers 5.24 and gradient_checkpointing in 5.20.2
+    (Python 3.10's newest); train.py passes --gradient-checkpointing under the one the installed release has."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    keyword = compat.checkpointing_keyword()
+    assert keyword in inspect.signature(TrainingArguments.__init__).parameters
+    seen = {}
+
+    class Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.update(argument=getattr(args, keyword), model=model.is_gradient_checkpointing)
+
+    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(tmp_path / "out"),
+                "--max-steps", "2", "--swanlab-mode", "disabled", "--gradient-checkpointing", *QUICK], callbacks=[Seen()])  # fmt: skip
+    assert seen == {"argument": True, "model": True}
 
 
 def test_an_untested_transformers_captions_with_generate(trained, shapes_132, untested_transformers, capsys):

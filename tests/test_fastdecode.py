@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import transformers
-from helpers import FAMILIES, load_captioner
+from helpers import FAMILIES, load_captioner, needs_fast_paths
 from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
 from vlcap import captioning, compat, fastdecode, images, qwen
@@ -48,6 +48,7 @@ def family_captioner(trained_family):
     return get
 
 
+@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_fast_loop_equals_generate_on_padded_rows_that_end_at_different_tokens(family_captioner, pictures, arch):
     model, processor, _ = family_captioner(arch)
@@ -73,6 +74,7 @@ def test_fast_loop_equals_generate_on_padded_rows_that_end_at_different_tokens(f
     assert len(set(lengths.tolist())) > 1, f"captions should end at different lengths: {lengths.tolist()}"
 
 
+@needs_fast_paths
 def test_decoder_is_reused_for_a_batch_of_the_same_shape(captioner, pictures):  # noqa: F811
     model, processor, _ = captioner
     first, second = processor_inputs(processor, pictures[:3]), processor_inputs(processor, pictures[3:6][::-1])
@@ -87,6 +89,7 @@ def test_decoder_is_reused_for_a_batch_of_the_same_shape(captioner, pictures):  
     assert model._greedy_decoder is None
 
 
+@needs_fast_paths
 def test_repetition_penalty_is_applied_as_generate_applies_it(captioner, pictures):  # noqa: F811
     model, processor, _ = captioner
     inputs = processor_inputs(processor, pictures)
@@ -103,6 +106,7 @@ def test_repetition_penalty_is_applied_as_generate_applies_it(captioner, picture
     assert not torch.equal(penalised, plain), "a penalty of 3 should change some caption"
 
 
+@needs_fast_paths
 def test_a_family_whose_internals_differ_is_captioned_by_generate(family_captioner, pictures, monkeypatch, capsys):
     """captioning.py asks compat before it knows the model; the loop asks again for the model's family, and steps aside."""
     import inspect

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, needs_fast_paths
 from transformers import AutoProcessor, TrainerCallback
 
 import train
@@ -34,6 +34,7 @@ def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dic
     return losses.values, load_file(out / "adapter" / "adapter_model.safetensors"), settings
 
 
+@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, arch, monkeypatch):
     """Plain: pictures decoded per step, vision tower every step, full logits, per-batch padding.
@@ -64,6 +65,7 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
         assert gap.max() > 1e-4 and gap.max() > 100 * agree.max(), (gap, agree)
 
 
+@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_gradient_accumulation_trains_as_one_batch(tiny_models, shapes_24, tmp_path, arch):
     """Batch 4 in one step, or 2 x 2 accumulated (with checkpointing, as --low-memory runs): the same losses and weights,
@@ -116,6 +118,7 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, 
     assert torch.equal(batch["image_positions"], (flat == image_token).nonzero()[:, 0])
 
 
+@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_models, arch):
     """One attention call for pictures of one size equals transformers' call per picture (Qwen2.5-VL's windowed blocks:

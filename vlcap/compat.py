@@ -51,6 +51,16 @@ def available(accelerator: str, model=None) -> bool:
     return why is None
 
 
+def checkpointing_keyword() -> str:
+    """TrainingArguments' keyword for gradient checkpointing in the installed transformers: `activation_checkpointing`
+    (5.24; `gradient_checkpointing` is its deprecated alias there), `gradient_checkpointing` in older releases (5.20.2,
+    the last for Python 3.10, has no other). Public API, used on the plain path too."""
+    from transformers import TrainingArguments
+
+    names = _parameters(TrainingArguments.__init__)
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _parameters(function) -> set[str]:
     return set(inspect.signature(function).parameters)
 
