@@ -42,7 +42,7 @@ $PY -c 'import sys; from vlcap import cli; cli.run(lambda: cli.check_arguments("
 
 if [ $smoke = 1 ]; then
     S=${SMOKE_DIR:-smoke}  # where the smoke run writes everything
-    export SWANLAB_MODE=${SWANLAB_MODE:-offline}
+    export SWANLAB_MODE=${SWANLAB_MODE:-offline} SWANLAB_LOG_DIR=${SWANLAB_LOG_DIR:-$S/swanlog}
     $PY tools/make_offline_model.py --size tiny --out $S/model
     $PY tools/make_coco_folder.py --out $S/coco --n 132 --split train2014
     $PY tools/make_coco_folder.py --out $S/coco --n 24 --split val2014 --seed 1

@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -470,6 +469,4 @@ def score(model, processor, items: list[dict], recipe, when: str, tracker):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # transformers' own internals trip its v6 deprecation notices; nothing a user of this script can act on.
-    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
     cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume"))

@@ -75,7 +75,7 @@ def test_less_free_memory_means_smaller_steps_then_checkpointing():
     assert "as --low-memory, captions 16 pictures at a time" in low_memory.reason
     smallest = plan_for(24, free_gb=6.6)
     assert smallest.fits and smallest.settings == Settings(1, 16, True, True, False, 4)
-    too_small = plan_for(6.5)
+    too_small = plan_for(6.2)
     assert not too_small.fits and "free GPU memory" in too_small.reason
 
 

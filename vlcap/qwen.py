@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# transformers' own internals trip its v6 deprecation notices (is_gradient_checkpointing ...): nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
 
 from vlcap.cli import UserError
 from vlcap.formats import AdapterSettings
