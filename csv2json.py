@@ -28,7 +28,7 @@ CSV: str = "coco-2014-dataset.csv"  # the CSV data2csv.py wrote
 JSON: str = "data_vl.json"  # the conversation file to write
 WORKERS: int = min(8, os.cpu_count() or 1)  # images checked in parallel
 
-PROMPT: str = formats.DEFAULT_PROMPT  # text written before each image, as the tutorial's JSON has it (train.py's --prompt is what the model sees)
+PROMPT: str = formats.DEFAULT_PROMPT  # text before each image, as in the tutorial's JSON (train.py's --prompt is used)
 REQUIRED_COLUMNS = ("image_path", "caption")
 _ENCODING = "utf-8-sig"  # UTF-8, with or without the byte-order mark spreadsheet programs write
 
@@ -112,11 +112,20 @@ def main(argv=None) -> None:
                         left_out += 1
                         tqdm.write(f"warning: row {number} left out: {problem}", file=sys.stderr)
                     else:
-                        out.add(formats.conversation(out.count + 1, fields["image_path"], fields["caption"],
-                                                     fields["references"], settings.prompt))  # fmt: skip
+                        out.add(
+                            formats.conversation(
+                                out.count + 1,
+                                fields["image_path"],
+                                fields["caption"],
+                                fields["references"],
+                                settings.prompt,
+                            )
+                        )
                 bar.update(len(chunk))
         if not out.count:
-            raise cli.UserError(f"none of the {n_rows} rows of {csv_path} is usable (see the warnings); no JSON written.")
+            raise cli.UserError(
+                f"none of the {n_rows} rows of {csv_path} is usable (see the warnings); no JSON written."
+            )
         out.close()
     print(f"done: {out.count} conversations in {json_path}, {left_out} of {n_rows} rows left out; from {csv_path}")
 

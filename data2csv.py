@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from vlcap import cli, images
 
-SOURCE: str = "modelscope"  # where COCO comes from: modelscope, or PATH of a local COCO folder (PATH/train2014/, PATH/annotations/)
-N: int = 500  # number of images: the first N of the split (by image id for a local folder, in stream order for ModelScope)
+SOURCE: str = "modelscope"  # modelscope, or a local COCO folder (PATH/train2014/, PATH/annotations/)
+N: int = 500  # number of images: the first N of the split (by id locally, stream order from ModelScope)
 SPLIT: str = "train"  # train (= train2014) or validation (= val2014)
-IMAGE_DIR: str = ""  # folder the images are written to, as <image_id>.jpg (default: coco_2014_caption; validation: coco_2014_caption_val)
+IMAGE_DIR: str = ""  # folder for <image_id>.jpg (default: coco_2014_caption; validation: ..._val)
 CSV: str = ""  # the CSV written at the end (default: coco-2014-dataset.csv; validation: coco-2014-val.csv)
 WORKERS: int = min(8, os.cpu_count() or 1)  # images written in parallel
 MODELSCOPE_TIMEOUT: float = 120.0  # seconds to wait for ModelScope's first image before giving up
@@ -96,7 +96,9 @@ def split_names(split: str) -> tuple[str, str]:
     try:
         return SPLITS[split.lower()]
     except KeyError:
-        raise cli.UserError(f"--split {split!r} is not a COCO 2014 split; use train (train2014) or validation (val2014).")
+        raise cli.UserError(
+            f"--split {split!r} is not a COCO 2014 split; use train (train2014) or validation (val2014)."
+        ) from None
 
 
 def id_order(image_id) -> tuple:
@@ -134,7 +136,9 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
             f"{annotations_file} not found; --source needs COCO's annotations/captions_{split}.json (check --split)."
         )
     if not image_folder.is_dir():
-        raise cli.UserError(f"{image_folder}/ not found; --source needs COCO's {split}/ image folder beside annotations/.")
+        raise cli.UserError(
+            f"{image_folder}/ not found; --source needs COCO's {split}/ image folder beside annotations/."
+        )
     try:
         coco = json.loads(annotations_file.read_text(encoding="utf-8"))
         # An image or an annotation listed twice is one image (two rows would be two writers of one file) and one
@@ -143,7 +147,10 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
         captions: dict = {}
         for a in sorted(annotations, key=lambda a: id_order(a["id"])):
             captions.setdefault(a["image_id"], []).append(a["caption"])
-        repeated = {"images": len(coco["images"]) - len(images), "captions": len(coco["annotations"]) - len(annotations)}
+        repeated = {
+            "images": len(coco["images"]) - len(images),
+            "captions": len(coco["annotations"]) - len(annotations),
+        }
         if any(repeated.values()):
             print(
                 f"warning: {annotations_file} lists {repeated['images']} images and {repeated['captions']} captions "
@@ -155,7 +162,9 @@ def local_images(folder: Path, split: str, n: int) -> list[SourceImage]:
             for im in sorted(images, key=lambda im: id_order(im["id"]))[:n]
         ]
     except (ValueError, KeyError, TypeError) as e:
-        raise cli.UserError(f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file.")
+        raise cli.UserError(
+            f"{annotations_file} is not a COCO captions file ({type(e).__name__}: {e}); use the official file."
+        ) from None
 
 
 def first_of_each_id(entries: list[dict]) -> list[dict]:
@@ -186,7 +195,9 @@ def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterat
         try:
             from modelscope.msdatasets import MsDataset
 
-            dataset = MsDataset.load(_MODELSCOPE_DATASET, subset_name="coco_2014_caption", split=split, use_streaming=True)
+            dataset = MsDataset.load(
+                _MODELSCOPE_DATASET, subset_name="coco_2014_caption", split=split, use_streaming=True
+            )
             rows = iter(dataset)
             outcome["rows"] = itertools.chain([next(rows)], rows)
         except BaseException as e:  # reported in the calling thread, whatever it was
@@ -215,7 +226,9 @@ def open_modelscope(split: str, timeout: float, verbose: bool = False) -> Iterat
         trouble, network = modelscope_trouble(error, verbose)
         if network:
             raise cli.UserError(f"ModelScope could not be reached: {trouble}; check the network, {offline}.")
-        raise cli.UserError(f"ModelScope's client could not load {_MODELSCOPE_DATASET} split {split!r}: {trouble}; {offline}.")
+        raise cli.UserError(
+            f"ModelScope's client could not load {_MODELSCOPE_DATASET} split {split!r}: {trouble}; {offline}."
+        )
     return outcome["rows"]
 
 
@@ -228,11 +241,15 @@ def modelscope_trouble(error: BaseException, verbose: bool) -> tuple[str, bool]:
     --verbose: it may be in another language, and it may not hold here (after a timeout it says resumable temporary
     files were saved, and nothing was)."""
     chain = [error]
-    while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 8:  # the client wraps network errors in its own
+    while (chain[-1].__cause__ or chain[-1].__context__) and len(
+        chain
+    ) < 8:  # the client wraps network errors in its own
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     if any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in chain):
         trouble, network = "its server did not answer in time", True
-    elif any(isinstance(e, (ConnectionError, socket.gaierror)) or _NETWORK_WORDS.search(type(e).__name__) for e in chain):
+    elif any(
+        isinstance(e, (ConnectionError, socket.gaierror)) or _NETWORK_WORDS.search(type(e).__name__) for e in chain
+    ):
         trouble, network = "no connection to its server", True
     else:
         trouble, network = f"{type(error).__name__}", False
@@ -266,12 +283,16 @@ def modelscope_images(rows: Iterator[dict], n: int, verbose: bool = False) -> It
         if current is not None:
             yield current
     except KeyError as e:
-        raise cli.UserError(f"ModelScope's rows have no {e} column; this script expects image_id, caption, image.")
+        raise cli.UserError(
+            f"ModelScope's rows have no {e} column; this script expects image_id, caption, image."
+        ) from None
     except cli.UserError:
         raise
     except Exception as e:
         trouble, _ = modelscope_trouble(e, verbose)
-        raise cli.UserError(f"the ModelScope stream broke after {len(seen)} images: {trouble}; rerun to continue.")
+        raise cli.UserError(
+            f"the ModelScope stream broke after {len(seen)} images: {trouble}; rerun to continue."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------- images
@@ -284,9 +305,9 @@ def encoded_image(source: SourceImage) -> bytes:
         try:
             data = source.path.read_bytes()
         except FileNotFoundError:
-            raise SkippedImage("missing file", str(source.path))
+            raise SkippedImage("missing file", str(source.path)) from None
         except OSError as e:
-            raise SkippedImage("unreadable image", f"{source.path} ({e})")
+            raise SkippedImage("unreadable image", f"{source.path} ({e})") from None
         opened = io.BytesIO(data)
     else:
         data, opened = None, source.image
@@ -304,7 +325,7 @@ def encoded_image(source: SourceImage) -> bytes:
         return out.getvalue()
     except Exception as e:  # PIL raises many kinds for bad files; every one means this image is skipped
         why = "not an image file" if isinstance(e, UnidentifiedImageError) else cli.error_text(e, 160)
-        raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip())
+        raise SkippedImage("unreadable image", f"{source.path or ''} ({why})".strip()) from None
 
 
 # Why data2csv keeps its own temporary-file scheme rather than a general atomic-write helper: its `.part` files are part
@@ -419,7 +440,9 @@ def recorded_split(image_dir: Path) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, UnicodeDecodeError) as e:
-        raise cli.UserError(f"{image_dir / _SPLIT_RECORD} cannot be read ({cli.error_text(e)}); pass another --image-dir.")
+        raise cli.UserError(
+            f"{image_dir / _SPLIT_RECORD} cannot be read ({cli.error_text(e)}); pass another --image-dir."
+        ) from None
 
 
 def csv_image_folder(csv_path: Path) -> Path | None:
@@ -508,7 +531,9 @@ def main(argv=None) -> None:
     # Read the source before touching the output folder, so a wrong --source leaves nothing behind.
     if settings.source == "modelscope":
         sources: Iterable[SourceImage] = modelscope_images(
-            open_modelscope(modelscope_split, settings.modelscope_timeout, settings.verbose), settings.n, settings.verbose
+            open_modelscope(modelscope_split, settings.modelscope_timeout, settings.verbose),
+            settings.n,
+            settings.verbose,
         )
         source_name = f"ModelScope {_MODELSCOPE_DATASET} ({modelscope_split})"
     else:
@@ -562,7 +587,9 @@ def write_all(settings, sources: Iterable[SourceImage], source_name: str, image_
     if found < settings.n:
         print(f"warning: asked for {settings.n} images (--n) but {source_name} has only {found}", file=sys.stderr)
     if not rows:
-        raise cli.UserError(f"no usable image among the first {settings.n} of {source_name}; nothing written to {csv_path}.")
+        raise cli.UserError(
+            f"no usable image among the first {settings.n} of {source_name}; nothing written to {csv_path}."
+        )
     rows.sort(key=lambda s: id_order(s.image_id))
     write_csv(csv_path, [csv_row(s, image_dir) for s in rows])
 

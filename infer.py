@@ -27,12 +27,12 @@ OUTPUT: str = "captions.jsonl"  # captions written here, one JSON object per ima
 BATCH_SIZE: int = 32  # images per generate call
 MAX_NEW_TOKENS: int = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
-IMAGE_SIZE: int | None = None  # side images are resized to, 0 = native (default: the adapter's; without one 280, Qwen3-VL 288)
+IMAGE_SIZE: int | None = None  # pictures resized to N x N, 0 = own size (default: the adapter's; else 280/288)
 DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu
 MERGE: str | None = None  # write base + adapter merged into this folder instead of captioning
 SCORE: bool = False  # score the captions against the JSON's reference captions (BLEU-1..4, ROUGE-L, CIDEr)
 HTML: str | None = None  # write the captions as a web page with thumbnails to this file
-FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (static cache, a CUDA graph per token); off: transformers' generate
+FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (CUDA graphs); off: transformers' generate
 PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16), bf16, fp16 or fp32
 
 
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         formats.write_json(out.with_suffix(".scores.json"), scores)
     if args.html:
         title = f"Captions by {adapter}" if adapter else "Captions by the base model"
-        summary += f"; web page {gallery.write_captions_page(args.html, paths, captions, references, scores, cider, title)}"
+        summary += (
+            f"; web page {gallery.write_captions_page(args.html, paths, captions, references, scores, cider, title)}"
+        )
     print(summary + (f"; {len(failed)} failed (see warnings above)" if failed else ""))
     return 1 if failed else 0
 

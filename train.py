@@ -32,22 +32,22 @@ DATA_JSON: str = "data_vl.json"  # conversations written by csv2json.py
 OUTPUT_DIR: str = "output/Qwen2-VL-2B"  # checkpoints, and the final adapter in OUTPUT_DIR/adapter
 TEST_SIZE: int = 4  # last conversations held out (data_vl_test.json) and captioned after training
 PROMPT: str = formats.DEFAULT_PROMPT  # user prompt before each caption; infer.py reuses the one saved with the adapter
-IMAGE_SIZE: int | None = None  # images resized to N x N, N a multiple of 28 (Qwen3-VL: 32), 0 = each image's own size (default: 280; Qwen3-VL 288)
+IMAGE_SIZE: int | None = None  # pictures resized to N x N: N a multiple of 28 (Qwen3-VL 32), 0 = own size
 MAX_LENGTH: int = 8192  # longest training sequence in tokens; longer captions are cut, image tokens never
 LORA_R: int = 64  # LoRA rank
 LORA_ALPHA: int = 16  # LoRA scaling numerator (scale = alpha / r)
 LORA_DROPOUT: float = 0.05  # dropout on the LoRA input
-LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model projections given LoRA
+LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LoRA's projections
 EPOCHS: int = 2  # passes over the training conversations
 MAX_STEPS: int = -1  # stop after this many optimizer steps (-1: run all EPOCHS)
 BATCH_SIZE: int = 16  # conversations per device per forward pass
 GRAD_ACCUM: int = 1  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x processes)
 LEARNING_RATE: float = 1e-4  # peak learning rate (linear decay to 0)
 GRADIENT_CHECKPOINTING: bool = False  # recompute activations in the backward pass: less memory, slower
-LOW_MEMORY: bool = False  # a quarter of BATCH_SIZE with 4x GRAD_ACCUM (same effective batch) and checkpointing: within 8 GB
-VISION_CACHE_GB: float = 8.0  # GPU memory for the vision cache: the frozen tower's output, once per picture (0: the tower runs every step)
-HOST_CACHE_GB: float = 32.0  # host memory for the pictures beyond VISION_CACHE_GB (at most half of what is available); the rest go to OUTPUT_DIR/vision_cache
-KEEP_VISION_CACHE: bool = True  # keep OUTPUT_DIR/vision_cache after training: --resume and later runs on the same data read it instead of encoding
+LOW_MEMORY: bool = False  # a quarter of BATCH_SIZE, 4x GRAD_ACCUM (same effective batch), checkpointing
+VISION_CACHE_GB: float = 8.0  # GPU memory for the vision tower's output, kept per picture (0: tower every step)
+HOST_CACHE_GB: float = 32.0  # host memory for the vision cache beyond VISION_CACHE_GB; the rest in a file
+KEEP_VISION_CACHE: bool = True  # keep OUTPUT_DIR/vision_cache for --resume and later runs on the same data
 CUDA_GRAPHS: bool = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
 PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16 with loss scaling), bf16, fp16 or fp32
 LOGGING_STEPS: int = 10  # log the loss every this many optimizer steps
@@ -58,23 +58,23 @@ WORKERS: int = min(8, os.cpu_count() or 1)  # DataLoader processes decoding and 
 RESUME: bool = False  # continue from the last checkpoint in OUTPUT_DIR
 OVERWRITE: bool = False  # start afresh even though OUTPUT_DIR holds checkpoints of an earlier run (they are replaced)
 SAMPLE_MAX_NEW_TOKENS: int = 64  # longest caption generated for the held-out and evaluation pictures
-EVAL_JSON: str = "data_vl_eval.json"  # evaluation split with reference captions (csv2json.py of data2csv.py --split validation)
+EVAL_JSON: str = "data_vl_eval.json"  # evaluation split with reference captions (data2csv.py --split validation)
 EVAL_SIZE: int = 100  # first pictures of EVAL_JSON captioned and scored (BLEU-1..4, ROUGE-L, CIDEr); 0 = no evaluation
 EVAL_BEFORE: bool = True  # also score the base model before training, so every run shows its gain
 EVAL_BATCH_SIZE: int = 32  # pictures per captioning batch when captioning for evaluation
 SWANLAB_PROJECT: str = "Qwen2-VL-finetune"  # SwanLab project the run is logged to
 SWANLAB_EXPERIMENT: str = "qwen2-vl-coco2014"  # SwanLab experiment name
 SWANLAB_MODE: str | None = None  # cloud, offline, local or disabled (default: cloud with an API key, else offline)
-SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or cannot be reached, instead of logging offline
-
-
+SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or is unreachable, not log offline
 
 
 # ------------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
     args = read_settings(argv)
-    is_main = processes.is_main()  # under torchrun, process 0 of all (on any machine) alone writes files, logs, captions
+    is_main = (
+        processes.is_main()
+    )  # under torchrun, process 0 of all (on any machine) alone writes files, logs, captions
     if processes.count() > 1:
         processes.stop_with_one_line()  # when another process fails
     resume_from = check_output_dir(args, is_main)
@@ -109,20 +109,28 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     train_dataset, collator, features, pad_to = finish_data(model)
     marks("prepared")
 
-    tracker = tracking.start(swanlab_mode, args.swanlab_project, args.swanlab_experiment, {**vars(args), "model_dir": model_dir})
+    tracker = tracking.start(
+        swanlab_mode, args.swanlab_project, args.swanlab_experiment, {**vars(args), "model_dir": model_dir}
+    )
     recipe = captioning_recipe(args)
     results = {}
     if args.eval_before and eval_items:
         results["before"] = score(model, processor, eval_items, recipe, "before", tracker)
-    if args.eval_before and tracker.enabled:  # the held-out pictures as the base model captions them, beside the trained
-        tracker.log_pictures("Prediction/before", evaluation.caption_conversations(model, processor, test_items, recipe))
+    if (
+        args.eval_before and tracker.enabled
+    ):  # the held-out pictures as the base model captions them, beside the trained
+        tracker.log_pictures(
+            "Prediction/before", evaluation.caption_conversations(model, processor, test_items, recipe)
+        )
 
     model, graphs = add_lora(model, args, device, pad_to if features is not None else None, marks)
     settings = run_settings(args, model_dir, model, len(train_items), features is not None, graphs)
     settings["memory_plan"] = plan.as_dict()
     tracker.update_config(settings)
     guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
-    trainer = make_trainer(args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])])
+    trainer = make_trainer(
+        args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])]
+    )
     trainer.use_vision_cache(features)
     processes.same_start(resume_from, args.batch_size, args.grad_accum)
     if resume_from:
@@ -156,7 +164,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         page = gallery.write_evaluation_page(Path(args.output_dir) / gallery.PAGE_FILE, eval_items, results)
         print(f"the evaluation pictures with their captions before and after training: {page}")
     tracker.finish()
-    print(f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}")
+    print(
+        f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}"
+    )
     print(f"adapter saved to {adapter_dir}")
     return 0
 
@@ -167,8 +177,19 @@ def read_settings(argv: list[str] | None):
     args = cli.parse_settings(globals(), argv)
     set_by_user = memory.explicit_settings(globals(), argv)  # the others are fitted to the GPU (fit_to_device)
     memory.check_precision(args.precision)
-    cli.require_at_least(args, {"batch_size": 1, "grad_accum": 1, "workers": 0, "logging_steps": 1, "save_steps": 1,
-                                "eval_batch_size": 1, "sample_max_new_tokens": 1, "lora_r": 1})  # fmt: skip
+    cli.require_at_least(
+        args,
+        {
+            "batch_size": 1,
+            "grad_accum": 1,
+            "workers": 0,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "eval_batch_size": 1,
+            "sample_max_new_tokens": 1,
+            "lora_r": 1,
+        },
+    )
     cli.require_at_least(args, {"test_size": 0, "eval_size": 0, "max_length": 1})
     cli.require_positive(args, ["learning_rate", "epochs", "lora_alpha"])
     cli.require_range(args, ["lora_dropout"], at_least=0, below=1)
@@ -195,7 +216,9 @@ def check_output_dir(args, is_main: bool) -> str | None:
     last = str(complete[-1]) if complete else None
     if args.resume:
         if last is None:
-            print(f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr)
+            print(
+                f"warning: --resume given but {out} holds no checkpoint; starting from the beginning", file=sys.stderr
+            )
         return last
     if checkpoints and not args.overwrite:
         raise cli.UserError(
@@ -224,11 +247,17 @@ def fit_to_device(args, dataset, model_dir: str, processor, device: str, fast: b
     precision = memory.choose_precision(card, args.precision)
     if args.image_size:
         image_tokens = fastpath.image_token_count(processor, args.image_size)
-        cache_gb = fastpath.vision_cache_bytes(AutoConfig.from_pretrained(model_dir), processor, len(dataset),
-                                               args.image_size, precision.dtype) / 1e9  # fmt: skip
+        cache_gb = (
+            fastpath.vision_cache_bytes(
+                AutoConfig.from_pretrained(model_dir), processor, len(dataset), args.image_size, precision.dtype
+            )
+            / 1e9
+        )
     else:  # pictures of their own size: the largest the processor makes, as a bound
         image_tokens, cache_gb = processor.image_processor.max_pixels // qwen.image_unit(processor) ** 2, None
-    job = memory.Job.measure(dataset, image_tokens, args.max_length, cache_gb=cache_gb, cache_limit_gb=args.vision_cache_gb, fast=fast)
+    job = memory.Job.measure(
+        dataset, image_tokens, args.max_length, cache_gb=cache_gb, cache_limit_gb=args.vision_cache_gb, fast=fast
+    )
     shape = memory.Shape.of_model(model_dir, args.lora_r, args.lora_targets)
     plan = memory.plan(card, shape, job, precision, {n: getattr(args, n) for n in args.set_by_user})
     if card is not None:
@@ -253,19 +282,32 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
     config = AutoConfig.from_pretrained(model_dir)
     fast = fast and compat.available("fast training", config)  # this family's internals (Qwen2-VL, 2.5, 3)
     dtype = plan.precision.dtype
-    cache_bytes = fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype) if args.image_size else None
+    cache_bytes = (
+        fastpath.vision_cache_bytes(config, processor, len(dataset), args.image_size, dtype)
+        if args.image_size
+        else None
+    )
     # The plan keeps the cache unless --vision-cache-gb is 0 or nothing fits with it; its GPU share may be 0 (all of it
     # in host memory and the file).
     if not fast or cache_bytes is None or not plan.settings.vision_cache:
-        why = ("the fast path is off" if not fast else "each image's own size" if cache_bytes is None else
-               "--vision-cache-gb 0" if not args.vision_cache_gb else "no room beside training")  # fmt: skip
+        why = (
+            "the fast path is off"
+            if not fast
+            else "each image's own size"
+            if cache_bytes is None
+            else "--vision-cache-gb 0"
+            if not args.vision_cache_gb
+            else "no room beside training"
+        )
         print(f"no vision cache ({why}): pictures are decoded by {args.workers} workers and the tower runs every step")
         return lambda model: (dataset, lambda batch: training_data.collate(batch, pad_id), None, None)
     layout = vision_cache_layout(args, dataset, model_dir, dtype, cache_bytes)
     header = fastpath.reusable(layout.folder, layout.key) if layout.folder else None
     if header:
-        print(f"vision cache: reading {layout.folder} back (written {header['written']} for the same model, pictures and "
-              "settings) instead of encoding the pictures again")  # fmt: skip
+        print(
+            f"vision cache: reading {layout.folder} back (written {header['written']} for the same model, pictures and "
+            "settings) instead of encoding the pictures again"
+        )
     else:
         if layout.folder:
             fastpath.remove_cache(layout.folder)  # another model's, data's or settings' features, or a run cut short
@@ -279,7 +321,12 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
         features.keep_file = args.keep_vision_cache
         pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
         print(f"vision cache: {features.describe()}; sequences padded to {pad_to} tokens")
-        return examples, lambda batch: features.collate(fastpath.collate_encoded(batch, pad_id, pad_to)), features, pad_to
+        return (
+            examples,
+            lambda batch: features.collate(fastpath.collate_encoded(batch, pad_id, pad_to)),
+            features,
+            pad_to,
+        )
 
     return finish
 
@@ -303,8 +350,10 @@ def vision_cache_layout(args, dataset, model_dir: str, dtype, cache_bytes: int):
     free = shutil.disk_usage(disk).free + (existing.stat().st_size if existing.is_file() else 0)
     if free < cache_bytes + 1e9:  # and a GB to spare
         if layout.in_file == 0:
-            print(f"vision cache: {free / 1e9:.1f} GB free in {disk}, {cache_bytes / 1e9:.1f} GB needed for its file: kept "
-                  "in GPU and host memory only (--resume will encode the pictures again)")  # fmt: skip
+            print(
+                f"vision cache: {free / 1e9:.1f} GB free in {disk}, {cache_bytes / 1e9:.1f} GB needed for its file: kept "
+                "in GPU and host memory only (--resume will encode the pictures again)"
+            )
             return replace(layout, folder=None)
         raise cli.UserError(
             f"the vision cache needs {cache_bytes / 1e9:.1f} GB on disk in {folder} ({layout.in_file} pictures fit neither "
@@ -345,13 +394,25 @@ def run_settings(args, model_dir: str, model, train_size: int, cached: bool, gra
     steps = args.max_steps if args.max_steps > 0 else math.ceil(train_size / effective_batch) * args.epochs
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_json, test_json = formats.split_paths(args.data_json)
-    print(f"training {train_size} conversations, effective batch {effective_batch} ({args.batch_size} x "
-          f"{args.grad_accum} accumulation x {world_size} processes), {steps} steps, {trainable / 1e6:.1f}M trainable "
-          f"parameters on {next(model.parameters()).device}")  # fmt: skip
-    return {**vars(args), "model_dir": model_dir, "train_json": str(train_json.resolve()),
-            "test_json": str(test_json.resolve()), "train_size": train_size, "world_size": world_size,
-            "effective_batch": effective_batch, "optimizer_steps": steps, "trainable_parameters": trainable,
-            "vision_cache": cached, "cuda_graphs_used": graphs, "versions": library_versions()}  # fmt: skip
+    print(
+        f"training {train_size} conversations, effective batch {effective_batch} ({args.batch_size} x "
+        f"{args.grad_accum} accumulation x {world_size} processes), {steps} steps, {trainable / 1e6:.1f}M trainable "
+        f"parameters on {next(model.parameters()).device}"
+    )
+    return {
+        **vars(args),
+        "model_dir": model_dir,
+        "train_json": str(train_json.resolve()),
+        "test_json": str(test_json.resolve()),
+        "train_size": train_size,
+        "world_size": world_size,
+        "effective_batch": effective_batch,
+        "optimizer_steps": steps,
+        "trainable_parameters": trainable,
+        "vision_cache": cached,
+        "cuda_graphs_used": graphs,
+        "versions": library_versions(),
+    }
 
 
 def library_versions() -> dict:
@@ -413,14 +474,19 @@ def make_trainer(args, model, device: str, train_dataset, collator, callbacks: l
         import torch
 
         if torch.cuda.device_count() > 1:
-            print(f"note: {torch.cuda.device_count()} GPUs visible, this process trains on one; "
-                  f"`torchrun --nproc_per_node {torch.cuda.device_count()} train.py` trains on all of them")  # fmt: skip
+            print(
+                f"note: {torch.cuda.device_count()} GPUs visible, this process trains on one; "
+                f"`torchrun --nproc_per_node {torch.cuda.device_count()} train.py` trains on all of them"
+            )
         _ = training_args.device  # set up the devices now, so that Trainer keeps the count below
         training_args._n_gpu = 1
     return fastpath.CaptionTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
         callbacks=[c for c in callbacks if c],
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------ save
@@ -436,15 +502,22 @@ def save(model, processor, settings: dict, result, marks, adapter_dir: Path, dev
         train_loss=result.training_loss,
         global_step=result.global_step,
         # Training time: first step to last, plus the CUDA-graph capture (this path's compilation).
-        seconds={"imports": marks.seconds("imports", "start"), "prepare": marks.seconds("start", "prepared"),
-                 "prepare_parts": {"before_model": marks.seconds("start", "loading"),
-                                   "load_model": marks.seconds("loading", "loaded"),
-                                   "after_model": marks.seconds("loaded", "prepared")},
-                 "to_first_step": marks.seconds("start", "first_step"), "capture": capture, "steps": steps,
-                 "train": round(steps + capture, 2)},
+        seconds={
+            "imports": marks.seconds("imports", "start"),
+            "prepare": marks.seconds("start", "prepared"),
+            "prepare_parts": {
+                "before_model": marks.seconds("start", "loading"),
+                "load_model": marks.seconds("loading", "loaded"),
+                "after_model": marks.seconds("loaded", "prepared"),
+            },
+            "to_first_step": marks.seconds("start", "first_step"),
+            "capture": capture,
+            "steps": steps,
+            "train": round(steps + capture, 2),
+        },
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
         peak_gpu_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2) if device.startswith("cuda") else None,
-    )  # fmt: skip
+    )
     formats.write_train_settings(adapter_dir, settings)
     return adapter_dir
 
@@ -469,4 +542,9 @@ def score(model, processor, items: list[dict], recipe, when: str, tracker):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cli.run(main, interrupted=lambda: "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume"))
+    cli.run(
+        main,
+        interrupted=lambda: (
+            "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume")
+        ),
+    )

@@ -48,8 +48,18 @@ from make_offline_model import FAMILIES  # noqa: E402  (the families a stand-in 
 
 # Each variant is train.py's flags on top of the recipe; "fast" is train.py's defaults.
 VARIANTS = {
-    "tutorial-recipe": ["--batch-size", "4", "--grad-accum", "4", "--gradient-checkpointing", "--vision-cache-gb", "0",
-                        "--no-cuda-graphs", "--max-steps", "6"],  # per-step time only: the full run is ~5 minutes
+    "tutorial-recipe": [
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "4",
+        "--gradient-checkpointing",
+        "--vision-cache-gb",
+        "0",
+        "--no-cuda-graphs",
+        "--max-steps",
+        "6",
+    ],  # per-step time only: the full run is ~5 minutes
     "plain": ["--vision-cache-gb", "0", "--no-cuda-graphs"],
     "cache": ["--no-cuda-graphs"],
     "fast": [],
@@ -60,13 +70,15 @@ VARIANTS = {
     # CUDA graphs must not change the arithmetic: 8 steps without dropout (whose draws differ by design), eager vs graphs.
     "check-eager": ["--no-cuda-graphs", "--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
     "check-graphs": ["--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"],
-}  # fmt: skip
+}
 
 
 # --gpus N: effective batch -> (name, processes, train.py flags; `{b16}` / `{b32}` the batch per GPU for effective batch
 # 16 / 32). One GPU at 16 is train.py's default.
-SCALING = {16: [("1 GPU", 1, []), ("N GPUs", None, ["--batch-size", "{b16}"])],
-           32: [("1 GPU", 1, ["--batch-size", "32"]), ("N GPUs", None, ["--batch-size", "{b32}"])]}  # fmt: skip
+SCALING = {
+    16: [("1 GPU", 1, []), ("N GPUs", None, ["--batch-size", "{b16}"])],
+    32: [("1 GPU", 1, ["--batch-size", "32"]), ("N GPUs", None, ["--batch-size", "{b32}"])],
+}
 CHECK = ["--lora-dropout", "0", "--max-steps", "8", "--logging-steps", "1"]
 CHECKS = {
     "1 GPU graphs": (1, CHECK),
@@ -74,12 +86,14 @@ CHECKS = {
     "N GPUs graphs": (None, ["--batch-size", "{b16}", *CHECK]),
     "1 GPU 8x2 eager": (1, ["--batch-size", "8", "--grad-accum", "2", "--no-cuda-graphs", *CHECK]),
     "1 GPU 8x2 graphs": (1, ["--batch-size", "8", "--grad-accum", "2", *CHECK]),
-}  # fmt: skip
+}
 # (check, against it, what the difference must be): graphs against eager replay the same kernels.
-COMPARE = [("N GPUs graphs", "N GPUs eager", "bf16 noise at most; ~0 expected"),
-           ("N GPUs graphs", "1 GPU graphs", "bf16 noise (other batch shapes, other sum order)"),
-           ("1 GPU 8x2 graphs", "1 GPU 8x2 eager", "bf16 noise at most; ~0 expected"),
-           ("1 GPU 8x2 graphs", "1 GPU graphs", "bf16 noise")]  # fmt: skip
+COMPARE = [
+    ("N GPUs graphs", "N GPUs eager", "bf16 noise at most; ~0 expected"),
+    ("N GPUs graphs", "1 GPU graphs", "bf16 noise (other batch shapes, other sum order)"),
+    ("1 GPU 8x2 graphs", "1 GPU 8x2 eager", "bf16 noise at most; ~0 expected"),
+    ("1 GPU 8x2 graphs", "1 GPU graphs", "bf16 noise"),
+]
 
 
 def logged_losses(out: Path) -> list[float]:
@@ -107,7 +121,16 @@ def train_command(processes: int, flags: list[str]) -> list[str]:
     """train.py on one GPU, or under torchrun on `processes` GPUs of this machine."""
     if processes == 1:
         return [sys.executable, "train.py", *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "train.py", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "train.py",
+        *flags,
+    ]
 
 
 def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
@@ -125,9 +148,25 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
         flags = [sizes.get(f, f) for f in flags]
         slug = shown(name).replace(" ", "-") + "-" + "-".join(flags).replace("--", "")
         out = Path(args.work) / f"out-{args.arch}-gpus-{slug}-{args.n}"
-        cmd = train_command(processes, ["--model-dir", str(model_dir), "--data-json", str(data_json),
-                                        "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
-                                        "--save-steps", "100000", "--sample-max-new-tokens", "32", *flags])  # fmt: skip
+        cmd = train_command(
+            processes,
+            [
+                "--model-dir",
+                str(model_dir),
+                "--data-json",
+                str(data_json),
+                "--output-dir",
+                str(out),
+                "--overwrite",
+                "--swanlab-mode",
+                "disabled",
+                "--save-steps",
+                "100000",
+                "--sample-max-new-tokens",
+                "32",
+                *flags,
+            ],
+        )
         log = Path(args.work) / f"{args.arch}-gpus-{slug}-{args.n}.log"
         try:  # one failed run must not lose the others' figures
             wall = run(cmd, log)
@@ -136,21 +175,39 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
             return None
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         sec, steps = s["seconds"], s["global_step"]
-        peaks = [p["allocated"] for p in s.get("peak_gpu_memory_gb_by_process") or [{"allocated": s["peak_gpu_memory_gb"]}]]
-        row = {"name": shown(name), "processes": processes, "batch": s["batch_size"],
-               "accumulation": s["grad_accum"], "effective": s["effective_batch"], "steps": steps,
-               "prep_s": sec["prepare"], "capture_s": sec["capture"], "train_s": sec["train"],
-               "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
-               "peaks_gb": peaks, "loss": s["train_loss"], "graphs": s["cuda_graphs_used"], "wall_s": wall,
-               "losses": logged_losses(out)}  # fmt: skip
+        peaks = [
+            p["allocated"] for p in s.get("peak_gpu_memory_gb_by_process") or [{"allocated": s["peak_gpu_memory_gb"]}]
+        ]
+        row = {
+            "name": shown(name),
+            "processes": processes,
+            "batch": s["batch_size"],
+            "accumulation": s["grad_accum"],
+            "effective": s["effective_batch"],
+            "steps": steps,
+            "prep_s": sec["prepare"],
+            "capture_s": sec["capture"],
+            "train_s": sec["train"],
+            "step_ms": 1000 * sec["steps"] / steps,
+            "samples_per_s": steps * s["effective_batch"] / sec["train"],
+            "peaks_gb": peaks,
+            "loss": s["train_loss"],
+            "graphs": s["cuda_graphs_used"],
+            "wall_s": wall,
+            "losses": logged_losses(out),
+        }
         print(json.dumps(row))
         return row
 
     runs = [run_ for effective in args.effective for run_ in SCALING[effective]]
     rows = [go(name, processes, flags) for name, processes, flags in runs]
-    lines = [("| run | batch per GPU x GPUs (x accumulation) | effective batch | steps | prep s | graph capture s | "
-              "train s | ms/step | samples/s | scaling efficiency | peak GB per GPU | mean loss | loss vs 1 GPU |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        (
+            "| run | batch per GPU x GPUs (x accumulation) | effective batch | steps | prep s | graph capture s | "
+            "train s | ms/step | samples/s | scaling efficiency | peak GB per GPU | mean loss | loss vs 1 GPU |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     base = rows[0] if runs[0] == SCALING[16][0] else None
     for (name, _, flags), r in zip(runs, rows):
         if r is None:
@@ -160,17 +217,24 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
         efficiency = f"{100 * r['samples_per_s'] / (r['processes'] * base['samples_per_s']):.0f}%" if base else "—"
         versus = f"{r['loss'] - alone['loss']:+.4f}" if alone and alone is not r else "—"
         accumulation = f" x {r['accumulation']}" if r["accumulation"] > 1 else ""
-        lines.append(f"| {r['name']}{'' if r['graphs'] else ' (eager)'} | {r['batch']} x {r['processes']}{accumulation} | "
-                     f"{r['effective']} | {r['steps']} | {r['prep_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | "
-                     f"{r['step_ms']:.0f} | {r['samples_per_s']:.0f} | {efficiency} | "
-                     f"{' / '.join(f'{p:.1f}' if p is not None else '—' for p in r['peaks_gb'])} | {r['loss']:.4f} | {versus} |")  # fmt: skip
-    lines.append("\nScaling efficiency: samples/s over (GPUs x one GPU's samples/s at effective batch 16, its default). "
-                 "Peak GB per GPU: each process's own (train_settings.json's peak_gpu_memory_gb_by_process).")  # fmt: skip
+        lines.append(
+            f"| {r['name']}{'' if r['graphs'] else ' (eager)'} | {r['batch']} x {r['processes']}{accumulation} | "
+            f"{r['effective']} | {r['steps']} | {r['prep_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | "
+            f"{r['step_ms']:.0f} | {r['samples_per_s']:.0f} | {efficiency} | "
+            f"{' / '.join(f'{p:.1f}' if p is not None else '—' for p in r['peaks_gb'])} | {r['loss']:.4f} | {versus} |"
+        )
+    lines.append(
+        "\nScaling efficiency: samples/s over (GPUs x one GPU's samples/s at effective batch 16, its default). "
+        "Peak GB per GPU: each process's own (train_settings.json's peak_gpu_memory_gb_by_process)."
+    )
     if args.no_checks:
         return lines
     checks = {name: go(name, processes, flags) for name, (processes, flags) in CHECKS.items()}
-    lines += ["\n8 steps without dropout, per-step losses (train.py --lora-dropout 0 --max-steps 8 --logging-steps 1):\n",
-              "| check | against | largest relative loss difference | expected | graphs used |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "\n8 steps without dropout, per-step losses (train.py --lora-dropout 0 --max-steps 8 --logging-steps 1):\n",
+        "| check | against | largest relative loss difference | expected | graphs used |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for a, b, expected in COMPARE:
         ra, rb = checks[a], checks[b]
         if ra is None or rb is None:
@@ -183,7 +247,10 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
 
 
 def prepare(work: Path, n: int, arch: str = "qwen2_vl", size: tuple[int, int] = (640, 480)) -> tuple[Path, Path]:
-    model, data = work / f"model-{arch}", work / (f"data-{n}" if size == (640, 480) else f"data-{n}-{size[0]}x{size[1]}")
+    model, data = (
+        work / f"model-{arch}",
+        work / (f"data-{n}" if size == (640, 480) else f"data-{n}-{size[0]}x{size[1]}"),
+    )
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     if not (model / "config.json").exists():
@@ -192,12 +259,43 @@ def prepare(work: Path, n: int, arch: str = "qwen2_vl", size: tuple[int, int] = 
     if not (data / "data_vl.json").exists():
         data.mkdir(parents=True, exist_ok=True)
         steps = [
-            [py, "tools/make_coco_folder.py", "--out", str(data / "coco"), "--n", str(n), "--width", str(size[0]),
-             "--height", str(size[1])],
-            [py, "data2csv.py", "--source", str(data / "coco"), "--n", str(n), "--image-dir", str(data / "images"),
-             "--csv", str(data / "data.csv"), "--workers", "16"],
-            [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(data / "data_vl.json"), "--workers", "16"],
-        ]  # fmt: skip
+            [
+                py,
+                "tools/make_coco_folder.py",
+                "--out",
+                str(data / "coco"),
+                "--n",
+                str(n),
+                "--width",
+                str(size[0]),
+                "--height",
+                str(size[1]),
+            ],
+            [
+                py,
+                "data2csv.py",
+                "--source",
+                str(data / "coco"),
+                "--n",
+                str(n),
+                "--image-dir",
+                str(data / "images"),
+                "--csv",
+                str(data / "data.csv"),
+                "--workers",
+                "16",
+            ],
+            [
+                py,
+                "csv2json.py",
+                "--csv",
+                str(data / "data.csv"),
+                "--json",
+                str(data / "data_vl.json"),
+                "--workers",
+                "16",
+            ],
+        ]
         print(f"{n} pictures: {sum(run(cmd, data / 'prepare.log') for cmd in steps):.0f} s")
     return model, data / "data_vl.json"
 
@@ -280,7 +378,9 @@ def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32)
     def timed(batch, batch_size, fast):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        captions[fast] = captioning.caption_images(model, processor, batch, settings.prompt, batch_size, new_tokens, fast=fast)
+        captions[fast] = captioning.caption_images(
+            model, processor, batch, settings.prompt, batch_size, new_tokens, fast=fast
+        )
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -298,21 +398,40 @@ def inference(adapter: Path, data_json: Path, n: int = 64, new_tokens: int = 32)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="qwen2_vl", choices=list(FAMILIES),
-                        help="model family, as the full-size stand-in of tools/make_offline_model.py")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.startswith("spill")),
-                        help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: all but the spill ones)")  # fmt: skip
+    parser.add_argument(
+        "--arch",
+        default="qwen2_vl",
+        choices=list(FAMILIES),
+        help="model family, as the full-size stand-in of tools/make_offline_model.py",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(v for v in VARIANTS if not v.startswith("spill")),
+        help="comma-separated, from: " + ", ".join(VARIANTS) + " (default: all but the spill ones)",
+    )
     parser.add_argument("--n", type=int, default=500, help="generated pictures (the tutorial: 500)")
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="Markdown file to append to")
     parser.add_argument("--no-inference", action="store_true", help="skip the captioning benchmark")
-    parser.add_argument("--gpus", type=int, default=0,
-                        help="N > 1: data parallel over N GPUs under torchrun against one GPU, instead of the variants")  # fmt: skip
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=0,
+        help="N > 1: data parallel over N GPUs under torchrun against one GPU, instead of the variants",
+    )
     parser.add_argument("--no-checks", action="store_true", help="with --gpus: skip the 8-step loss checks")
-    parser.add_argument("--effective", default="16,32", type=lambda t: [int(b) for b in t.split(",")],
-                        help="with --gpus: the effective batches to run, from 16 and 32 (scaling efficiency needs 16)")  # fmt: skip
-    parser.add_argument("--max-steps", type=int, default=-1,
-                        help="stop every variant after this many optimizer steps (-1: the 2 epochs)")  # fmt: skip
+    parser.add_argument(
+        "--effective",
+        default="16,32",
+        type=lambda t: [int(b) for b in t.split(",")],
+        help="with --gpus: the effective batches to run, from 16 and 32 (scaling efficiency needs 16)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=-1,
+        help="stop every variant after this many optimizer steps (-1: the 2 epochs)",
+    )
     parser.add_argument("--width", type=int, default=640, help="generated pictures' width (COCO's are about 640x480)")
     parser.add_argument("--height", type=int, default=480, help="generated pictures' height")
     parser.add_argument("--prepare-only", action="store_true", help="build the stand-in and the pictures, then stop")
@@ -337,10 +456,14 @@ def main() -> None:
         card = torch.cuda.get_device_name()
         version = torch.cuda.nccl.version()
         nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        lines = [(f"\n### {datetime.date.today()} — data parallel, {args.gpus} x {card}, "
-                  f"{FAMILIES[args.arch].name} stand-in ({args.arch}), torch {torch.__version__} (NCCL {nccl}), "
-                  f"transformers {transformers.__version__}, {args.n} pictures\n"),
-                 *multi_gpu(args, model_dir, data_json)]  # fmt: skip
+        lines = [
+            (
+                f"\n### {datetime.date.today()} — data parallel, {args.gpus} x {card}, "
+                f"{FAMILIES[args.arch].name} stand-in ({args.arch}), torch {torch.__version__} (NCCL {nccl}), "
+                f"transformers {transformers.__version__}, {args.n} pictures\n"
+            ),
+            *multi_gpu(args, model_dir, data_json),
+        ]
         entry = "\n".join(lines) + "\n"
         print(entry)
         with open(args.results, "a") as f:
@@ -350,9 +473,24 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         out = work / f"out-{args.arch}-{name}-{args.n}"
-        cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
-               "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
-               "--save-steps", "100000", "--sample-max-new-tokens", "32", *VARIANTS[name]]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "train.py",
+            "--model-dir",
+            str(model_dir),
+            "--data-json",
+            str(data_json),
+            "--output-dir",
+            str(out),
+            "--overwrite",
+            "--swanlab-mode",
+            "disabled",
+            "--save-steps",
+            "100000",
+            "--sample-max-new-tokens",
+            "32",
+            *VARIANTS[name],
+        ]
         if args.max_steps > 0 and "--max-steps" not in VARIANTS[name]:
             cmd += ["--max-steps", str(args.max_steps)]
         cmd += shlex.split(args.train_args)
@@ -360,13 +498,25 @@ def main() -> None:
         s = json.loads((out / "adapter" / "train_settings.json").read_text())
         steps, sec = s["global_step"], s["seconds"]
         full = s["optimizer_steps"] == steps and "--max-steps" not in VARIANTS[name] and args.max_steps <= 0
-        row = {"variant": name, "steps": steps, "prep_s": sec["prepare"], "setup_s": sec["to_first_step"] - sec["prepare"] - sec["capture"],
-               "capture_s": sec["capture"], "train_s": sec["train"],
-               "step_ms": 1000 * sec["steps"] / steps, "samples_per_s": steps * s["effective_batch"] / sec["train"],
-               "peak_gb": s["peak_gpu_memory_gb"], "loss": s["train_loss"], "wall_s": wall, "image_size": s["image_size"],
-               "host_gb": host_gb, "setup_total_s": sec["to_first_step"] - sec["prepare"],
-               "imports_s": sec.get("imports"), "prep_parts": sec.get("prepare_parts"),
-               "mfu": flops / (sec["train"] * rate * 1e12) if full else None}  # fmt: skip
+        row = {
+            "variant": name,
+            "steps": steps,
+            "prep_s": sec["prepare"],
+            "setup_s": sec["to_first_step"] - sec["prepare"] - sec["capture"],
+            "capture_s": sec["capture"],
+            "train_s": sec["train"],
+            "step_ms": 1000 * sec["steps"] / steps,
+            "samples_per_s": steps * s["effective_batch"] / sec["train"],
+            "peak_gb": s["peak_gpu_memory_gb"],
+            "loss": s["train_loss"],
+            "wall_s": wall,
+            "image_size": s["image_size"],
+            "host_gb": host_gb,
+            "setup_total_s": sec["to_first_step"] - sec["prepare"],
+            "imports_s": sec.get("imports"),
+            "prep_parts": sec.get("prepare_parts"),
+            "mfu": flops / (sec["train"] * rate * 1e12) if full else None,
+        }
         rows.append(row)
         print(json.dumps(row))
     check = None
@@ -380,13 +530,17 @@ def main() -> None:
         on_gpu = logged_losses(work / f"out-{args.arch}-fast-{args.n}")
         for v in sorted({r["variant"] for r in rows if r["variant"].startswith("spill")}):
             losses = logged_losses(work / f"out-{args.arch}-{v}-{args.n}")
-            spilled[v] = max(abs(a - b) / abs(a) for a, b in zip(on_gpu, losses)) if len(losses) == len(on_gpu) else None
+            spilled[v] = (
+                max(abs(a - b) / abs(a) for a, b in zip(on_gpu, losses)) if len(losses) == len(on_gpu) else None
+            )
             print(f"losses fast {on_gpu}\nlosses {v} {losses}\nmax relative difference {spilled[v]}")
     training_rows = [r for r in rows if not r["variant"].startswith("check")]
     infer_row = None
     if training_rows and not args.no_inference:
         try:  # a failure here must not lose the training figures above
-            infer_row = inference(work / f"out-{args.arch}-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json)
+            infer_row = inference(
+                work / f"out-{args.arch}-{training_rows[-1]['variant']}-{args.n}" / "adapter", data_json
+            )
             print(json.dumps(infer_row))
         except Exception:
             traceback.print_exc()
@@ -396,41 +550,59 @@ def main() -> None:
     family = f"{FAMILIES[args.arch].name} stand-in ({args.arch}, full size, random weights)"
     size = rows[0]["image_size"] if rows else "?"
     extra = f" with `{args.train_args}`" if args.train_args else ""
-    lines = [f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}{extra}\n",
-             f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
-             "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | host GB | MFU | mean loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"\n### {datetime.date.today()} — {family}, {card}, {versions}, {args.n} pictures at {size}x{size}{extra}\n",
+        f"bf16 matmul measured {rate:.0f} TFLOP/s; the job is {flops / 1e15:.2f} PFLOP (floor {flops / rate / 1e12:.2f} s).\n",
+        "| variant | steps | prep s | prep: data / model load / encoding | set-up s | graph capture s | train s | ms/step | samples/s | peak GB | host GB | MFU | mean loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in training_rows:
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] else "—"
         parts = " / ".join(f"{v:.1f}" for v in r["prep_parts"].values()) if r["prep_parts"] else "—"
-        lines.append(f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {parts} | {r['setup_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
-                     f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {r['host_gb']:.1f} | {mfu} | {r['loss']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['variant']} | {r['steps']} | {r['prep_s']:.1f} | {parts} | {r['setup_s']:.1f} | {r['capture_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']:.0f} | "
+            f"{r['samples_per_s']:.0f} | {r['peak_gb']:.1f} | {r['host_gb']:.1f} | {mfu} | {r['loss']:.3f} |"
+        )
     if check is not None:
         lines.append(f"\nCUDA graphs vs eager, 8 steps without dropout: largest relative loss difference {check:.1e}.")
     for v, difference in spilled.items():
         said = "not comparable (different numbers of logged losses)" if difference is None else f"{difference:.1e}"
         lines.append(f"\n{v} vs fast (the cache on the GPU), logged losses: largest relative difference {said}.")
     if args.max_steps > 0 and training_rows:
-        lines.append(f"\nEach variant stopped after {args.max_steps} steps. A full-split epoch computed from these figures "
-                     f"(82,783 pictures, {FULL_SPLIT_STEPS:,} steps of 16; preparation scaled per picture but the model load):\n")
+        lines.append(
+            f"\nEach variant stopped after {args.max_steps} steps. A full-split epoch computed from these figures "
+            f"(82,783 pictures, {FULL_SPLIT_STEPS:,} steps of 16; preparation scaled per picture but the model load):\n"
+        )
         for r in training_rows:
             lines.append(f"- {r['variant']}: {full_split_epoch(r, args.n)}")
     if infer_row:
         r = infer_row
-        lines.append(f"\nCaptioning 64 pictures at {size}x{size}, 32 new tokens ({training_rows[-1]['variant']} adapter, merged), "
-                     "captions/s: batched (first call of the shape / again) and one at a time.\n\n"
-                     "| decoder | batched, first call | batched, again | one at a time |\n| --- | --- | --- | --- |")
+        lines.append(
+            f"\nCaptioning 64 pictures at {size}x{size}, 32 new tokens ({training_rows[-1]['variant']} adapter, merged), "
+            "captions/s: batched (first call of the shape / again) and one at a time.\n\n"
+            "| decoder | batched, first call | batched, again | one at a time |\n| --- | --- | --- | --- |"
+        )
         for name in ("generate", "fast"):
-            lines.append(f"| {name} | {r[name + '_batched_per_s']:.0f} | {r[name + '_again_per_s']:.0f} | {r[name + '_single_per_s']:.1f} |")
+            lines.append(
+                f"| {name} | {r[name + '_batched_per_s']:.0f} | {r[name + '_again_per_s']:.0f} | {r[name + '_single_per_s']:.1f} |"
+            )
         lines.append(f"\nThe fast loop's captions equal generate's for {r['same_captions']} of 64 pictures.")
     if training_rows:
-        lines.append(f"\nImporting torch and transformers (before the clock starts): {training_rows[0]['imports_s']} s.")
+        lines.append(
+            f"\nImporting torch and transformers (before the clock starts): {training_rows[0]['imports_s']} s."
+        )
         try:  # a missing matplotlib must not lose the figures above
             from plot import logged_steps_and_losses, plot_losses
 
-            runs = {r["variant"]: logged_steps_and_losses(work / f"out-{args.arch}-{r['variant']}-{args.n}") for r in training_rows}
-            png = plot_losses(runs, Path(args.results).with_name(f"losses-{args.arch}-{datetime.date.today()}-{args.n}.png"),
-                              f"training loss, {args.n} pictures, {card}")
+            runs = {
+                r["variant"]: logged_steps_and_losses(work / f"out-{args.arch}-{r['variant']}-{args.n}")
+                for r in training_rows
+            }
+            png = plot_losses(
+                runs,
+                Path(args.results).with_name(f"losses-{args.arch}-{datetime.date.today()}-{args.n}.png"),
+                f"training loss, {args.n} pictures, {card}",
+            )
             lines.append(f"\n![training loss of each variant]({png.name})")
         except Exception:
             traceback.print_exc()

@@ -38,9 +38,12 @@ RUNS = {
     "t4": ("16 GB card without bf16 (T4, V100)", {"VLCAP_GPU_MEMORY_GB": "16", "VLCAP_GPU_BF16": "0"}, []),
     "fp16": ("this card, --precision fp16", {}, ["--precision", "fp16"]),
     # A setting of the user's that cannot fit: one line before anything loads, not an out-of-memory error later.
-    "12gb-batch16": ("12 GB card, --batch-size 16 --no-gradient-checkpointing", {"VLCAP_GPU_MEMORY_GB": "12"},
-                     ["--batch-size", "16", "--no-gradient-checkpointing"]),
-}  # fmt: skip
+    "12gb-batch16": (
+        "12 GB card, --batch-size 16 --no-gradient-checkpointing",
+        {"VLCAP_GPU_MEMORY_GB": "12"},
+        ["--batch-size", "16", "--no-gradient-checkpointing"],
+    ),
+}
 
 
 def prepare_eval(work: Path, n: int = 100) -> Path:
@@ -50,12 +53,49 @@ def prepare_eval(work: Path, n: int = 100) -> Path:
         data.mkdir(parents=True, exist_ok=True)
         py = sys.executable
         for cmd in (
-            [py, "tools/make_coco_folder.py", "--out", str(data / "coco"), "--n", str(n), "--split", "val2014",
-             "--width", "640", "--height", "480", "--seed", "1"],
-            [py, "data2csv.py", "--source", str(data / "coco"), "--split", "validation", "--n", str(n),
-             "--image-dir", str(data / "images"), "--csv", str(data / "data.csv"), "--workers", "16"],
-            [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(data / "data_vl_eval.json"), "--workers", "16"],
-        ):  # fmt: skip
+            [
+                py,
+                "tools/make_coco_folder.py",
+                "--out",
+                str(data / "coco"),
+                "--n",
+                str(n),
+                "--split",
+                "val2014",
+                "--width",
+                "640",
+                "--height",
+                "480",
+                "--seed",
+                "1",
+            ],
+            [
+                py,
+                "data2csv.py",
+                "--source",
+                str(data / "coco"),
+                "--split",
+                "validation",
+                "--n",
+                str(n),
+                "--image-dir",
+                str(data / "images"),
+                "--csv",
+                str(data / "data.csv"),
+                "--workers",
+                "16",
+            ],
+            [
+                py,
+                "csv2json.py",
+                "--csv",
+                str(data / "data.csv"),
+                "--json",
+                str(data / "data_vl_eval.json"),
+                "--workers",
+                "16",
+            ],
+        ):
             with (data / "prepare.log").open("a") as log:
                 subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return data / "data_vl_eval.json"
@@ -69,9 +109,26 @@ def losses(out: Path) -> list[float]:
 def train(name: str, model_dir: Path, data_json: Path, eval_json: Path, work: Path, log) -> dict:
     label, env, flags = RUNS[name]
     out = work / f"out-memfit-{name}"
-    cmd = [sys.executable, "train.py", "--model-dir", str(model_dir), "--data-json", str(data_json),
-           "--eval-json", str(eval_json), "--output-dir", str(out), "--overwrite", "--swanlab-mode", "disabled",
-           "--save-steps", "100000", "--logging-steps", "5", *flags]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--model-dir",
+        str(model_dir),
+        "--data-json",
+        str(data_json),
+        "--eval-json",
+        str(eval_json),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--swanlab-mode",
+        "disabled",
+        "--save-steps",
+        "100000",
+        "--logging-steps",
+        "5",
+        *flags,
+    ]
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -85,39 +142,59 @@ def train(name: str, model_dir: Path, data_json: Path, eval_json: Path, work: Pa
         s = json.loads(settings_file.read_text())
         sec, plan = s["seconds"], s.get("memory_plan", {})
         row.update(
-            batch=f"{s['batch_size']} x {s['grad_accum']}", checkpointing=s["gradient_checkpointing"], captions=s["eval_batch_size"],
-            vision_cache=s["vision_cache"], cuda_graphs=s["cuda_graphs_used"], precision=s.get("precision"),
-            estimated_peak_gb=plan.get("estimated_peak_gb"), estimated_need_gb=plan.get("estimated_need_gb"),
-            peak_gb=s["peak_gpu_memory_gb"], reserved_gb=s.get("peak_gpu_reserved_gb"), prep_s=sec["prepare"],
-            train_s=sec["train"], step_ms=round(1000 * sec["steps"] / s["global_step"]), steps=s["global_step"],
-            final_loss=s["train_loss"], losses=losses(out),
-        )  # fmt: skip
+            batch=f"{s['batch_size']} x {s['grad_accum']}",
+            checkpointing=s["gradient_checkpointing"],
+            captions=s["eval_batch_size"],
+            vision_cache=s["vision_cache"],
+            cuda_graphs=s["cuda_graphs_used"],
+            precision=s.get("precision"),
+            estimated_peak_gb=plan.get("estimated_peak_gb"),
+            estimated_need_gb=plan.get("estimated_need_gb"),
+            peak_gb=s["peak_gpu_memory_gb"],
+            reserved_gb=s.get("peak_gpu_reserved_gb"),
+            prep_s=sec["prepare"],
+            train_s=sec["train"],
+            step_ms=round(1000 * sec["steps"] / s["global_step"]),
+            steps=s["global_step"],
+            final_loss=s["train_loss"],
+            losses=losses(out),
+        )
     else:
         row["last_line"] = lines[-1] if lines else ""
     return row
 
 
 def table(rows: list[dict], limit_of: dict[str, str]) -> str:
-    head = ("| run | imitates | GPU memory cap | exit | chosen | precision | graphs | estimated peak / need GB | "
-            "measured peak allocated / reserved GB | prep s | train s | ms/step | final loss | loss vs 80gb (end) |")  # fmt: skip
+    head = (
+        "| run | imitates | GPU memory cap | exit | chosen | precision | graphs | estimated peak / need GB | "
+        "measured peak allocated / reserved GB | prep s | train s | ms/step | final loss | loss vs 80gb (end) |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     ref = next((r for r in rows if r["run"] == "80gb" and r.get("losses")), None)
     for r in rows:
         if "batch" not in r:
-            lines.append(f"| {r['run']} | {r['imitates']} | {limit_of[r['run']]} | {r['exit']} | — | — | — | — | — | — | — | — | — | "
-                         f"{r.get('last_line', '')[:160]} |")  # fmt: skip
+            lines.append(
+                f"| {r['run']} | {r['imitates']} | {limit_of[r['run']]} | {r['exit']} | — | — | — | — | — | — | — | — | — | "
+                f"{r.get('last_line', '')[:160]} |"
+            )
             continue
-        chosen = (r["batch"] + (" + checkpointing" if r["checkpointing"] else "") + ("" if r["vision_cache"] else ", no cache")
-                  + ("" if r["captions"] == 32 else f", captions {r['captions']} at a time"))
+        chosen = (
+            r["batch"]
+            + (" + checkpointing" if r["checkpointing"] else "")
+            + ("" if r["vision_cache"] else ", no cache")
+            + ("" if r["captions"] == 32 else f", captions {r['captions']} at a time")
+        )
         track = "—"
         if ref and r["losses"] and r["run"] != "80gb":
             n = min(len(ref["losses"]), len(r["losses"]), 3)
             a, b = sum(r["losses"][-n:]) / n, sum(ref["losses"][-n:]) / n
             track = f"{100 * (a - b) / b:+.1f}%"
-        lines.append(f"| {r['run']} | {r['imitates']} | {limit_of[r['run']]} | {r['exit']} | {chosen} | {r['precision']} | "
-                     f"{'yes' if r['cuda_graphs'] else 'no'} | {r['estimated_peak_gb']} / {r['estimated_need_gb']} | "
-                     f"{r['peak_gb']} / {r['reserved_gb']} | {r['prep_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']} | "
-                     f"{r['final_loss']:.4f} | {track} |")  # fmt: skip
+        lines.append(
+            f"| {r['run']} | {r['imitates']} | {limit_of[r['run']]} | {r['exit']} | {chosen} | {r['precision']} | "
+            f"{'yes' if r['cuda_graphs'] else 'no'} | {r['estimated_peak_gb']} / {r['estimated_need_gb']} | "
+            f"{r['peak_gb']} / {r['reserved_gb']} | {r['prep_s']:.1f} | {r['train_s']:.1f} | {r['step_ms']} | "
+            f"{r['final_loss']:.4f} | {track} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,10 +213,16 @@ def main() -> None:
     model_dir, data_json = prepare(work, args.n)
     eval_json = prepare_eval(work)
     about = subprocess.run(
-        [sys.executable, "-c", "import torch, transformers, peft; print(f'{torch.cuda.get_device_name()}, torch "
-         "{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"],
-        capture_output=True, text=True, cwd=ROOT,
-    ).stdout.strip()  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import torch, transformers, peft; print(f'{torch.cuda.get_device_name()}, torch "
+            "{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
     print(about)
     log_path = (out_dir or work) / "memory_fit.log"
     rows = []
@@ -148,11 +231,16 @@ def main() -> None:
             rows.append(train(name, model_dir, data_json, eval_json, work, log))
             r = rows[-1]
             print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
-    limit_of = {n: (RUNS[n][1].get("VLCAP_GPU_MEMORY_GB", "none") + (" GB" if "VLCAP_GPU_MEMORY_GB" in RUNS[n][1] else "")) for n in names}
+    limit_of = {
+        n: (RUNS[n][1].get("VLCAP_GPU_MEMORY_GB", "none") + (" GB" if "VLCAP_GPU_MEMORY_GB" in RUNS[n][1] else ""))
+        for n in names
+    }
     said = "\n".join(f"- {r['run']}: " + " / ".join(r["said"]) for r in rows)
     curves = "\n".join(f"- {r['run']}: " + ", ".join(f"{x:.3f}" for x in r["losses"]) for r in rows if r.get("losses"))
-    report = (f"\n### memory_fit — {about}, {args.n} pictures + 100 evaluation pictures\n\n{table(rows, limit_of)}\n\n"
-              f"What train.py said:\n{said}\n\nLoss every 5 steps:\n{curves}\n")  # fmt: skip
+    report = (
+        f"\n### memory_fit — {about}, {args.n} pictures + 100 evaluation pictures\n\n{table(rows, limit_of)}\n\n"
+        f"What train.py said:\n{said}\n\nLoss every 5 steps:\n{curves}\n"
+    )
     print(report)
     if out_dir:
         (out_dir / "memory_fit.md").write_text(report)

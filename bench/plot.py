@@ -33,7 +33,9 @@ def plot_losses(runs: dict[str, list[tuple[int, float]]], path: str | Path, titl
         if points:  # a run too short to log a loss has none
             steps, losses = zip(*points)
             style = ("-", "--", ":", "-.")[i % 4]  # runs that should agree (fast, plain) lie on top of each other
-            axes.plot(steps, losses, style, marker="o", markersize=3, label=f"{label} ({losses[-1]:.3f} at step {steps[-1]})")
+            axes.plot(
+                steps, losses, style, marker="o", markersize=3, label=f"{label} ({losses[-1]:.3f} at step {steps[-1]})"
+            )
     axes.set(xlabel="optimizer step", ylabel="loss", title=title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -81,9 +81,9 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    import train
     from vlcap import captioning, formats, images, qwen
 
+    import train
     from bench import prepare
 
     work, out = Path(args.work), Path(args.out)
@@ -111,9 +111,27 @@ def main() -> None:
                 self.syncs.__exit__(None, None, None)
                 control.should_training_stop = True
 
-    train.main(["--model-dir", str(model_dir), "--data-json", str(data), "--output-dir", str(work / "out-profile"),
-                "--overwrite", "--swanlab-mode", "disabled", "--save-steps", "100000", "--sample-max-new-tokens", "4",
-                "--workers", "8", *args.train_args.split()], callbacks=[Profile()])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(model_dir),
+            "--data-json",
+            str(data),
+            "--output-dir",
+            str(work / "out-profile"),
+            "--overwrite",
+            "--swanlab-mode",
+            "disabled",
+            "--save-steps",
+            "100000",
+            "--sample-max-new-tokens",
+            "4",
+            "--workers",
+            "8",
+            *args.train_args.split(),
+        ],
+        callbacks=[Profile()],
+    )
 
     adapter = work / "out-profile" / "adapter"
     model, processor = qwen.load_for_captioning(adapter, formats.read_adapter_settings(adapter), None, "cuda")

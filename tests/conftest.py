@@ -65,9 +65,21 @@ def trained_family(tiny_models, shapes_132, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"run-{arch}") / "out"
             buf = io.StringIO()
             with redirect_stdout(buf):
-                train.main(["--model-dir", str(tiny_models[arch]), "--data-json", str(shapes_132), "--output-dir",
-                            str(out), "--test-size", "36", "--max-steps", "300",
-                            *for_family(LEARN_ARGS, arch)])  # fmt: skip
+                train.main(
+                    [
+                        "--model-dir",
+                        str(tiny_models[arch]),
+                        "--data-json",
+                        str(shapes_132),
+                        "--output-dir",
+                        str(out),
+                        "--test-size",
+                        "36",
+                        "--max-steps",
+                        "300",
+                        *for_family(LEARN_ARGS, arch),
+                    ]
+                )
             runs[arch] = out / "adapter", buf.getvalue()
         return runs[arch]
 

@@ -42,7 +42,9 @@ def _graphed(module, sample):
     wants = [x.requires_grad for x in (*sample, *params)]
     with torch.enable_grad():
         out = module(*(a.detach().requires_grad_(a.requires_grad) for a in sample))
-    static_out = torch.empty_like(out)  # the graph's output and gradient buffers: allocated once, reused by every replay
+    static_out = torch.empty_like(
+        out
+    )  # the graph's output and gradient buffers: allocated once, reused by every replay
     static_grads = [torch.zeros_like(x) if want else None for x, want in zip((*sample, *params), wants)]
     live = {}
 
@@ -82,8 +84,9 @@ def install(train_module, monkeypatch=None) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
     from vlcap import cli
+
+    import train
 
     install(train)
     cli.run(lambda: train.main(sys.argv[1:]))

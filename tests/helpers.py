@@ -27,8 +27,10 @@ def untested_transformers() -> str | None:
     installed = version("transformers")
     if installed in compat.TESTED_TRANSFORMERS:
         return None
-    return (f"the installed transformers {installed} is not the tested {', '.join(compat.TESTED_TRANSFORMERS)}, so the "
-            "fast paths are off (Python 3.10's newest transformers is 5.20.2)")  # fmt: skip
+    return (
+        f"the installed transformers {installed} is not the tested {', '.join(compat.TESTED_TRANSFORMERS)}, so the "
+        "fast paths are off (Python 3.10's newest transformers is 5.20.2)"
+    )
 
 
 FAST_PATHS = untested_transformers() is None  # False on Python 3.10: train.py and infer.py take the plain path there
@@ -38,14 +40,56 @@ needs_fast_paths = pytest.mark.skipif(not FAST_PATHS, reason=f"needs the fast pa
 
 # The recipe of ../shared/FACTS.md's calibration (r=16, no dropout, batch 8, lr 3e-3, 56x56), run for 300 steps: measured
 # here at colour 100%, shape 69%, both 69% on 36 held-out pictures (150 steps gave only 19% both; chance is 8%).
-LEARN_ARGS = ["--device", "cpu", "--image-size", "56", "--batch-size", "8", "--grad-accum", "1", "--learning-rate", "3e-3",
-              "--lora-r", "16", "--lora-dropout", "0", "--no-gradient-checkpointing", "--workers", "0",
-              "--logging-steps", "10", "--save-steps", "1000", "--sample-max-new-tokens", "16", "--eval-size", "0",
-              "--no-eval-before"]  # fmt: skip
+LEARN_ARGS = [
+    "--device",
+    "cpu",
+    "--image-size",
+    "56",
+    "--batch-size",
+    "8",
+    "--grad-accum",
+    "1",
+    "--learning-rate",
+    "3e-3",
+    "--lora-r",
+    "16",
+    "--lora-dropout",
+    "0",
+    "--no-gradient-checkpointing",
+    "--workers",
+    "0",
+    "--logging-steps",
+    "10",
+    "--save-steps",
+    "1000",
+    "--sample-max-new-tokens",
+    "16",
+    "--eval-size",
+    "0",
+    "--no-eval-before",
+]
 
 # A few quick steps: enough to exercise saving, logging and failure handling.
-QUICK = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--grad-accum", "1", "--workers", "0",
-         "--logging-steps", "1", "--sample-max-new-tokens", "8", "--test-size", "2", "--eval-size", "0"]  # fmt: skip
+QUICK = [
+    "--device",
+    "cpu",
+    "--image-size",
+    "56",
+    "--batch-size",
+    "4",
+    "--grad-accum",
+    "1",
+    "--workers",
+    "0",
+    "--logging-steps",
+    "1",
+    "--sample-max-new-tokens",
+    "8",
+    "--test-size",
+    "2",
+    "--eval-size",
+    "0",
+]
 
 
 def run_script(*args, env=None, cwd=REPO):
@@ -81,7 +125,9 @@ def make_dataset(root: Path, n: int, size=(56, 56), split="train2014", seed=0) -
 
     coco = make_coco_folder(root / "coco", n, split=split, size=size, seed=seed)
     csv, images, json_path = root / "data.csv", root / "images", root / "data_vl.json"
-    data2csv.main(["--source", str(coco), "--split", split, "--n", str(n), "--image-dir", str(images), "--csv", str(csv)])
+    data2csv.main(
+        ["--source", str(coco), "--split", split, "--n", str(n), "--image-dir", str(images), "--csv", str(csv)]
+    )
     csv2json.main(["--csv", str(csv), "--json", str(json_path)])
     return json_path
 

@@ -11,14 +11,15 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import FAMILIES, FAST_PATHS, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner, needs_fast_paths
 from PIL import Image
 from test_fastpath import train_run
 from transformers import TrainerCallback
 
+from vlcap import captioning, cli, compat, fastpath, formats, images, qwen, training_data
+
 import infer
 import train
-from vlcap import captioning, cli, compat, fastpath, formats, images, qwen, training_data
+from helpers import FAMILIES, FAST_PATHS, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner, needs_fast_paths
 
 UNIT = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32}  # pixels per image token side: patch 14 or 16, merged 2x2
 NEWER = ["qwen2_5_vl", "qwen3_vl"]  # the families added to Qwen2-VL's pipeline
@@ -36,7 +37,10 @@ def test_the_folder_decides_the_model_class_and_the_image_size(tiny_models, arch
     assert qwen.image_unit(processor) == unit
     assert qwen.resolve_image_size(processor, None) == default
     assert qwen.resolve_image_size(processor, 0) == 0 and qwen.resolve_image_size(processor, 2 * unit) == 2 * unit
-    with pytest.raises(cli.UserError, match=rf"image size {unit + 4} is not a multiple of {unit} .* e\.g\. {default - unit} or {default}, or 0"):
+    with pytest.raises(
+        cli.UserError,
+        match=rf"image size {unit + 4} is not a multiple of {unit} .* e\.g\. {default - unit} or {default}, or 0",
+    ):
         qwen.resolve_image_size(processor, unit + 4)
     assert fastpath.image_token_count(processor, default) == (default // unit) ** 2  # 100 or 81 tokens
 
@@ -48,11 +52,15 @@ def test_a_folder_of_another_architecture_is_one_line_naming_those_supported(sha
         with pytest.raises(cli.UserError, match=supported):
             load(tmp_path)
     with pytest.raises(cli.UserError, match=supported):
-        train.main(["--model-dir", str(tmp_path), "--data-json", str(shapes_24), "--output-dir", str(tmp_path / "o"), *QUICK])
+        train.main(
+            ["--model-dir", str(tmp_path), "--data-json", str(shapes_24), "--output-dir", str(tmp_path / "o"), *QUICK]
+        )
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_lora_goes_on_the_language_models_projections_and_a_wrong_name_is_an_error(tiny_models, shapes_24, tmp_path, arch):
+def test_lora_goes_on_the_language_models_projections_and_a_wrong_name_is_an_error(
+    tiny_models, shapes_24, tmp_path, arch
+):
     assert qwen.lora_target_names(tiny_models[arch]) == PROJECTIONS  # from the config, on the meta device
     model = qwen.load_model(str(tiny_models[arch]), "cpu")
     assert qwen.lora_target_names(model) == PROJECTIONS
@@ -68,8 +76,19 @@ def test_lora_goes_on_the_language_models_projections_and_a_wrong_name_is_an_err
     with pytest.raises(cli.UserError, match=wrong):
         qwen.check_lora_targets(tiny_models[arch], "q_proj,qkv,gate")
     with pytest.raises(cli.UserError, match=wrong):  # before the model loads or any picture is encoded
-        train.main(["--model-dir", str(tiny_models[arch]), "--data-json", str(shapes_24), "--output-dir",
-                    str(tmp_path / "o"), "--lora-targets", "q_proj,qkv,gate", *for_family(QUICK, arch)])  # fmt: skip
+        train.main(
+            [
+                "--model-dir",
+                str(tiny_models[arch]),
+                "--data-json",
+                str(shapes_24),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--lora-targets",
+                "q_proj,qkv,gate",
+                *for_family(QUICK, arch),
+            ]
+        )
     assert not (tmp_path / "o").exists()
 
 
@@ -81,8 +100,10 @@ def test_labels_are_the_caption_and_its_closing_im_end(tiny_models, arch):
     tok, unit, patch = processor.tokenizer, UNIT[arch], UNIT[arch] // 2
     sides = [(2 * unit, 2 * unit), (4 * unit, 3 * unit), (5 * unit, 2 * unit), (3 * unit, 6 * unit)]
     captions = ["a red circle", "a long caption about a small blue square drawn on white", "one", "a green triangle"]
-    examples = [training_data.encode_example(processor, Image.new("RGB", side, "white"), caption, "COCO Yes:", 8192)
-                for side, caption in zip(sides, captions)]  # fmt: skip
+    examples = [
+        training_data.encode_example(processor, Image.new("RGB", side, "white"), caption, "COCO Yes:", 8192)
+        for side, caption in zip(sides, captions)
+    ]
     batch = training_data.collate(examples, tok.pad_token_id)
 
     grid = batch["image_grid_thw"]
@@ -113,13 +134,17 @@ def test_learns_colour_and_shape_from_the_pictures(trained_family, tiny_models, 
     settings = formats.read_train_settings(adapter)
     assert settings["model_dir"] == str(tiny_models[arch]) and settings["image_size"] == TEST_IMAGE_SIZE[arch]
     # The fast path where the installed transformers is the tested one; else (Python 3.10) the plain path, which must learn too.
-    assert settings["vision_cache"] == FAST_PATHS, "the fast path should have trained it" if FAST_PATHS else "the plain path should"
+    assert settings["vision_cache"] == FAST_PATHS, (
+        "the fast path should have trained it" if FAST_PATHS else "the plain path should"
+    )
     model, processor, _ = load_captioner(adapter)
     test = formats.read_conversations(settings["test_json"])
     pictures = [images.load(formats.image_of(it), settings["image_size"]) for it in test]
     captions = captioning.caption_images(model, processor, pictures, "COCO Yes:", max_new_tokens=16)
-    both = sum(all(word in caption.split() for word in formats.caption_of(item).split()[1:3])
-               for item, caption in zip(test, captions))  # fmt: skip
+    both = sum(
+        all(word in caption.split() for word in formats.caption_of(item).split()[1:3])
+        for item, caption in zip(test, captions)
+    )
     print(f"{arch}: colour and shape right for {both}/{len(test)} held-out pictures (chance 8%)")
     assert both / len(test) >= 2 / 12, f"both right for only {both}/{len(test)}: captions {captions}"
 
@@ -134,8 +159,21 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, shapes_24, tmp_path, a
                 raise KeyboardInterrupt
 
     def common(out):
-        return ["--model-dir", str(tiny_models[arch]), "--data-json", str(shapes_24), "--output-dir", str(out),
-                "--max-steps", "6", "--save-steps", "2", "--swanlab-mode", "disabled", *for_family(QUICK, arch)]  # fmt: skip
+        return [
+            "--model-dir",
+            str(tiny_models[arch]),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--save-steps",
+            "2",
+            "--swanlab-mode",
+            "disabled",
+            *for_family(QUICK, arch),
+        ]
 
     train.main(common(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
@@ -159,13 +197,20 @@ def test_infer_captions_at_the_adapters_size_and_the_merged_folder_captions_the_
     expected = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=16)
 
     out = tmp_path / "captions.jsonl"
-    assert infer.main(["--adapter", str(adapter), "--device", "cpu", "--output", str(out), "--max-new-tokens", "16", *paths]) == 0
+    assert (
+        infer.main(
+            ["--adapter", str(adapter), "--device", "cpu", "--output", str(out), "--max-new-tokens", "16", *paths]
+        )
+        == 0
+    )
     assert [json.loads(line)["caption"] for line in out.read_text().splitlines()] == expected
 
     assert infer.main(["--adapter", str(adapter), "--device", "cpu", "--merge", str(tmp_path / "merged")]) == 0
     merged = qwen.model_class(tmp_path / "merged").from_pretrained(tmp_path / "merged").eval()  # no peft needed
     merged_processor = qwen.load_processor(tmp_path / "merged")
-    assert captioning.caption_images(merged, merged_processor, pictures, settings["prompt"], max_new_tokens=16) == expected
+    assert (
+        captioning.caption_images(merged, merged_processor, pictures, settings["prompt"], max_new_tokens=16) == expected
+    )
 
 
 def test_the_default_image_size_is_the_models_and_is_saved(tiny_models, shapes_24, tmp_path):
@@ -181,13 +226,29 @@ def test_the_default_image_size_is_the_models_and_is_saved(tiny_models, shapes_2
 
     out = tmp_path / "base.jsonl"  # the base model alone: its own default
     picture = formats.image_of(formats.read_conversations(shapes_24)[0])
-    assert infer.main(["--no-adapter", "--model-dir", model_dir, "--device", "cpu", "--output", str(out),
-                       "--max-new-tokens", "2", picture]) == 0  # fmt: skip
+    assert (
+        infer.main(
+            [
+                "--no-adapter",
+                "--model-dir",
+                model_dir,
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                picture,
+            ]
+        )
+        == 0
+    )
 
 
 @needs_fast_paths
-def test_a_family_lacking_what_the_fast_path_needs_trains_through_the_plain_path(tiny_models, shapes_24, tmp_path,
-                                                                                 monkeypatch, capsys):  # fmt: skip
+def test_a_family_lacking_what_the_fast_path_needs_trains_through_the_plain_path(
+    tiny_models, shapes_24, tmp_path, monkeypatch, capsys
+):
     """Qwen3-VL's fast path passes the cached DeepStack features to the language model; a transformers whose
     Qwen3VLTextModel took them otherwise gets one line and the plain path, with the plain path's losses."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl
@@ -203,7 +264,9 @@ def test_a_family_lacking_what_the_fast_path_needs_trains_through_the_plain_path
 
     signature = inspect.signature(forward)
     renamed.__signature__ = signature.replace(
-        parameters=[p for n, p in signature.parameters.items() if n not in ("visual_pos_masks", "deepstack_visual_embeds")]
+        parameters=[
+            p for n, p in signature.parameters.items() if n not in ("visual_pos_masks", "deepstack_visual_embeds")
+        ]
     )
     renamed.__qualname__ = forward.__qualname__
     monkeypatch.setattr(modeling_qwen3_vl.Qwen3VLTextModel, "forward", renamed)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 from PIL import Image
-from helpers import QUICK, run_script
+
 from vlcap import formats
 
+from helpers import QUICK, run_script
 
 
 def one_error_line(result) -> str:
@@ -25,23 +26,33 @@ def test_missing_and_malformed_data_json(tiny_model, tmp_path):
     line = one_error_line(run_script(*train_args(tiny_model, tmp_path / "nope.json", tmp_path / "o"), *QUICK))
     assert "nope.json does not exist" in line and "csv2json.py" in line
     (tmp_path / "bad.json").write_text('[{"id": "identity_1", "conversations": [')
-    assert "not valid JSON" in one_error_line(run_script(*train_args(tiny_model, tmp_path / "bad.json", tmp_path / "o"), *QUICK))
-    (tmp_path / "shape.json").write_text(json.dumps([{"id": "identity_1", "conversations": [{"from": "user", "value": "hi"}]}]))
-    assert "item 1" in one_error_line(run_script(*train_args(tiny_model, tmp_path / "shape.json", tmp_path / "o"), *QUICK))
+    assert "not valid JSON" in one_error_line(
+        run_script(*train_args(tiny_model, tmp_path / "bad.json", tmp_path / "o"), *QUICK)
+    )
+    (tmp_path / "shape.json").write_text(
+        json.dumps([{"id": "identity_1", "conversations": [{"from": "user", "value": "hi"}]}])
+    )
+    assert "item 1" in one_error_line(
+        run_script(*train_args(tiny_model, tmp_path / "shape.json", tmp_path / "o"), *QUICK)
+    )
 
 
 def test_no_cuda_without_device_cpu(tiny_model, shapes_24, tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": ""}
     line = one_error_line(run_script(*train_args(tiny_model, shapes_24, tmp_path / "o"), env=env))
     assert "--device cpu" in line
-    assert "--device cpu" in one_error_line(run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model), "x.jpg", env=env))
+    assert "--device cpu" in one_error_line(
+        run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model), "x.jpg", env=env)
+    )
 
 
 def test_bad_settings_values(tiny_model, shapes_24, tmp_path):
     args = train_args(tiny_model, shapes_24, tmp_path / "o")
     assert "multiple of 28" in one_error_line(run_script(*args, *QUICK, "--image-size", "100"))
     assert "--max-length" in one_error_line(run_script(*args, *QUICK, "--max-length", "8"))
-    assert "does not exist" in one_error_line(run_script(*train_args(tmp_path / "no-model", shapes_24, tmp_path / "o"), *QUICK))
+    assert "does not exist" in one_error_line(
+        run_script(*train_args(tmp_path / "no-model", shapes_24, tmp_path / "o"), *QUICK)
+    )
     assert "test-size" in one_error_line(run_script(*args, *QUICK, "--test-size", "100"))
 
 
@@ -62,7 +73,9 @@ def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shape
     data = tmp_path / "data_vl.json"
     data.write_text(json.dumps(items))
 
-    result = run_script(*train_args(tiny_model, data, tmp_path / "o"), *QUICK, "--max-steps", "3", "--swanlab-mode", "disabled")
+    result = run_script(
+        *train_args(tiny_model, data, tmp_path / "o"), *QUICK, "--max-steps", "3", "--swanlab-mode", "disabled"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
@@ -76,9 +89,15 @@ def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shape
 def test_infer_bad_arguments(trained, tmp_path):
     adapter, _ = trained
     assert "--adapter" in one_error_line(run_script("infer.py", "--device", "cpu", cwd=tmp_path))  # no adapter anywhere
-    assert "not an adapter folder" in one_error_line(run_script("infer.py", "--adapter", str(tmp_path), "--device", "cpu", "x.jpg"))
-    assert "no images" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", str(tmp_path)))
-    assert "reference captions" in one_error_line(run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--score", "x.jpg"))
+    assert "not an adapter folder" in one_error_line(
+        run_script("infer.py", "--adapter", str(tmp_path), "--device", "cpu", "x.jpg")
+    )
+    assert "no images" in one_error_line(
+        run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", str(tmp_path))
+    )
+    assert "reference captions" in one_error_line(
+        run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--score", "x.jpg")
+    )
 
 
 def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_24, tmp_path):
@@ -92,11 +111,19 @@ def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_2
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
-        env = {"MODELSCOPE_ENDPOINT": f"https://{address}", "MODELSCOPE_DOMAIN": address, "HOME": str(home),
-               "MODELSCOPE_CACHE": str(home / "modelscope-cache"), "MODELSCOPE_HOME": str(home / ".modelscope"),
-               "MODELSCOPE_CREDENTIALS_PATH": str(home / ".modelscope" / "credentials"),
-               "XDG_CACHE_HOME": str(home / ".cache"), "TMPDIR": str(home / "tmp")}  # fmt: skip
-        result = run_script(*train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK, env=env, cwd=tmp_path)
+        env = {
+            "MODELSCOPE_ENDPOINT": f"https://{address}",
+            "MODELSCOPE_DOMAIN": address,
+            "HOME": str(home),
+            "MODELSCOPE_CACHE": str(home / "modelscope-cache"),
+            "MODELSCOPE_HOME": str(home / ".modelscope"),
+            "MODELSCOPE_CREDENTIALS_PATH": str(home / ".modelscope" / "credentials"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "TMPDIR": str(home / "tmp"),
+        }
+        result = run_script(
+            *train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK, env=env, cwd=tmp_path
+        )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not download Qwen/Qwen2-VL-2B-Instruct")
     assert "--model-dir" in result.stderr.strip().splitlines()[-1]
@@ -107,15 +134,23 @@ def test_more_mistakes_get_one_line(tiny_model, shapes_24, tmp_path):
     assert "--eval-batch-size must be at least 1" in one_error_line(run_script(*args, *QUICK, "--eval-batch-size", "0"))
     assert "--workers must be at least 0" in one_error_line(run_script(*args, *QUICK, "--workers", "-1"))
     assert "--save-steps" in one_error_line(run_script(*args, *QUICK, "--save-steps", "0"))
-    assert "--batch-size" in one_error_line(run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model),
-                                                       "--batch-size", "0", "--device", "cpu", "x.jpg"))  # fmt: skip
+    assert "--batch-size" in one_error_line(
+        run_script(
+            "infer.py", "--no-adapter", "--model-dir", str(tiny_model), "--batch-size", "0", "--device", "cpu", "x.jpg"
+        )
+    )
     (tmp_path / "latin1.csv").write_bytes("image_path,caption\n/x.jpg,caf\xe9\n".encode("latin-1"))
-    assert "UTF-8" in one_error_line(run_script("csv2json.py", "--csv", str(tmp_path / "latin1.csv"), "--json", str(tmp_path)))
+    assert "UTF-8" in one_error_line(
+        run_script("csv2json.py", "--csv", str(tmp_path / "latin1.csv"), "--json", str(tmp_path))
+    )
     (tmp_path / "ok.csv").write_text("image_path,caption\n/x.jpg,a cat\n")
-    assert "is a folder" in one_error_line(run_script("csv2json.py", "--csv", str(tmp_path / "ok.csv"), "--json", str(tmp_path)))
+    assert "is a folder" in one_error_line(
+        run_script("csv2json.py", "--csv", str(tmp_path / "ok.csv"), "--json", str(tmp_path))
+    )
     (tmp_path / "afile").write_text("")
-    assert "is a file" in one_error_line(run_script("data2csv.py", "--source", str(tmp_path), "--image-dir",
-                                                    str(tmp_path / "afile")))  # fmt: skip
+    assert "is a file" in one_error_line(
+        run_script("data2csv.py", "--source", str(tmp_path), "--image-dir", str(tmp_path / "afile"))
+    )
 
 
 def test_overwrite_removes_the_earlier_runs_checkpoints(tiny_model, shapes_24, tmp_path):
@@ -124,8 +159,17 @@ def test_overwrite_removes_the_earlier_runs_checkpoints(tiny_model, shapes_24, t
     out = tmp_path / "o"
     (out / "checkpoint-300").mkdir(parents=True)
     (out / "checkpoint-300" / "trainer_state.json").write_text("{}")
-    train.main([*train_args(tiny_model, shapes_24, out)[1:], *QUICK, "--max-steps", "2", "--overwrite",
-                "--swanlab-mode", "disabled"])  # fmt: skip
+    train.main(
+        [
+            *train_args(tiny_model, shapes_24, out)[1:],
+            *QUICK,
+            "--max-steps",
+            "2",
+            "--overwrite",
+            "--swanlab-mode",
+            "disabled",
+        ]
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
@@ -137,8 +181,14 @@ def test_truncated_held_out_picture_is_skipped_not_fatal(tiny_model, shapes_24, 
     truncated.write_bytes(data[: len(data) // 2])  # a valid header, then half the pixels: only decoding fails
     items[-1]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{truncated}<|vision_end|>"
     (tmp_path / "d.json").write_text(json.dumps(items))
-    result = run_script(*train_args(tiny_model, tmp_path / "d.json", tmp_path / "o"), *QUICK, "--max-steps", "1",
-                        "--swanlab-mode", "disabled")  # fmt: skip
+    result = run_script(
+        *train_args(tiny_model, tmp_path / "d.json", tmp_path / "o"),
+        *QUICK,
+        "--max-steps",
+        "1",
+        "--swanlab-mode",
+        "disabled",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert any("skipped" in line and str(truncated) in line for line in result.stderr.splitlines())

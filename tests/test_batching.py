@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-from vlcap import qwen, training_data
 
+from vlcap import qwen, training_data
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,9 @@ def test_batch_of_different_sizes(tiny_model, processor):
     # Patches of every image concatenated along dim 0, one grid row each; never stacked.
     grid = batch["image_grid_thw"]
     assert grid.shape == (4, 3)
-    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum()) == sum(e["pixel_values"].shape[0] for e in examples)
+    assert (
+        batch["pixel_values"].shape[0] == int(grid.prod(-1).sum()) == sum(e["pixel_values"].shape[0] for e in examples)
+    )
     assert [tuple(g[1:].tolist()) for g in grid] == [(h // 14, w // 14) for w, h in sizes]
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (batch["input_ids"] == image_token).sum(1).tolist() == (grid.prod(-1) // 4).tolist()
@@ -65,8 +67,6 @@ def test_long_caption_is_cut_never_the_image(processor):
 def test_cached_prompt_tokens_give_what_the_processor_gives(processor):
     """encode_example keeps the prompt's tokens per image grid; every example equals the processor's own output."""
     import numpy as np
-
-    import infer
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(56, 56), (84, 56)] * 3]

@@ -111,8 +111,11 @@ def test_ptb_tokenize_matches_pycocoevalcap():
 @needs_java
 def test_both_tokenizers_score_plain_captions_alike():
     captions = {"1": "a man riding a wave on a surfboard", "2": "two giraffes next to a tree", "3": "a plate of food"}
-    references = {"1": ["a surfer riding a big wave", "a man on a surfboard in the ocean"],
-                  "2": ["two giraffes standing by a tall tree"], "3": ["a plate of rice and broccoli", "food on a plate"]}
+    references = {
+        "1": ["a surfer riding a big wave", "a man on a surfboard in the ocean"],
+        "2": ["two giraffes standing by a tall tree"],
+        "3": ["a plate of rice and broccoli", "food on a plate"],
+    }
     assert score_captions(captions, references, "simple") == score_captions(captions, references, "ptb")
 
 

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO
 
 from vlcap import cli
+
+from helpers import REPO
 
 SCRIPT = '''"""A script."""
 LEARNING_RATE = 1e-4  # peak learning rate
@@ -56,8 +57,9 @@ def typed_with(tmp_path, old: str, new: str) -> dict:
 
 
 def test_constants_with_comments_become_typed_flags(namespace):
-    args = cli.parse_settings(namespace, ["--learning-rate", "3e-3", "--epochs", "5", "--model-dir", "m", "--no-fast",
-                                          "--no-adapter"])  # fmt: skip
+    args = cli.parse_settings(
+        namespace, ["--learning-rate", "3e-3", "--epochs", "5", "--model-dir", "m", "--no-fast", "--no-adapter"]
+    )
     assert args.learning_rate == 3e-3 and args.epochs == 5 and args.model_dir == "m"
     assert args.fast is False and args.no_adapter is True and args.name == "run"
     assert set(vars(args)) == {"learning_rate", "epochs", "name", "model_dir", "fast", "no_adapter"}
@@ -104,15 +106,23 @@ def test_the_annotation_gives_the_flag_its_type(tmp_path):
         ("LEARNING_RATE: float = 1e-4", "LEARNING_RATE: float = 1", "LEARNING_RATE", 1.0),
         ("EPOCHS: int = 2", 'EPOCHS: int = "2"', "EPOCHS", 2),
         ("EPOCHS: int = 2", "EPOCHS: int = 2.0", "EPOCHS", 2),
-        ('LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"', 'LORA_TARGETS: cli.CommaSeparated = ["q_proj", "v_proj"]',
-         "LORA_TARGETS", "q_proj,v_proj"),
-        ('LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"', 'LORA_TARGETS: cli.CommaSeparated = ("q_proj",)',
-         "LORA_TARGETS", "q_proj"),
+        (
+            'LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"',
+            'LORA_TARGETS: cli.CommaSeparated = ["q_proj", "v_proj"]',
+            "LORA_TARGETS",
+            "q_proj,v_proj",
+        ),
+        (
+            'LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"',
+            'LORA_TARGETS: cli.CommaSeparated = ("q_proj",)',
+            "LORA_TARGETS",
+            "q_proj",
+        ),
         ("FAST: bool = True", 'FAST: bool = "False"', "FAST", False),
         ("FAST: bool = True", 'FAST: bool = "true"', "FAST", True),
         ("FAST: bool = True", "FAST: bool = 0", "FAST", False),
     ],
-)  # fmt: skip
+)
 def test_a_value_in_an_obvious_other_form_is_taken_as_meant(tmp_path, old, new, name, value):
     ns = typed_with(tmp_path, old, new)
     args = cli.parse_settings(ns, [])
@@ -132,22 +142,38 @@ def test_a_list_of_names_keeps_its_flag(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("LEARNING_RATE: float = 1e-4", "LEARNING_RATE: float = 1e-4,",
-         "script.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write a number, "
-         "e.g. LEARNING_RATE = 0.0001"),
-        ("LEARNING_RATE: float = 1e-4", 'LEARNING_RATE: float = "fast"',
-         "script.py: LEARNING_RATE = 'fast' is text; write a number, e.g. LEARNING_RATE = 0.5"),
-        ("EPOCHS: int = 2", "EPOCHS: int = 2.5", "script.py: EPOCHS = 2.5 is a float; write a whole number, e.g. EPOCHS = 2"),
+        (
+            "LEARNING_RATE: float = 1e-4",
+            "LEARNING_RATE: float = 1e-4,",
+            "script.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write a number, "
+            "e.g. LEARNING_RATE = 0.0001",
+        ),
+        (
+            "LEARNING_RATE: float = 1e-4",
+            'LEARNING_RATE: float = "fast"',
+            "script.py: LEARNING_RATE = 'fast' is text; write a number, e.g. LEARNING_RATE = 0.5",
+        ),
+        (
+            "EPOCHS: int = 2",
+            "EPOCHS: int = 2.5",
+            "script.py: EPOCHS = 2.5 is a float; write a whole number, e.g. EPOCHS = 2",
+        ),
         ("EPOCHS: int = 2", 'EPOCHS: int = "two"', "script.py: EPOCHS = 'two' is text; write a whole number"),
         ("EPOCHS: int = 2", "EPOCHS: int = True", "script.py: EPOCHS = True is a bool; write a whole number"),
         ("EPOCHS: int = 2", "EPOCHS: int = None", "script.py: EPOCHS = None is None; write a whole number"),
         ("FAST: bool = True", 'FAST: bool = "maybe"', "script.py: FAST = 'maybe' is text; write True or False"),
-        ("MODEL_DIR: str | None = None", "MODEL_DIR: str | None = 5",
-         'script.py: MODEL_DIR = 5 is an int; write text in quotes, e.g. MODEL_DIR = "5"'),
-        ('LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"', "LORA_TARGETS: cli.CommaSeparated = [1, 2]",
-         "script.py: LORA_TARGETS = [1, 2] is a list; write names separated by commas in quotes"),
+        (
+            "MODEL_DIR: str | None = None",
+            "MODEL_DIR: str | None = 5",
+            'script.py: MODEL_DIR = 5 is an int; write text in quotes, e.g. MODEL_DIR = "5"',
+        ),
+        (
+            'LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"',
+            "LORA_TARGETS: cli.CommaSeparated = [1, 2]",
+            "script.py: LORA_TARGETS = [1, 2] is a list; write names separated by commas in quotes",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_value_of_the_wrong_type_is_one_line_naming_it(tmp_path, old, new, message):
     ns = typed_with(tmp_path, old, new)
     with pytest.raises(cli.UserError) as e:
@@ -158,13 +184,17 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_it(tmp_path, old, new, mes
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('LORA_TARGETS = ["q_proj", "v_proj"]  # projections given LoRA',
-         'script.py: LORA_TARGETS = [\'q_proj\', \'v_proj\'] is a list; a setting holds one value: write names separated '
-         'by commas, e.g. LORA_TARGETS = "q_proj,v_proj"'),
-        ("LEARNING_RATE = 1e-4,  # peak learning rate",
-         "script.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write LEARNING_RATE = 0.0001"),
+        (
+            'LORA_TARGETS = ["q_proj", "v_proj"]  # projections given LoRA',
+            "script.py: LORA_TARGETS = ['q_proj', 'v_proj'] is a list; a setting holds one value: write names separated "
+            'by commas, e.g. LORA_TARGETS = "q_proj,v_proj"',
+        ),
+        (
+            "LEARNING_RATE = 1e-4,  # peak learning rate",
+            "script.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write LEARNING_RATE = 0.0001",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_untyped_setting_holding_several_values_is_refused(tmp_path, line, message):
     """A setting whose line was replaced whole (the tutorial's list style), type and all: its flag must not vanish."""
     ns = namespace_of(tmp_path, SCRIPT + line + "\n")
@@ -179,7 +209,14 @@ def test_a_type_cli_cannot_use_is_named(tmp_path):
         cli.parse_settings(ns, [])
 
 
-SCRIPTS = ["train.py", "infer.py", "csv2json.py", "data2csv.py", "tools/make_offline_model.py", "tools/make_coco_folder.py"]
+SCRIPTS = [
+    "train.py",
+    "infer.py",
+    "csv2json.py",
+    "data2csv.py",
+    "tools/make_offline_model.py",
+    "tools/make_coco_folder.py",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -207,22 +244,37 @@ def edited_train(tmp_path, old: str, new: str):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("LEARNING_RATE: float = 1e-4", "LEARNING_RATE: float = 1e-4,",
-         "error: train.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write a number"),
-        ("EPOCHS: int = 2", 'EPOCHS: int = "2 epochs"', "error: train.py: EPOCHS = '2 epochs' is text; write a whole number"),
+        (
+            "LEARNING_RATE: float = 1e-4",
+            "LEARNING_RATE: float = 1e-4,",
+            "error: train.py: LEARNING_RATE = (0.0001,) is a tuple (a stray trailing comma?); write a number",
+        ),
+        (
+            "EPOCHS: int = 2",
+            'EPOCHS: int = "2 epochs"',
+            "error: train.py: EPOCHS = '2 epochs' is text; write a whole number",
+        ),
         ("BATCH_SIZE: int = 16", 'BATCH_SIZE: int = "sixteen"', "error: train.py: BATCH_SIZE = 'sixteen' is text"),
-        ('LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"',
-         'LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]',
-         'error: train.py: LORA_TARGETS = [\'q_proj\', \'k_proj\', \'v_proj\', \'o_proj\'] is a list; a setting holds one '
-         'value: write names separated by commas, e.g. LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"'),
+        (
+            'LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"',
+            'LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]',
+            "error: train.py: LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj'] is a list; a setting holds one "
+            'value: write names separated by commas, e.g. LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"',
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_edited_train_py_says_what_is_wrong_before_anything_loads(tmp_path, old, new, message):
     """The issue's edits, run the way a user runs the script; it stops at the settings (no data, no model here)."""
     script = edited_train(tmp_path, old, new)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(script), "--epochs", "1"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(script), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
@@ -231,14 +283,25 @@ def test_an_edited_train_py_says_what_is_wrong_before_anything_loads(tmp_path, o
     ("old", "new", "argv", "name", "value"),
     [
         ("LEARNING_RATE: float = 1e-4", 'LEARNING_RATE: float = "1e-4"', [], "learning_rate", 1e-4),
-        ("LEARNING_RATE: float = 1e-4", 'LEARNING_RATE: float = "1e-4"', ["--learning-rate", "2e-4"], "learning_rate", 2e-4),
+        (
+            "LEARNING_RATE: float = 1e-4",
+            'LEARNING_RATE: float = "1e-4"',
+            ["--learning-rate", "2e-4"],
+            "learning_rate",
+            2e-4,
+        ),
         ("EPOCHS: int = 2", 'EPOCHS: int = "2"', [], "epochs", 2),
         ("BATCH_SIZE: int = 16", 'BATCH_SIZE: int = "16"', ["--epochs", "1"], "batch_size", 16),
-        ('"q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"', '["q_proj", "k_proj", "v_proj", "o_proj"]', [],
-         "lora_targets", "q_proj,k_proj,v_proj,o_proj"),
+        (
+            '"q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"',
+            '["q_proj", "k_proj", "v_proj", "o_proj"]',
+            [],
+            "lora_targets",
+            "q_proj,k_proj,v_proj,o_proj",
+        ),
         ("CUDA_GRAPHS: bool = True", 'CUDA_GRAPHS: bool = "False"', [], "cuda_graphs", False),
     ],
-)  # fmt: skip
+)
 def test_an_edited_train_py_takes_the_obvious_forms(tmp_path, old, new, argv, name, value):
     args = cli.parse_settings(vars(load(edited_train(tmp_path, old, new))), argv)
     assert getattr(args, name) == value and type(getattr(args, name)) is type(value)
@@ -325,7 +388,10 @@ def test_ctrl_c_prints_the_scripts_own_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run(interrupt, interrupted=lambda: "interrupted; continue with: " + cli.rerun_command("--resume"))
     assert e.value.code == 130
-    assert capsys.readouterr().err == "interrupted; continue with: python train.py --epochs 1 --prompt 'a photo:' --resume\n"
+    assert (
+        capsys.readouterr().err
+        == "interrupted; continue with: python train.py --epochs 1 --prompt 'a photo:' --resume\n"
+    )
     with pytest.raises(SystemExit):
         cli.run(interrupt, interrupted="stopped; nothing was written")
     assert capsys.readouterr().err == "stopped; nothing was written\n"

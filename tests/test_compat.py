@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import QUICK, load_captioner, needs_fast_paths
 from transformers import TrainerCallback
 
-import train
 from vlcap import captioning, compat, formats, images
+
+import train
+from helpers import QUICK, load_captioner, needs_fast_paths
 
 
 class Losses(TrainerCallback):
@@ -26,8 +27,25 @@ class Losses(TrainerCallback):
 
 def train_losses(tiny_model, shapes_24, out, *extra) -> tuple[list[float], dict]:
     losses = Losses()
-    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out), "--max-steps", "4",
-                "--lora-dropout", "0", "--swanlab-mode", "disabled", *QUICK, *extra], callbacks=[losses])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "4",
+            "--lora-dropout",
+            "0",
+            "--swanlab-mode",
+            "disabled",
+            *QUICK,
+            *extra,
+        ],
+        callbacks=[losses],
+    )
     return losses.values, json.loads((out / "adapter" / formats.SETTINGS_FILE).read_text())
 
 
@@ -40,13 +58,17 @@ def untested_transformers(monkeypatch):
 
 @needs_fast_paths
 def test_an_untested_transformers_trains_through_the_plain_path(tiny_model, shapes_24, tmp_path, capsys):
-    plain, plain_settings = train_losses(tiny_model, shapes_24, tmp_path / "plain", "--vision-cache-gb", "0", "--no-cuda-graphs")
+    plain, plain_settings = train_losses(
+        tiny_model, shapes_24, tmp_path / "plain", "--vision-cache-gb", "0", "--no-cuda-graphs"
+    )
     assert not plain_settings["vision_cache"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compat, "TESTED_TRANSFORMERS", ("5.23.0",))
         patch.setattr(compat, "_said", set())
         capsys.readouterr()
-        guarded, settings = train_losses(tiny_model, shapes_24, tmp_path / "guarded")  # defaults: the fast path if it can
+        guarded, settings = train_losses(
+            tiny_model, shapes_24, tmp_path / "guarded"
+        )  # defaults: the fast path if it can
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note: fast training off")]
     assert len(notes) == 1 and transformers.__version__ in notes[0] and "5.23.0" in notes[0], err[-2000:]
@@ -70,7 +92,9 @@ def test_a_missing_internal_turns_the_fast_path_off(monkeypatch):
     assert compat.problem("fast captioning") is None  # each accelerator is judged on what it uses
 
 
-def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_releases_keyword(tiny_model, shapes_24, tmp_path):
+def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_releases_keyword(
+    tiny_model, shapes_24, tmp_path
+):
     """TrainingArguments calls it activation_checkpointing in transformers 5.24 and gradient_checkpointing in 5.20.2
     (Python 3.10's newest); train.py passes --gradient-checkpointing under the one the installed release has."""
     import inspect
@@ -85,8 +109,23 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_releases
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             seen.update(argument=getattr(args, keyword), model=model.is_gradient_checkpointing)
 
-    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(tmp_path / "out"),
-                "--max-steps", "2", "--swanlab-mode", "disabled", "--gradient-checkpointing", *QUICK], callbacks=[Seen()])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "2",
+            "--swanlab-mode",
+            "disabled",
+            "--gradient-checkpointing",
+            *QUICK,
+        ],
+        callbacks=[Seen()],
+    )
     assert seen == {"argument": True, "model": True}
 
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
 
 from vlcap import cli, formats  # noqa: E402
+
 import csv2json  # noqa: E402
 import data2csv  # noqa: E402
 from make_coco_folder import make_coco_folder  # noqa: E402
@@ -36,10 +37,14 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
 
 def test_exact_tutorial_format_with_references(tmp_path):
     a, b = picture(tmp_path / "1.jpg"), picture(tmp_path / "2.png", mode="RGBA")
-    csv_path = write_csv(tmp_path / "in.csv", ["image_id", "image_path", "caption", "captions"], [
-        [1, str(a), "un café sur une table", json.dumps(["un café sur une table", "a coffee on a table"])],
-        [2, str(b), "a dog", json.dumps(["a dog"])],
-    ])  # fmt: skip
+    csv_path = write_csv(
+        tmp_path / "in.csv",
+        ["image_id", "image_path", "caption", "captions"],
+        [
+            [1, str(a), "un café sur une table", json.dumps(["un café sur une table", "a coffee on a table"])],
+            [2, str(b), "a dog", json.dumps(["a dog"])],
+        ],
+    )
     json_path = tmp_path / "data_vl.json"
     csv2json.main(["--csv", str(csv_path), "--json", str(json_path)])
 
@@ -112,15 +117,19 @@ def test_bad_rows_are_reported_by_number_and_left_out(tmp_path, capsys):
     truncated = tmp_path / "truncated.jpg"
     Image.effect_noise((64, 64), 50).convert("RGB").save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:-1500])  # the header survives, the pixels do not
-    csv_path = write_csv(tmp_path / "in.csv", ["image_path", "caption"], [
-        [good_1, "first good"],
-        [tmp_path / "missing.jpg", "no picture"],
-        [garbage, "garbage"],
-        [good_1, ""],
-        [good_1, "   "],
-        [truncated, "cut short"],
-        [good_2, "second good"],
-    ])  # fmt: skip
+    csv_path = write_csv(
+        tmp_path / "in.csv",
+        ["image_path", "caption"],
+        [
+            [good_1, "first good"],
+            [tmp_path / "missing.jpg", "no picture"],
+            [garbage, "garbage"],
+            [good_1, ""],
+            [good_1, "   "],
+            [truncated, "cut short"],
+            [good_2, "second good"],
+        ],
+    )
     json_path = tmp_path / "out.json"
     csv2json.main(["--csv", str(csv_path), "--json", str(json_path)])
 
@@ -132,7 +141,9 @@ def test_bad_rows_are_reported_by_number_and_left_out(tmp_path, capsys):
     assert items[1]["conversations"][0]["value"] == f"COCO Yes: <|vision_start|>{good_2}<|vision_end|>"
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if "warning:" in line]
-    assert [w[w.index("warning:") :].split(":")[1].strip() for w in warnings] == [f"row {n} left out" for n in (2, 3, 4, 5, 6)]
+    assert [w[w.index("warning:") :].split(":")[1].strip() for w in warnings] == [
+        f"row {n} left out" for n in (2, 3, 4, 5, 6)
+    ]
     assert f"row 2 left out: image not found: {tmp_path / 'missing.jpg'}" in out.err
     assert f"row 3 left out: image unreadable: {garbage}" in out.err
     assert "row 4 left out: empty caption" in out.err and "row 5 left out: empty caption" in out.err
@@ -167,9 +178,21 @@ def test_nothing_valid_writes_nothing(tmp_path):
 
 def test_pipeline_from_a_coco_folder_on_the_command_line(tmp_path):
     coco = make_coco_folder(tmp_path / "coco", 8, seed=11)
-    data2csv.main(["--source", str(coco), "--n", "8", "--image-dir", str(tmp_path / "coco_2014_caption"),
-                   "--csv", str(tmp_path / "coco-2014-dataset.csv")])  # fmt: skip
-    done = subprocess.run([sys.executable, str(ROOT / "csv2json.py")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    data2csv.main(
+        [
+            "--source",
+            str(coco),
+            "--n",
+            "8",
+            "--image-dir",
+            str(tmp_path / "coco_2014_caption"),
+            "--csv",
+            str(tmp_path / "coco-2014-dataset.csv"),
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "csv2json.py")], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert f"done: 8 conversations in {tmp_path / 'data_vl.json'}, 0 of 8 rows left out" in done.stdout
 

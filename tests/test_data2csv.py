@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
 
 from vlcap import cli  # noqa: E402
+
 import data2csv  # noqa: E402
 from make_coco_folder import make_coco_folder  # noqa: E402
 
@@ -54,8 +55,14 @@ def snapshot(csv_path: Path, image_dir: Path) -> tuple[bytes, dict[str, str]]:
 
 
 def run_script(args: list[str], cwd: Path, timeout=120, env=None, python_args=()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *python_args, str(ROOT / "data2csv.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *python_args, str(ROOT / "data2csv.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
@@ -102,19 +109,41 @@ def test_command_line_defaults_and_rerun_writes_nothing_new(coco, tmp_path):
     assert snapshot(csv_path, image_dir) == before
 
 
-@pytest.mark.parametrize("split, folder_split", [("validation", "val2014"), ("val2014", "val2014"), ("train2014", "train2014")])
+@pytest.mark.parametrize(
+    "split, folder_split", [("validation", "val2014"), ("val2014", "val2014"), ("train2014", "train2014")]
+)
 def test_split_names(tmp_path, split, folder_split):
     source = make_coco_folder(tmp_path / "coco", 5, split=folder_split, seed=2)
     out_csv = tmp_path / "out.csv"
     data2csv.main(
-        ["--source", str(source), "--split", split, "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)]
+        [
+            "--source",
+            str(source),
+            "--split",
+            split,
+            "--n",
+            "3",
+            "--image-dir",
+            str(tmp_path / "img"),
+            "--csv",
+            str(out_csv),
+        ]
     )
     assert [int(r["image_id"]) for r in read_csv(out_csv)] == first_ids(source, 3, folder_split)
 
     other = "train" if folder_split == "val2014" else "validation"
     with pytest.raises(cli.UserError, match="captions_(train|val)2014.json not found"):
         data2csv.main(
-            ["--source", str(source), "--split", other, "--image-dir", str(tmp_path / "x"), "--csv", str(tmp_path / "x.csv")]
+            [
+                "--source",
+                str(source),
+                "--split",
+                other,
+                "--image-dir",
+                str(tmp_path / "x"),
+                "--csv",
+                str(tmp_path / "x.csv"),
+            ]
         )
     assert not (tmp_path / "x").exists(), "a wrong source must leave nothing behind"
 
@@ -136,19 +165,27 @@ def test_each_split_has_its_own_default_files(two_splits, tmp_path):
     data2csv.main(["--source", str(two_splits), "--n", "6"])
     train = snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption")
     data2csv.main(["--source", str(two_splits), "--split", "validation", "--n", "4"])
-    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train, "the training files are untouched"
+    assert snapshot(work / "coco-2014-dataset.csv", work / "coco_2014_caption") == train, (
+        "the training files are untouched"
+    )
     rows = read_csv(work / "coco-2014-val.csv")
     assert [int(r["image_id"]) for r in rows] == first_ids(two_splits, 4, "val2014")
     assert {Path(r["image_path"]).parent for r in rows} == {work / "coco_2014_caption_val"}
     assert sorted(p.name for p in work.iterdir()) == [
-        "coco-2014-dataset.csv", "coco-2014-val.csv", "coco_2014_caption", "coco_2014_caption_val"
-    ]  # fmt: skip
+        "coco-2014-dataset.csv",
+        "coco-2014-val.csv",
+        "coco_2014_caption",
+        "coco_2014_caption_val",
+    ]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image-dir", "coco_2014_caption"], r"coco_2014_caption already holds COCO train2014 images .* another --image-dir"),
+        (
+            ["--image-dir", "coco_2014_caption"],
+            r"coco_2014_caption already holds COCO train2014 images .* another --image-dir",
+        ),
         (["--csv", "coco-2014-dataset.csv"], r"coco-2014-dataset.csv lists COCO train2014 images .* another --csv"),
     ],
 )
@@ -190,7 +227,8 @@ def test_a_folder_written_before_splits_were_recorded_is_adopted(two_splits, tmp
 def test_user_mistakes_are_one_clear_sentence(tmp_path, args, message):
     with pytest.raises(cli.UserError, match=message):
         data2csv.main(
-            [a.format(tmp=tmp_path) for a in args] + ["--image-dir", str(tmp_path / "i"), "--csv", str(tmp_path / "c.csv")]
+            [a.format(tmp=tmp_path) for a in args]
+            + ["--image-dir", str(tmp_path / "i"), "--csv", str(tmp_path / "c.csv")]
         )
 
 
@@ -199,7 +237,16 @@ def test_settings_are_the_documented_flags(capsys):
         data2csv.main(["--help"])
     assert exit_info.value.code == 0
     flags = set(__import__("re").findall(r"\[(--[a-z-]+)", capsys.readouterr().out))
-    assert flags == {"--source", "--n", "--split", "--image-dir", "--csv", "--workers", "--modelscope-timeout", "--verbose"}
+    assert flags == {
+        "--source",
+        "--n",
+        "--split",
+        "--image-dir",
+        "--csv",
+        "--workers",
+        "--modelscope-timeout",
+        "--verbose",
+    }
 
 
 def test_missing_image_folder(coco, tmp_path):
@@ -292,8 +339,13 @@ def test_killed_process_then_rerun_equals_one_run(big_coco, tmp_path, sig):
     shutil.rmtree(image_dir)
     csv_path.unlink()
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "data2csv.py"), *args], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "data2csv.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (image_dir.is_dir() and len(list(image_dir.glob("*.jpg"))) >= 30):
         time.sleep(0.002)
@@ -333,8 +385,11 @@ def test_in_flight_images_are_bounded(tmp_path):
 def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
     """The same image handed to every writer at once: each writes its own temporary file and renames it whole."""
     picture = Image.new("RGB", (64, 64), "red")
-    results = list(data2csv.write_images((data2csv.SourceImage(7, ["a red square"], image=picture) for _ in range(300)),
-                                         tmp_path, workers=8))  # fmt: skip
+    results = list(
+        data2csv.write_images(
+            (data2csv.SourceImage(7, ["a red square"], image=picture) for _ in range(300)), tmp_path, workers=8
+        )
+    )
     assert [reason for _, reason in results] == [None] * 300
     assert [p.name for p in tmp_path.iterdir()] == ["7.jpg"]
 
@@ -343,7 +398,9 @@ def test_csv_leftovers_of_ended_runs_are_swept_those_of_running_ones_kept(coco, 
     ended, running = tmp_path / ".out.csv.4999999-1-0.part", tmp_path / ".out.csv.1-1-0.part"  # pid 1 always runs
     ended.write_text("half a CSV")
     running.write_text("a CSV being written")
-    data2csv.main(["--source", str(coco), "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")])
+    data2csv.main(
+        ["--source", str(coco), "--n", "3", "--image-dir", str(tmp_path / "img"), "--csv", str(tmp_path / "out.csv")]
+    )
     assert not ended.exists() and running.exists()
     assert "removed 1 partial files" in capsys.readouterr().err
 
@@ -361,11 +418,15 @@ def test_an_image_or_caption_listed_twice_is_one_row_and_one_reference(coco, tmp
 
     for attempt in range(5):  # two writers of one image failed most runs (the rename of a shared temporary name)
         out_csv, images = tmp_path / f"{attempt}.csv", tmp_path / f"img{attempt}"
-        data2csv.main(["--source", str(source), "--n", "40", "--workers", "8", "--image-dir", str(images), "--csv", str(out_csv)])
+        data2csv.main(
+            ["--source", str(source), "--n", "40", "--workers", "8", "--image-dir", str(images), "--csv", str(out_csv)]
+        )
         rows = read_csv(out_csv)
         assert [int(r["image_id"]) for r in rows] == first_ids(coco, 40)
         assert all(len(json.loads(r["captions"])) == 5 for r in rows), "an annotation id listed twice is one reference"
-        assert sorted(p.name for p in images.iterdir()) == sorted([f"{r['image_id']}.jpg" for r in rows] + [".data2csv-split"])
+        assert sorted(p.name for p in images.iterdir()) == sorted(
+            [f"{r['image_id']}.jpg" for r in rows] + [".data2csv-split"]
+        )
         err = capsys.readouterr().err
         assert "lists 40 images and 200 captions more than once (same id); each is used once" in err
 
@@ -385,7 +446,9 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(coco, tmp_path, caps
     out_csv = tmp_path / "out.csv"
     data2csv.main(["--source", str(source), "--n", "10", "--image-dir", str(tmp_path / "img"), "--csv", str(out_csv)])
     assert [int(r["image_id"]) for r in read_csv(out_csv)] == [i for j, i in enumerate(ids) if j not in (1, 3, 5, 7)]
-    assert sorted(p.name for p in (tmp_path / "img").glob("*.jpg")) == sorted(f"{r['image_id']}.jpg" for r in read_csv(out_csv))
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.jpg")) == sorted(
+        f"{r['image_id']}.jpg" for r in read_csv(out_csv)
+    )
 
     out = capsys.readouterr()
     warnings = [line for line in out.err.splitlines() if "warning:" in line]
@@ -446,14 +509,18 @@ def test_any_picture_mode_becomes_an_rgb_jpeg(coco, tmp_path):
 
 def test_modelscope_rows_of_either_shape_become_one_image_each():
     picture = Image.new("RGB", (8, 8), "blue")
-    joined = [{"image_id": 9, "caption": "a blue square&& one blue square ", "image": picture},
-              {"image_id": 3, "caption": "a red circle", "image": picture},
-              {"image_id": 5, "caption": "x", "image": picture}]  # fmt: skip
-    one_per_row = [{"image_id": "9", "caption": "a blue square", "image": picture},
-                   {"image_id": "9", "caption": "one blue square", "image": picture},
-                   {"image_id": "3", "caption": " ", "image": picture},
-                   {"image_id": "3", "caption": "a red circle", "image": picture},
-                   {"image_id": "5", "caption": "x", "image": picture}]  # fmt: skip
+    joined = [
+        {"image_id": 9, "caption": "a blue square&& one blue square ", "image": picture},
+        {"image_id": 3, "caption": "a red circle", "image": picture},
+        {"image_id": 5, "caption": "x", "image": picture},
+    ]
+    one_per_row = [
+        {"image_id": "9", "caption": "a blue square", "image": picture},
+        {"image_id": "9", "caption": "one blue square", "image": picture},
+        {"image_id": "3", "caption": " ", "image": picture},
+        {"image_id": "3", "caption": "a red circle", "image": picture},
+        {"image_id": "5", "caption": "x", "image": picture},
+    ]
     twice = [[row for row in rows for _ in range(2)] for rows in (joined, one_per_row)]
     for rows in (joined, one_per_row, *twice):
         # Captions as they stand when each image is handed on: an image is written only once all its rows are read. A
@@ -476,7 +543,10 @@ def test_asking_for_more_images_than_the_source_has_says_so(coco, tmp_path, monk
     monkeypatch.setattr(data2csv, "open_modelscope", lambda *args, **kwargs: iter(rows))
     out = ["--image-dir", str(tmp_path / "ms"), "--csv", str(tmp_path / "ms.csv")]
     data2csv.main(["--n", "5", *out])
-    assert "asked for 5 images (--n) but ModelScope modelscope/coco_2014_caption (train) has only 3" in capsys.readouterr().err
+    assert (
+        "asked for 5 images (--n) but ModelScope modelscope/coco_2014_caption (train) has only 3"
+        in capsys.readouterr().err
+    )
     assert len(read_csv(tmp_path / "ms.csv")) == 3
 
 
@@ -509,11 +579,17 @@ def _wrapped(error: Exception) -> Exception:
 @pytest.mark.parametrize(
     "failure, message",
     [
-        (_DeadlineError("[E1001] 下载总时限已耗尽；已保存可继续下载的临时文件"), "could not be reached: its server did not answer in time"),
+        (
+            _DeadlineError("[E1001] 下载总时限已耗尽；已保存可继续下载的临时文件"),
+            "could not be reached: its server did not answer in time",
+        ),
         (ConnectionRefusedError(111, "Connection refused"), "could not be reached: no connection to its server"),
         (_wrapped(ConnectionResetError(104, "reset")), "could not be reached: no connection to its server"),
         (ValueError("数据集不存在"), "client could not load modelscope/coco_2014_caption split 'train': ValueError"),
-        (ModuleNotFoundError("No module named 'addict'", name="addict"), "client is not installed (no module 'addict'); pip"),
+        (
+            ModuleNotFoundError("No module named 'addict'", name="addict"),
+            "client is not installed (no module 'addict'); pip",
+        ),
         ([], "modelscope/coco_2014_caption split 'train' is empty"),
     ],
     ids=["timeout", "refused", "wrapped", "other", "not-installed", "empty"],
@@ -537,7 +613,9 @@ def test_modelscope_failures_are_said_in_our_words_the_clients_only_with_verbose
         lines[verbose] = str(raised.value)
         assert message in lines[verbose] and "\n" not in lines[verbose]
         assert "--source PATH (with PATH/train2014/ and PATH/annotations/captions_train2014.json)" in lines[verbose]
-    assert not __import__("re").search(r"[\u3000-\u9fff\uff00-\uffef]", lines[False]), "no client text without --verbose"
+    assert not __import__("re").search(r"[\u3000-\u9fff\uff00-\uffef]", lines[False]), (
+        "no client text without --verbose"
+    )
     if isinstance(failure, (OSError, ValueError)):  # the client's own failures
         assert "(--verbose shows its client's own message)" in lines[False]
         assert f"(its client said: {type(failure).__name__}: {failure})" in lines[True]

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, REPO, closed_port
-from swanlab_files import only_run, read_run
+
+from vlcap import cli, processes
 
 import train
-from vlcap import cli, processes
+from helpers import QUICK, REPO, closed_port
+from swanlab_files import only_run, read_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled"}
 
@@ -61,7 +62,17 @@ def with_batch(args: list[str], batch: int, accumulation: int = 1) -> list[str]:
 @pytest.fixture(scope="module")
 def common(tiny_model, shapes_24) -> list[str]:
     """4 steps without dropout, effective batch 4 once the batch is set (with_batch)."""
-    return ["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--max-steps", "4", "--lora-dropout", "0", *QUICK]
+    return [
+        "--model-dir",
+        str(tiny_model),
+        "--data-json",
+        str(shapes_24),
+        "--max-steps",
+        "4",
+        "--lora-dropout",
+        "0",
+        *QUICK,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +80,16 @@ def two_processes(common, tmp_path_factory) -> Path:
     """2 processes x batch 2 on one machine, logging to SwanLab offline: the output folder."""
     tmp = tmp_path_factory.mktemp("ddp")
     env = {**ENV, "SWANLAB_MODE": "offline", "SWANLAB_LOG_DIR": str(tmp / "swanlog")}
-    status, out, err = finished(torchrun(REPO / "train.py", [*with_batch(common, 2), "--output-dir", str(tmp / "out")],
-                                         tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    status, out, err = finished(
+        torchrun(
+            REPO / "train.py",
+            [*with_batch(common, 2), "--output-dir", str(tmp / "out")],
+            tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
     assert status == 0, err[-3000:]
     assert out.count("adapter saved to") == 1  # only process 0 saves, captions and reports
     return tmp / "out"
@@ -110,14 +129,21 @@ def test_graphed_layers_under_ddp_match_one_process(common, one_process, tmp_pat
     """The fast path's decoder layers graphed in each process before DDP wraps the model (the CPU stand-in: the same
     gradient buffers as CUDA graphs), 2 processes x batch 1 x 2 accumulation: DDP's hooks average what the graphed
     backward hands them, across processes and micro-batches, as one process x batch 4 computes it eagerly."""
-    status, _, err = finished(torchrun(REPO / "tests" / "cpu_graphs.py",
-                                       [*with_batch(common, 1, 2), "--output-dir", str(tmp_path / "out")], tmp_path,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    status, _, err = finished(
+        torchrun(
+            REPO / "tests" / "cpu_graphs.py",
+            [*with_batch(common, 1, 2), "--output-dir", str(tmp_path / "out")],
+            tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
     assert status == 0, err[-3000:]
     settings = json.loads((tmp_path / "out" / "adapter" / "train_settings.json").read_text())
     assert settings["cuda_graphs_used"] and settings["world_size"] == 2 and settings["effective_batch"] == 4
-    torch.testing.assert_close(torch.tensor(logged_losses(tmp_path / "out")), torch.tensor(logged_losses(one_process)),
-                               rtol=1e-4, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(logged_losses(tmp_path / "out")), torch.tensor(logged_losses(one_process)), rtol=1e-4, atol=0
+    )
     graphed, one = adapter(tmp_path / "out"), adapter(one_process)
     for name in one:
         torch.testing.assert_close(graphed[name], one[name], rtol=0, atol=1e-6)
@@ -127,11 +153,23 @@ def test_two_machines_train_as_one_machine(common, two_processes, tmp_path):
     """Two torchrun launchers of one process each (--nnodes 2, as on two machines) meet at a c10d rendezvous on a local
     port: global rank 0 alone saves, and the adapter is the one 2 processes of one machine train."""
     port = closed_port()
-    launcher = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                f"127.0.0.1:{port}", "--rdzv-id", "two-machines"]  # fmt: skip
+    launcher = [
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "two-machines",
+    ]
     args = [*with_batch(common, 2), "--output-dir", str(tmp_path / "out")]
-    machines = [torchrun(REPO / "train.py", args, tmp_path, *launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                for _ in range(2)]  # fmt: skip
+    machines = [
+        torchrun(REPO / "train.py", args, tmp_path, *launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     results = [finished(m) for m in machines]
     assert all(status == 0 for status, _, _ in results), [err[-2000:] for _, _, err in results]
     assert sum(out.count("adapter saved to") for _, out, _ in results) == 1
@@ -145,7 +183,13 @@ def test_two_machines_train_as_one_machine(common, two_processes, tmp_path):
 def test_a_killed_process_stops_the_other_and_resume_continues(common, tmp_path):
     """SIGKILL process 1 after the first checkpoint: the other stops within a minute with one line that says how to
     continue (torchrun adds its own report), and the same command with --resume finishes the run from that checkpoint."""
-    args = [*replaced(common, max_steps=60, logging_steps=50), "--save-steps", "5", "--output-dir", str(tmp_path / "out")]
+    args = [
+        *replaced(common, max_steps=60, logging_steps=50),
+        "--save-steps",
+        "5",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     log = (tmp_path / "stderr").open("w+")  # a file, not a pipe nobody reads while the run goes on
     run = torchrun(REPO / "train.py", with_batch(args, 2), tmp_path, stdout=subprocess.DEVNULL, stderr=log)
     first = tmp_path / "out" / "checkpoint-5" / "trainer_state.json"
@@ -164,8 +208,15 @@ def test_a_killed_process_stops_the_other_and_resume_continues(common, tmp_path)
     assert f"torchrun --nproc_per_node 2 {REPO / 'train.py'} --model-dir" in line and line.endswith("--resume"), line
     assert not any(s.startswith("[rank0]") for s in lines), err[-3000:]  # no traceback from process 0
 
-    status, out, err = finished(torchrun(REPO / "train.py", [*with_batch(args, 2), "--resume"], tmp_path,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    status, out, err = finished(
+        torchrun(
+            REPO / "train.py",
+            [*with_batch(args, 2), "--resume"],
+            tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
     assert status == 0, err[-3000:]
     assert f"resuming from {tmp_path / 'out' / 'checkpoint-'}" in out
     settings = json.loads((tmp_path / "out" / "adapter" / "train_settings.json").read_text())
@@ -199,8 +250,10 @@ def test_processes_that_would_start_differently_stop_with_one_line(tmp_path):
     checkpoint is missing for another (a folder not shared), or another program holds part of one GPU, every process
     stops before training with the same line, instead of training from different points or hanging at the first step."""
     torch.multiprocessing.spawn(_start, args=(tmp_path,), nprocs=2)
-    for case, expected in (("checkpoint", "process 0: checkpoint-4, process 1: none"),
-                           ("split", "(batch x accumulation: process 0: 16 x 1, process 1: 8 x 2)")):  # fmt: skip
+    for case, expected in (
+        ("checkpoint", "process 0: checkpoint-4, process 1: none"),
+        ("split", "(batch x accumulation: process 0: 16 x 1, process 1: 8 x 2)"),
+    ):
         lines = [(tmp_path / f"{case}-{r}.txt").read_text() for r in range(2)]
         assert lines[0] == lines[1] and expected in lines[0], lines
 
@@ -208,7 +261,10 @@ def test_processes_that_would_start_differently_stop_with_one_line(tmp_path):
 def _start(rank: int, tmp_path: Path) -> None:
     import torch.distributed as dist
 
-    cases = {"checkpoint": ((str(tmp_path / "checkpoint-4"), 16, 1), (None, 16, 1)), "split": ((None, 16, 1), (None, 8, 2))}
+    cases = {
+        "checkpoint": ((str(tmp_path / "checkpoint-4"), 16, 1), (None, 16, 1)),
+        "split": ((None, 16, 1), (None, 8, 2)),
+    }
     for case, starts in cases.items():
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / case}", rank=rank, world_size=2)
         try:

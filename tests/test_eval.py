@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
+import train
 from helpers import QUICK, make_dataset, run_script
 from html_page import Page
 from swanlab_files import only_run, read_run
-
-import train
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
 
@@ -24,8 +24,25 @@ def test_training_scores_before_and_after(tiny_model, shapes_24, eval_split, tmp
     monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
     out = tmp_path / "out"
     args = QUICK[: QUICK.index("--eval-size")]  # QUICK turns evaluation off; this test turns it on
-    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out), "--max-steps", "4",
-                "--eval-json", str(eval_split), "--eval-size", "8", "--swanlab-mode", "offline", *args])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "4",
+            "--eval-json",
+            str(eval_split),
+            "--eval-size",
+            "8",
+            "--swanlab-mode",
+            "offline",
+            *args,
+        ]
+    )
 
     scores = json.loads((out / "eval_scores.json").read_text())
     assert set(scores) == {"before", "after"}
@@ -51,19 +68,37 @@ def test_training_scores_before_and_after(tiny_model, shapes_24, eval_split, tmp
 def test_infer_scores_an_adapter_against_the_base_model(trained, tiny_model, eval_split, tmp_path):
     """The trained adapter says 'a red circle on a plain white background'; the random base model does not."""
     adapter, _ = trained
-    for name, args in [("after", ["--adapter", str(adapter)]), ("before", ["--no-adapter", "--model-dir", str(tiny_model),
-                                                                         "--image-size", "56"])]:  # fmt: skip
-        result = run_script("infer.py", *args, "--json", str(eval_split), "--score", "--device", "cpu",
-                            "--output", str(tmp_path / f"{name}.jsonl"), "--max-new-tokens", "16",
-                            "--html", str(tmp_path / f"{name}.html"))  # fmt: skip
+    for name, args in [
+        ("after", ["--adapter", str(adapter)]),
+        ("before", ["--no-adapter", "--model-dir", str(tiny_model), "--image-size", "56"]),
+    ]:
+        result = run_script(
+            "infer.py",
+            *args,
+            "--json",
+            str(eval_split),
+            "--score",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / f"{name}.jsonl"),
+            "--max-new-tokens",
+            "16",
+            "--html",
+            str(tmp_path / f"{name}.html"),
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         assert "CIDEr" in result.stdout.splitlines()[-1] and f"{name}.html" in result.stdout.splitlines()[-1]
         page = Page((tmp_path / f"{name}.html").read_text(encoding="utf-8"))
         captions = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert len(page.images()) == len(captions) == 12
-        assert [row[2].rsplit(" CIDEr ", 1)[0] for row in page.cells()] == [c["caption"] or "(empty caption)" for c in captions]
+        assert [row[2].rsplit(" CIDEr ", 1)[0] for row in page.cells()] == [
+            c["caption"] or "(empty caption)" for c in captions
+        ]
     before = json.loads((tmp_path / "before.scores.json").read_text())
     after = json.loads((tmp_path / "after.scores.json").read_text())
-    print(f"base model BLEU-4 {before['BLEU-4']:.3f} CIDEr {before['CIDEr']:.3f}; "
-          f"fine-tuned BLEU-4 {after['BLEU-4']:.3f} CIDEr {after['CIDEr']:.3f}")
+    print(
+        f"base model BLEU-4 {before['BLEU-4']:.3f} CIDEr {before['CIDEr']:.3f}; "
+        f"fine-tuned BLEU-4 {after['BLEU-4']:.3f} CIDEr {after['CIDEr']:.3f}"
+    )
     assert after["BLEU-4"] > before["BLEU-4"] + 0.2 and after["CIDEr"] > before["CIDEr"]

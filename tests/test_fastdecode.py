@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 import transformers
-from helpers import FAMILIES, load_captioner, needs_fast_paths
 from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
 from vlcap import captioning, compat, fastdecode, images, qwen
+
+from helpers import FAMILIES, load_captioner, needs_fast_paths
 
 NEW_TOKENS = 20
 
@@ -144,7 +145,9 @@ def test_settings_the_loop_lacks_fall_back_to_generate(captioner, pictures):  # 
         model.generation_config.no_repeat_ngram_size = 1
         assert fastdecode.unsupported_settings(model.generation_config) == ["no_repeat_ngram_size"]
         captions = captioning.caption_images(model, processor, pictures, "COCO Yes:", 8, NEW_TOKENS)
-        expected = processor.batch_decode(generate_tokens(model, processor_inputs(processor, pictures)), skip_special_tokens=True)
+        expected = processor.batch_decode(
+            generate_tokens(model, processor_inputs(processor, pictures)), skip_special_tokens=True
+        )
         assert captions == [c.strip() for c in expected]
     finally:
         model.generation_config = saved

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, needs_fast_paths
 from transformers import AutoProcessor, TrainerCallback
 
-import train
 from vlcap import fastpath, qwen, training_data, vision_attention
+
+import train
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, needs_fast_paths
 
 
 class Losses(TrainerCallback):
@@ -27,9 +28,25 @@ def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dic
     from safetensors.torch import load_file
 
     losses = Losses()
-    train.main(["--model-dir", str(model_dir), "--data-json", str(data_json), "--output-dir", str(out), "--max-steps", "6",
-                "--lora-dropout", "0", "--swanlab-mode", "disabled", *for_family(QUICK, arch), *extra],
-               callbacks=[losses])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(model_dir),
+            "--data-json",
+            str(data_json),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--lora-dropout",
+            "0",
+            "--swanlab-mode",
+            "disabled",
+            *for_family(QUICK, arch),
+            *extra,
+        ],
+        callbacks=[losses],
+    )
     settings = json.loads((out / "adapter" / "train_settings.json").read_text())
     return losses.values, load_file(out / "adapter" / "adapter_model.safetensors"), settings
 
@@ -46,8 +63,9 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
     normalisation bug (a wrong label shift or token count moves the loss by far more than 1%). Qwen3-VL: without its
     DeepStack features the fast path's losses move by ~3e-4, and the test checks that they do.
     """
-    plain_losses, plain_weights, settings = train_run(tiny_models[arch], shapes_24, tmp_path / "plain", arch,
-                                                      "--vision-cache-gb", "0")  # fmt: skip
+    plain_losses, plain_weights, settings = train_run(
+        tiny_models[arch], shapes_24, tmp_path / "plain", arch, "--vision-cache-gb", "0"
+    )
     assert not settings["vision_cache"]
     fast_losses, fast_weights, settings = train_run(tiny_models[arch], shapes_24, tmp_path / "fast", arch)
     assert settings["vision_cache"]
@@ -73,8 +91,18 @@ def test_gradient_accumulation_trains_as_one_batch(tiny_models, shapes_24, tmp_p
     normalised by the accumulated batch's tokens, by the accumulation steps again: losses and gradients a factor 2 off.)"""
     for path, extra in (("fast", []), ("plain", ["--vision-cache-gb", "0"])):
         one, one_weights, _ = train_run(tiny_models[arch], shapes_24, tmp_path / f"{path}-1", arch, *extra)
-        accumulated, weights, _ = train_run(tiny_models[arch], shapes_24, tmp_path / f"{path}-2", arch, *extra,
-                                            "--batch-size", "2", "--grad-accum", "2", "--gradient-checkpointing")  # fmt: skip
+        accumulated, weights, _ = train_run(
+            tiny_models[arch],
+            shapes_24,
+            tmp_path / f"{path}-2",
+            arch,
+            *extra,
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--gradient-checkpointing",
+        )
         torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(one), rtol=1e-4, atol=0)
         for name, weight in one_weights.items():
             torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-6)
@@ -90,9 +118,16 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, 
     dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", TEST_IMAGE_SIZE[arch], 8192)
     plain = training_data.collate([dataset[i] for i in range(5)], processor.tokenizer.pad_token_id)
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    examples = [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
-                 "image_positions": (e["input_ids"] == image_token).nonzero()[:, 0], "index": i}
-                for i, e in enumerate(dataset[j] for j in range(5))]  # fmt: skip
+    examples = [
+        {
+            "input_ids": e["input_ids"],
+            "labels": e["labels"],
+            "position_ids": torch.zeros(3, len(e["input_ids"])),
+            "image_positions": (e["input_ids"] == image_token).nonzero()[:, 0],
+            "index": i,
+        }
+        for i, e in enumerate(dataset[j] for j in range(5))
+    ]
     pad_to = plain["input_ids"].shape[1] + 8
     batch = fastpath.collate_encoded(examples, processor.tokenizer.pad_token_id, pad_to)
     assert batch["input_ids"].shape == (5, pad_to)
@@ -110,8 +145,9 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, 
     config = AutoConfig.from_pretrained(tiny_model).text_config
     config._attn_implementation = "sdpa"
     padding = (batch["input_ids"] != processor.tokenizer.pad_token_id).long()
-    expected = create_causal_mask(config=config, inputs_embeds=torch.zeros(5, pad_to, 8), attention_mask=padding,
-                                  cache=None, position_ids=None)  # fmt: skip
+    expected = create_causal_mask(
+        config=config, inputs_embeds=torch.zeros(5, pad_to, 8), attention_mask=padding, cache=None, position_ids=None
+    )
     assert torch.equal(batch["attention_mask"], expected)
     # Image features go to exactly the image tokens' places, row after row.
     flat = batch["input_ids"].flatten()
@@ -134,7 +170,10 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
         images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sides]
         inputs = processor.image_processor(images=images, return_tensors="pt")
         grid = inputs["image_grid_thw"]
-        with torch.no_grad(), vision_attention.batched(model, vision_attention.patches_per_image(grid) if batched else None):
+        with (
+            torch.no_grad(),
+            vision_attention.batched(model, vision_attention.patches_per_image(grid) if batched else None),
+        ):
             out = model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True)
         return [torch.cat(level) for level in (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))]
 

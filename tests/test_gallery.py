@@ -8,14 +8,15 @@ import io
 import random
 
 import pytest
-from html_page import Page
 from PIL import Image
 
 from vlcap import formats, gallery
 from vlcap.caption_metrics import score_captions
 from vlcap.cli import UserError
 
-NASTY = 'a <b>bold</b> & "quoted" <script>alert(\'x\')</script> caption'
+from html_page import Page
+
+NASTY = "a <b>bold</b> & \"quoted\" <script>alert('x')</script> caption"
 
 
 def picture(path, size=(640, 480), mode="RGB", seed=0):
@@ -29,12 +30,23 @@ def picture(path, size=(640, 480), mode="RGB", seed=0):
 def test_every_picture_and_caption_is_on_the_page_escaped(tmp_path):
     folder = tmp_path / 'odd <folder> & "name"'
     folder.mkdir()
-    paths = [picture(folder / "photo.jpg"), picture(folder / "wide.png", (300, 60), "RGBA", 1),
-             str(folder / "gone.jpg"), picture(folder / "tiny.png", (20, 30), "L", 2)]  # fmt: skip
+    paths = [
+        picture(folder / "photo.jpg"),
+        picture(folder / "wide.png", (300, 60), "RGBA", 1),
+        str(folder / "gone.jpg"),
+        picture(folder / "tiny.png", (20, 30), "L", 2),
+    ]
     (folder / "broken.jpg").write_bytes(b"not a picture")
     paths.insert(3, str(folder / "broken.jpg"))
-    rows = [gallery.Row(p, {"base model": f"{NASTY} {i}", "fine-tuned": f"caption {i} & more"}, [f"ref {i} <i>", f"other {i}"],
-                        {"fine-tuned": i / 10}) for i, p in enumerate(paths)]  # fmt: skip
+    rows = [
+        gallery.Row(
+            p,
+            {"base model": f"{NASTY} {i}", "fine-tuned": f"caption {i} & more"},
+            [f"ref {i} <i>", f"other {i}"],
+            {"fine-tuned": i / 10},
+        )
+        for i, p in enumerate(paths)
+    ]
     page_path = gallery.write_page(tmp_path / "out" / "page.html", rows, "Captions <&>")
     text = page_path.read_text(encoding="utf-8")
     page = Page(text)
@@ -57,20 +69,28 @@ def test_every_picture_and_caption_is_on_the_page_escaped(tmp_path):
         with Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1]))) as thumb:
             assert thumb.format == "JPEG" and max(thumb.size) <= gallery.THUMBNAIL
         assert max(int(img["width"]), int(img["height"])) == gallery.THUMBNAIL
-    assert not [a for _, attrs in page.tags for k, a in attrs.items() if k in ("src", "href") and not a.startswith("data:")]
+    assert not [
+        a for _, attrs in page.tags for k, a in attrs.items() if k in ("src", "href") and not a.startswith("data:")
+    ]
     assert [p.name for p in page_path.parent.iterdir()] == ["page.html"]  # written whole: no temporary file left
 
 
 def test_a_picture_costs_under_10_kb(tmp_path):
     paths = [picture(tmp_path / f"{i}.jpg", seed=i) for i in range(10)]
-    rows = [gallery.Row(p, {"caption": "a man riding a wave on top of a surfboard"}, ["a surfer on a wave"] * 5) for p in paths]
+    rows = [
+        gallery.Row(p, {"caption": "a man riding a wave on top of a surfboard"}, ["a surfer on a wave"] * 5)
+        for p in paths
+    ]
     page = gallery.write_page(tmp_path / "page.html", rows, "Captions")
     assert page.stat().st_size / len(paths) < 10_000
 
 
 def test_evaluation_page_shows_the_base_model_beside_the_fine_tuned_one(tmp_path):
-    refs = {"dog.jpg": ["a dog on a couch", "a brown dog lies on a sofa"], "bus.jpg": ["a red bus on the street"],
-            "cat.jpg": ["a cat asleep on a bed", "a cat on a bed"]}  # fmt: skip
+    refs = {
+        "dog.jpg": ["a dog on a couch", "a brown dog lies on a sofa"],
+        "bus.jpg": ["a red bus on the street"],
+        "cat.jpg": ["a cat asleep on a bed", "a cat on a bed"],
+    }
     items = [formats.conversation(i + 1, tmp_path / name, r[0], r) for i, (name, r) in enumerate(refs.items())]
     paths = [formats.image_of(it) for it in items]
     for i, p in enumerate(paths):
@@ -78,8 +98,10 @@ def test_evaluation_page_shows_the_base_model_beside_the_fine_tuned_one(tmp_path
     before = dict(zip(paths, ["the image shows a dog", "a vehicle", "a picture of a cat lying on a bed"]))
     after = dict(zip(paths, ["a dog on a couch", "a red bus on a street", "a cat on a bed"]))
     references = {p: formats.references_of(it) for p, it in zip(paths, items)}
-    results = {when: (c, {**score_captions(c, references, "simple"), "images": 3, "tokenizer": "simple"})
-               for when, c in (("before", before), ("after", after))}  # fmt: skip
+    results = {
+        when: (c, {**score_captions(c, references, "simple"), "images": 3, "tokenizer": "simple"})
+        for when, c in (("before", before), ("after", after))
+    }
     page = Page(gallery.write_evaluation_page(tmp_path / gallery.PAGE_FILE, items, results).read_text(encoding="utf-8"))
 
     cells = page.cells()
@@ -91,12 +113,21 @@ def test_evaluation_page_shows_the_base_model_beside_the_fine_tuned_one(tmp_path
         assert sum(shown) / 3 == pytest.approx(results[when][1]["CIDEr"], abs=0.01)
     assert len(page.images()) == 3 and all(row[4] == " ".join(refs[name]) for row, name in zip(cells, refs))
     text = (tmp_path / gallery.PAGE_FILE).read_text(encoding="utf-8")
-    assert "<th>base model</th>" in text and "<th>fine-tuned</th>" in text  # the columns, and the set's scores above them
-    assert f"<td>{results['before'][1]['CIDEr']:.3f}</td>" in text and f"<td>{results['after'][1]['CIDEr']:.3f}</td>" in text
+    assert (
+        "<th>base model</th>" in text and "<th>fine-tuned</th>" in text
+    )  # the columns, and the set's scores above them
+    assert (
+        f"<td>{results['before'][1]['CIDEr']:.3f}</td>" in text
+        and f"<td>{results['after'][1]['CIDEr']:.3f}</td>" in text
+    )
 
 
 def test_captions_page_of_infer(tmp_path):
-    paths = [picture(tmp_path / "a.jpg", (64, 64)), str(tmp_path / "missing.jpg"), picture(tmp_path / "b.jpg", (64, 64), seed=1)]
+    paths = [
+        picture(tmp_path / "a.jpg", (64, 64)),
+        str(tmp_path / "missing.jpg"),
+        picture(tmp_path / "b.jpg", (64, 64), seed=1),
+    ]
     captions = {paths[0]: "a red circle", paths[2]: ""}  # the missing picture was not captioned; b got an empty caption
     page = Page(gallery.write_captions_page(tmp_path / "c.html", paths, captions, {}).read_text(encoding="utf-8"))
     cells = page.cells()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import cpu_graphs
 import pytest
 import torch
-from helpers import QUICK
 
+import cpu_graphs
 import train
+from helpers import QUICK
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # autocast("cuda") on the CPU: off, as wanted
@@ -23,8 +23,19 @@ def test_graphed_layers_accumulate_gradients_as_eager_ones(tiny_model, shapes_24
     """
     from safetensors.torch import load_file
 
-    args = ["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--max-steps", "4", "--lora-dropout", "0",
-            "--swanlab-mode", "disabled", *QUICK]  # fmt: skip
+    args = [
+        "--model-dir",
+        str(tiny_model),
+        "--data-json",
+        str(shapes_24),
+        "--max-steps",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--swanlab-mode",
+        "disabled",
+        *QUICK,
+    ]
     args[args.index("--batch-size") + 1], args[args.index("--grad-accum") + 1] = "2", "2"
     train.main([*args, "--output-dir", str(tmp_path / "eager")])
     cpu_graphs.install(train, monkeypatch)

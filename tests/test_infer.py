@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 from PIL import Image
-from helpers import load_captioner, run_script
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
 from vlcap import captioning, images, qwen
 
+from helpers import load_captioner, run_script
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,19 @@ def captioner(trained):
 @pytest.fixture(scope="module")
 def odd_sized_pictures(tmp_path_factory):
     """Shape pictures of several sizes and modes, so a batch needs real padding."""
-    from make_coco_folder import draw_picture  # tools/ is on sys.path (conftest)
     import random
+
+    from make_coco_folder import draw_picture  # tools/ is on sys.path (conftest)
 
     folder = tmp_path_factory.mktemp("odd")
     rng = random.Random(1)
-    specs = [("red", "circle", (56, 56), "RGB"), ("blue", "square", (112, 56), "RGBA"), ("green", "triangle", (84, 140), "L"),
-             ("yellow", "circle", (168, 112), "CMYK"), ("blue", "triangle", (56, 84), "RGB")]  # fmt: skip
+    specs = [
+        ("red", "circle", (56, 56), "RGB"),
+        ("blue", "square", (112, 56), "RGBA"),
+        ("green", "triangle", (84, 140), "L"),
+        ("yellow", "circle", (168, 112), "CMYK"),
+        ("blue", "triangle", (56, 84), "RGB"),
+    ]
     paths = []
     for i, (colour, shape, size, mode) in enumerate(specs):
         path = folder / f"{i}.{'jpg' if mode in ('L', 'CMYK', 'RGB') else 'png'}"
@@ -54,8 +61,20 @@ def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, ca
     bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "garbage.jpg")]
     (tmp_path / "garbage.jpg").write_bytes(b"not a picture at all")
     out = tmp_path / "captions.jsonl"
-    result = run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--output", str(out),
-                        odd_sized_pictures[0], bad[0], odd_sized_pictures[1], bad[1], *odd_sized_pictures[2:])  # fmt: skip
+    result = run_script(
+        "infer.py",
+        "--adapter",
+        str(adapter),
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        odd_sized_pictures[0],
+        bad[0],
+        odd_sized_pictures[1],
+        bad[1],
+        *odd_sized_pictures[2:],
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     for path in bad:

@@ -95,10 +95,26 @@ def test_fast_enough_for_5000_pictures(tmp_path):
 
 def test_command_line_bench_size(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_coco_folder.py"), "--out", str(tmp_path / "v"), "--n", "3",
-         "--split", "val2014", "--width", "640", "--height", "480", "--seed", "2"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_coco_folder.py"),
+            "--out",
+            str(tmp_path / "v"),
+            "--n",
+            "3",
+            "--split",
+            "val2014",
+            "--width",
+            "640",
+            "--height",
+            "480",
+            "--seed",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote 3 pictures of 640x480" in done.stdout
     coco = load(tmp_path / "v", "val2014")
@@ -107,7 +123,9 @@ def test_command_line_bench_size(tmp_path):
         with Image.open(tmp_path / "v" / "val2014" / im["file_name"]) as picture:
             assert picture.size == (640, 480)
 
-    missing = subprocess.run([sys.executable, str(ROOT / "tools" / "make_coco_folder.py")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_coco_folder.py")], capture_output=True, text=True
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "error: --out is required: name the folder to create, e.g. --out coco-local."

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from vlcap import cli, memory
 from vlcap.memory import Card, Job, Settings
 
@@ -43,17 +44,28 @@ def test_the_memory_model_reproduces_the_measured_peaks():
 # (card GB, bf16) -> (batch, accumulation, checkpointing, pictures captioned at a time). Smaller cards take smaller
 # steps; on 8 GB in bf16 the CUDA graphs' memory pool, kept after training, leaves room to caption 8 pictures at a time.
 FASTEST_THAT_FITS = {
-    (80, True): (16, 1, False, 32), (80, False): (16, 1, False, 32), (24, True): (16, 1, False, 32),
-    (24, False): (16, 1, False, 32), (16, True): (8, 2, False, 32), (16, False): (8, 2, False, 32),
-    (12, True): (8, 2, False, 16), (12, False): (8, 2, False, 32), (8, True): (2, 8, False, 8), (8, False): (2, 8, False, 32),
-}  # fmt: skip
+    (80, True): (16, 1, False, 32),
+    (80, False): (16, 1, False, 32),
+    (24, True): (16, 1, False, 32),
+    (24, False): (16, 1, False, 32),
+    (16, True): (8, 2, False, 32),
+    (16, False): (8, 2, False, 32),
+    (12, True): (8, 2, False, 16),
+    (12, False): (8, 2, False, 32),
+    (8, True): (2, 8, False, 8),
+    (8, False): (2, 8, False, 32),
+}
 
 
 @pytest.mark.parametrize("total_gb, bf16", list(FASTEST_THAT_FITS))
 def test_each_card_gets_the_fastest_settings_that_fit(total_gb, bf16):
     plan = plan_for(total_gb, bf16)
     s = plan.settings
-    assert plan.fits and (s.batch_size, s.grad_accum, s.gradient_checkpointing, s.eval_batch_size) == FASTEST_THAT_FITS[total_gb, bf16]
+    assert (
+        plan.fits
+        and (s.batch_size, s.grad_accum, s.gradient_checkpointing, s.eval_batch_size)
+        == FASTEST_THAT_FITS[total_gb, bf16]
+    )
     assert s.batch_size * s.grad_accum == 16  # the tutorial's effective batch, always
     assert s.vision_cache and s.cuda_graphs == (bf16 and not s.gradient_checkpointing)  # graphs are captured in bf16
     assert plan.precision.name == ("bf16" if bf16 else "fp16")
@@ -114,7 +126,9 @@ def test_the_users_settings_are_kept_and_checked():
 def test_the_cpu_plan_changes_nothing():
     precision = memory.choose_precision(None)
     plan = memory.plan(None, memory.QWEN2_VL_2B, TUTORIAL, precision, {"batch_size": 4})
-    assert plan.fits and plan.settings.batch_size == 4 and plan.settings.grad_accum == 1 and not plan.settings.cuda_graphs
+    assert (
+        plan.fits and plan.settings.batch_size == 4 and plan.settings.grad_accum == 1 and not plan.settings.cuda_graphs
+    )
 
 
 def test_precision_follows_the_card():
@@ -144,7 +158,9 @@ def test_the_next_smaller_settings_and_the_out_of_memory_line(tmp_path):
     assert "ran out of memory" in line and "--batch-size 4 --grad-accum 4" in line and "no checkpoint yet" in line
     (tmp_path / "checkpoint-100").mkdir()
     (tmp_path / "checkpoint-200").mkdir()
-    shared = memory.plan(Card("RTX 4090", 25.2, 24.6, (8, 9), True), memory.QWEN2_VL_2B, TUTORIAL, memory.choose_precision(None, "bf16"))
+    shared = memory.plan(
+        Card("RTX 4090", 25.2, 24.6, (8, 9), True), memory.QWEN2_VL_2B, TUTORIAL, memory.choose_precision(None, "bf16")
+    )
     line = memory.out_of_memory(shared, tmp_path, now=(0.1, 16.0))
     assert "other processes took" in line and "--resume (it continues from checkpoint-200)" in line
     assert "\n" not in line
@@ -164,11 +180,15 @@ def test_settings_the_user_gave_are_told_apart_from_defaults():
     import train
 
     namespace = vars(train)
-    assert {k.lower(): v for k, v in cli.settings_of(namespace).items() if k.lower() in memory.SHIPPED} == memory.SHIPPED
+    assert {
+        k.lower(): v for k, v in cli.settings_of(namespace).items() if k.lower() in memory.SHIPPED
+    } == memory.SHIPPED
     assert memory.explicit_settings(namespace, []) == set()
     assert memory.explicit_settings(namespace, ["--batch-size", "16", "--epochs", "1"]) == {"batch_size"}
     assert memory.explicit_settings(namespace, ["--no-gradient-checkpointing", "--no-cuda-graphs"]) == {
-        "gradient_checkpointing", "cuda_graphs"}  # fmt: skip
+        "gradient_checkpointing",
+        "cuda_graphs",
+    }
     assert memory.explicit_settings(namespace, ["--vision-cache-gb=0"]) == {"vision_cache_gb"}
     edited = {**namespace, "BATCH_SIZE": 8, "GRADIENT_CHECKPOINTING": True}  # constants edited in the file
     assert memory.explicit_settings(edited, []) == {"batch_size", "gradient_checkpointing"}
@@ -177,8 +197,9 @@ def test_settings_the_user_gave_are_told_apart_from_defaults():
 def test_the_shape_is_counted_from_the_model_folder(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from make_offline_model import FAMILIES, build_config
     from vlcap import qwen
+
+    from make_offline_model import FAMILIES, build_config
 
     # The 2B model's shape, from a folder holding its config alone (an empty model is counted, no weights read).
     build_config(FAMILIES["qwen2_vl"], "full", AutoTokenizer.from_pretrained(tiny_model)).save_pretrained(tmp_path)
@@ -204,10 +225,19 @@ def test_token_counts_match_the_fast_paths_batches(tiny_model, shapes_24):
     examples = [dataset[i] for i in range(len(dataset))]
     pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
     batch = fastpath.collate_encoded(
-        [{"input_ids": e["input_ids"], "labels": e["labels"], "position_ids": torch.zeros(3, len(e["input_ids"])),
-          "image_positions": torch.zeros(0, dtype=torch.long), "index": 0} for e in examples],
-        pad_token_id=0, pad_to=pad_to,
-    )  # fmt: skip
+        [
+            {
+                "input_ids": e["input_ids"],
+                "labels": e["labels"],
+                "position_ids": torch.zeros(3, len(e["input_ids"])),
+                "image_positions": torch.zeros(0, dtype=torch.long),
+                "index": 0,
+            }
+            for e in examples
+        ],
+        pad_token_id=0,
+        pad_to=pad_to,
+    )
     assert (job.pictures, job.seq_tokens, job.caption_tokens) == (24, pad_to, len(batch["logits_to_keep"]))
 
 
@@ -224,7 +254,13 @@ def test_detect_reads_the_card_and_the_testing_variables(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, i: calls.update(fraction=f))
     monkeypatch.delenv(memory.MEMORY_ENV, raising=False)
     card = Card.detect("cuda")
-    assert (card.total_gb, card.free_gb, card.capability, card.bf16, card.simulated) == (85.0, 84.0, (9, 0), True, False)
+    assert (card.total_gb, card.free_gb, card.capability, card.bf16, card.simulated) == (
+        85.0,
+        84.0,
+        (9, 0),
+        True,
+        False,
+    )
     assert not calls
     monkeypatch.setenv(memory.MEMORY_ENV, "12")
     monkeypatch.setenv(memory.BF16_ENV, "0")
@@ -242,7 +278,10 @@ def test_fp16_mixed_precision_trains_the_tiny_model_as_fp32_does(tiny_model, sha
     processor = qwen.load_processor(tiny_model)
     items = formats.read_conversations(shapes_24)
     dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
-    batches = [training_data.collate([dataset[i] for i in range(j, j + 8)], processor.tokenizer.pad_token_id) for j in (0, 8, 16)]
+    batches = [
+        training_data.collate([dataset[i] for i in range(j, j + 8)], processor.tokenizer.pad_token_id)
+        for j in (0, 8, 16)
+    ]
 
     def train(dtype):
         torch.manual_seed(0)
@@ -283,8 +322,18 @@ def test_train_records_which_settings_the_user_gave():
 def test_fp16_training_on_the_cpu_is_refused_in_one_line(tiny_model, shapes_24, tmp_path):
     from helpers import QUICK, run_script
 
-    done = run_script("train.py", "--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir",
-                      str(tmp_path / "out"), *QUICK, "--precision", "fp16")  # fmt: skip
+    done = run_script(
+        "train.py",
+        "--model-dir",
+        str(tiny_model),
+        "--data-json",
+        str(shapes_24),
+        "--output-dir",
+        str(tmp_path / "out"),
+        *QUICK,
+        "--precision",
+        "fp16",
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: --precision fp16 needs a CUDA GPU")
 

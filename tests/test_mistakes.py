@@ -13,10 +13,11 @@ import sys
 import time
 
 import torch
-from helpers import QUICK, REPO, closed_port, load_captioner, one_error_line, run_script
-from swanlab_files import only_run, read_run
 
 from vlcap import captioning, formats, images
+
+from helpers import QUICK, REPO, closed_port, load_captioner, one_error_line, run_script
+from swanlab_files import only_run, read_run
 
 
 def train_args(model, data, out):
@@ -52,13 +53,29 @@ def test_contradicting_infer_flags_are_refused(trained):
     assert "--no-adapter" in line and "--adapter" in line
 
 
-def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_that_resumes(tiny_model, shapes_24, tmp_path):
+def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_that_resumes(
+    tiny_model, shapes_24, tmp_path
+):
     out = tmp_path / "out"
-    args = [*train_args(tiny_model, shapes_24, out)[1:], *QUICK, "--max-steps", "100000", "--save-steps", "5",
-            "--swanlab-mode", "offline"]  # fmt: skip
+    args = [
+        *train_args(tiny_model, shapes_24, out)[1:],
+        *QUICK,
+        "--max-steps",
+        "100000",
+        "--save-steps",
+        "5",
+        "--swanlab-mode",
+        "offline",
+    ]
     env = {**os.environ, "SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-5" / "trainer_state.json").is_file():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
@@ -81,7 +98,9 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
     resumed = command[2:-1]
     resumed[resumed.index("--max-steps") + 1] = str(last + 3)
-    result = run_script("train.py", *resumed, "--resume", env={"SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}, cwd=tmp_path)
+    result = run_script(
+        "train.py", *resumed, "--resume", env={"SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming from {out / f'checkpoint-{last}'}" in result.stdout
     state = json.loads((out / f"checkpoint-{last + 3}" / "trainer_state.json").read_text())
@@ -90,20 +109,44 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
 
 def test_an_unreachable_swanlab_cloud_logs_offline_or_stops_when_cloud_is_required(tiny_model, shapes_24, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
-    env.update(HOME=str(tmp_path), SWANLAB_API_KEY="not-a-real-key", SWANLAB_API_HOST=f"http://127.0.0.1:{closed_port()}",
-               SWANLAB_LOG_DIR=str(tmp_path / "swanlog"))  # fmt: skip
+    env.update(
+        HOME=str(tmp_path),
+        SWANLAB_API_KEY="not-a-real-key",
+        SWANLAB_API_HOST=f"http://127.0.0.1:{closed_port()}",
+        SWANLAB_LOG_DIR=str(tmp_path / "swanlog"),
+    )
     args = [*train_args(tiny_model, shapes_24, tmp_path / "out"), *QUICK, "--max-steps", "1"]
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:]], capture_output=True, text=True, env=env,
-                            cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
     assert only_run(tmp_path / "swanlog")
     assert time.monotonic() - started < 120
 
-    required = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:], "--swanlab-require-cloud",
-                               "--output-dir", str(tmp_path / "out2")], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    required = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / args[0]),
+            *args[1:],
+            "--swanlab-require-cloud",
+            "--output-dir",
+            str(tmp_path / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert "SwanLab cloud is required" in one_error_line(required)
     assert not (tmp_path / "out2").exists()
 
@@ -119,14 +162,27 @@ def test_infer_captions_with_the_adapters_own_prompt_and_size(trained, tmp_path)
     (other / formats.SETTINGS_FILE).write_text(json.dumps(settings))
     test = formats.read_conversations(settings["test_json"])[:6]
     paths = [formats.image_of(it) for it in test]
-    result = run_script("infer.py", "--adapter", str(other), "--device", "cpu", "--output", str(tmp_path / "c.jsonl"),
-                        "--max-new-tokens", "12", *paths)  # fmt: skip
+    result = run_script(
+        "infer.py",
+        "--adapter",
+        str(other),
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "c.jsonl"),
+        "--max-new-tokens",
+        "12",
+        *paths,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     got = [json.loads(line)["caption"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
 
     model, processor, _ = load_captioner(other)
+
     def caption(prompt, size):  # noqa: E306
-        return captioning.caption_images(model, processor, [images.load(p, size) for p in paths], prompt, max_new_tokens=12)
+        return captioning.caption_images(
+            model, processor, [images.load(p, size) for p in paths], prompt, max_new_tokens=12
+        )
 
     assert got == caption("Describe the picture:", 84)
     assert got != caption(formats.DEFAULT_PROMPT, images.DEFAULT_SIZE), "the test must tell the two settings apart"
@@ -137,23 +193,48 @@ def test_learning_rate_decays_linearly_to_zero(tiny_model, shapes_24, tmp_path):
     import train
 
     out = tmp_path / "out"
-    train.main([*train_args(tiny_model, shapes_24, out)[1:], *QUICK, "--max-steps", "6", "--learning-rate", "6e-4",
-                "--swanlab-mode", "disabled"])  # fmt: skip
+    train.main(
+        [
+            *train_args(tiny_model, shapes_24, out)[1:],
+            *QUICK,
+            "--max-steps",
+            "6",
+            "--learning-rate",
+            "6e-4",
+            "--swanlab-mode",
+            "disabled",
+        ]
+    )
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
     rates = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     # Trainer logs the rate the step used: 6e-4 * (1 - (step - 1) / 6) for steps 1..6.
-    torch.testing.assert_close(torch.tensor(rates), torch.tensor([6e-4 * (1 - k / 6) for k in range(6)]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(rates), torch.tensor([6e-4 * (1 - k / 6) for k in range(6)]), rtol=1e-6, atol=0
+    )
 
 
 def test_merged_folder_captions_through_infer_adapter(trained, tmp_path):
     adapter, _ = trained
     test = formats.read_conversations(json.loads((adapter / formats.SETTINGS_FILE).read_text())["test_json"])[:4]
     paths = [formats.image_of(it) for it in test]
-    assert run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--merge", str(tmp_path / "m")).returncode == 0
+    assert (
+        run_script("infer.py", "--adapter", str(adapter), "--device", "cpu", "--merge", str(tmp_path / "m")).returncode
+        == 0
+    )
     outputs = {}
     for name, folder in (("adapter", adapter), ("merged", tmp_path / "m")):
-        result = run_script("infer.py", "--adapter", str(folder), "--device", "cpu", "--output", str(tmp_path / f"{name}.jsonl"),
-                            "--max-new-tokens", "12", *paths)  # fmt: skip
+        result = run_script(
+            "infer.py",
+            "--adapter",
+            str(folder),
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / f"{name}.jsonl"),
+            "--max-new-tokens",
+            "12",
+            *paths,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         outputs[name] = [json.loads(line)["caption"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     assert outputs["merged"] == outputs["adapter"] and len(outputs["merged"]) == 4
@@ -181,8 +262,16 @@ def test_train_logs_the_held_out_pictures_with_the_captions_it_printed(tiny_mode
     monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
     printed = io.StringIO()
     with redirect_stdout(printed):
-        train.main([*train_args(tiny_model, shapes_24, tmp_path / "out")[1:], *QUICK, "--max-steps", "2",
-                    "--swanlab-mode", "offline"])  # fmt: skip
+        train.main(
+            [
+                *train_args(tiny_model, shapes_24, tmp_path / "out")[1:],
+                *QUICK,
+                "--max-steps",
+                "2",
+                "--swanlab-mode",
+                "offline",
+            ]
+        )
     generated = [line.split("generated: ", 1)[1] for line in printed.getvalue().splitlines() if "generated: " in line]
     media = read_run(only_run(tmp_path / "swanlog"))["media"]
     after = [caption for _, caption in media["Prediction/after"]]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vlcap import cli
+
 from make_offline_model import FAMILIES, SPECIAL_TOKENS, build_config, build_tokenizer, make_offline_model, resolve
 
 # A picture of a size that stays native through each family's processor: 4x4 patches, 2x2 language-model tokens.
@@ -82,8 +83,10 @@ def test_config_token_ids_are_the_tokenizers(tiny_models, arch):
     assert config.vision_end_token_id == ids["<|vision_end|>"]
     text = config.get_text_config()
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
-        ids["<|endoftext|>"], ids["<|im_end|>"], ids["<|endoftext|>"]
-    )  # fmt: skip
+        ids["<|endoftext|>"],
+        ids["<|im_end|>"],
+        ids["<|endoftext|>"],
+    )
     assert text.vocab_size == len(tokenizer)
     generation = GenerationConfig.from_pretrained(tiny_models[arch])
     assert generation.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
@@ -114,8 +117,9 @@ def test_tiny_qwen3_vl_has_deepstack_features(tiny_models):
     vision = model.config.vision_config
     assert (vision.patch_size, vision.spatial_merge_size) == (16, 2)
     assert vision.deepstack_visual_indexes, "DeepStack needs at least one intermediate vision layer"
-    batch = processor(images=[caption_example("qwen3_vl")[0]["content"][0]["image"]], text=["<|image_pad|>"],
-                      return_tensors="pt")  # fmt: skip
+    batch = processor(
+        images=[caption_example("qwen3_vl")[0]["content"][0]["image"]], text=["<|image_pad|>"], return_tensors="pt"
+    )
     with torch.no_grad():
         features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
     assert len(features.deepstack_features) == len(vision.deepstack_visual_indexes)

@@ -8,9 +8,10 @@ import importlib
 import re
 
 import pytest
-from helpers import REPO
 
 from vlcap import cli
+
+from helpers import REPO
 
 SCRIPTS = ["data2csv", "csv2json", "train", "infer", "make_offline_model", "make_coco_folder"]
 
@@ -105,8 +106,9 @@ def command_differences(en: str, zh: str) -> list[str]:
 
 def flag_differences(en: str, zh: str) -> list[str]:
     a, b = flags_in_backticks(en), flags_in_backticks(zh)
-    return [f"only in {README_EN}: `{f}`" for f in sorted(a - b)] + [f"only in {README_ZH}: `{f}`"
-                                                                   for f in sorted(b - a)]
+    return [f"only in {README_EN}: `{f}`" for f in sorted(a - b)] + [
+        f"only in {README_ZH}: `{f}`" for f in sorted(b - a)
+    ]
 
 
 def span_differences(en: str, zh: str) -> list[str]:
@@ -114,8 +116,9 @@ def span_differences(en: str, zh: str) -> list[str]:
     come from its code blocks (where it explains their English comments)."""
     in_code = "\n".join(line for _, block in code_blocks(en) for line in block)
     a, b = set(code_spans(en)), set(code_spans(zh))
-    return ([f"only in {README_EN}: `{s}`" for s in sorted(a - b)]
-            + [f"only in {README_ZH}: `{s}`" for s in sorted(b - a) if s not in in_code])
+    return [f"only in {README_EN}: `{s}`" for s in sorted(a - b)] + [
+        f"only in {README_ZH}: `{s}`" for s in sorted(b - a) if s not in in_code
+    ]
 
 
 def link_differences(en: str, zh: str) -> list[str]:
@@ -138,8 +141,10 @@ def structure_differences(en: str, zh: str) -> list[str]:
         problems.append(f"sections differ: {headings(en)} vs {headings(zh)}")
     rows = [[line.count("|") for line in prose(t).splitlines() if line.startswith("|")] for t in (en, zh)]
     if rows[0] != rows[1]:
-        problems.append(f"tables differ: {README_EN} has {len(rows[0])} table rows, {README_ZH} {len(rows[1])}, "
-                        "or their columns differ")
+        problems.append(
+            f"tables differ: {README_EN} has {len(rows[0])} table rows, {README_ZH} {len(rows[1])}, "
+            "or their columns differ"
+        )
     return problems
 
 
@@ -148,8 +153,14 @@ def number_differences(en: str, zh: str) -> list[str]:
     return [f"only in {README_EN}: {n}" for n in sorted(a - b)] + [f"only in {README_ZH}: {n}" for n in sorted(b - a)]
 
 
-CHECKS = [command_differences, flag_differences, span_differences, link_differences, structure_differences,
-          number_differences]
+CHECKS = [
+    command_differences,
+    flag_differences,
+    span_differences,
+    link_differences,
+    structure_differences,
+    number_differences,
+]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)

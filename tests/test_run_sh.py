@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO
 from swanlab_files import only_run, read_run
 
@@ -16,7 +17,9 @@ from swanlab_files import only_run, read_run
 def test_smoke_run_goes_through_every_step(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SWANLAB_LOG_DIR"}
     env.update(SMOKE_DIR=str(tmp_path / "smoke"), SWANLAB_MODE="offline", PYTHON=sys.executable)
-    result = subprocess.run(["bash", str(REPO / "run.sh"), "--smoke"], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        ["bash", str(REPO / "run.sh"), "--smoke"], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     smoke = tmp_path / "smoke"
     assert len(json.loads((smoke / "data_vl.json").read_text())) == 132
@@ -44,8 +47,10 @@ SMOKE_STEPS = ["tools/make_offline_model.py", "tools/make_coco_folder.py", "tool
 def run_sh(tmp_path, *args, shell=("bash",), cwd=None):
     log = tmp_path / "steps.log"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {shlex.quote(sys.executable)} "$@"; fi\n'
-                    f'printf "%s\\n" "$*" >> {shlex.quote(str(log))}\n')  # fmt: skip
+    fake.write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {shlex.quote(sys.executable)} "$@"; fi\n'
+        f'printf "%s\\n" "$*" >> {shlex.quote(str(log))}\n'
+    )
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "SMOKE_DIR": str(tmp_path / "smoke")}
     result = subprocess.run([*shell, *args], capture_output=True, text=True, env=env, timeout=120, cwd=cwd or REPO)
@@ -82,7 +87,9 @@ def test_a_mistyped_argument_is_one_line_before_any_step(tmp_path, args, message
 
 
 def test_train_py_flags_pass_through_to_train_py(tmp_path):
-    result, steps = run_sh(tmp_path, str(REPO / "run.sh"), "--epochs", "1", "--learning_rate", "2e-4", "--prompt", "a b")
+    result, steps = run_sh(
+        tmp_path, str(REPO / "run.sh"), "--epochs", "1", "--learning_rate", "2e-4", "--prompt", "a b"
+    )
     assert result.returncode == 0, result.stderr
     assert scripts(steps) == STEPS
     assert steps[4] == "train.py --epochs 1 --learning_rate 2e-4 --prompt a b"

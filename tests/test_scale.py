@@ -8,9 +8,7 @@ import sys
 import time
 
 from helpers import QUICK, REPO
-
 from make_coco_folder import make_coco_folder
-
 
 # Runs a script in a fresh interpreter and, as it exits, writes its resident-memory high-water mark (VmHWM, in kB):
 # the kernel's own peak for this process image, so no sampling can miss it, and nothing inherited from the test process.
@@ -32,8 +30,13 @@ def peak_rss_mb(args: list[str], cwd) -> tuple[float, float]:
     env = {**os.environ, "SWANLAB_MODE": "disabled"}
     report = cwd / f"{args[0]}.vmhwm"
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _WRAPPER, str(report), str(REPO / args[0]), *args[1:]], cwd=cwd,
-                            env=env, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, str(report), str(REPO / args[0]), *args[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return int(report.read_text()) / 1024, time.perf_counter() - started
 
@@ -45,9 +48,20 @@ def run_pipeline(root, coco, n: int, tiny_model) -> dict:
     steps = {
         "data2csv": ["data2csv.py", "--source", str(coco), "--n", str(n), "--image-dir", "images", "--csv", "data.csv"],
         "csv2json": ["csv2json.py", "--csv", "data.csv", "--json", "data_vl.json"],
-        "train": ["train.py", "--model-dir", str(tiny_model), "--data-json", "data_vl.json", "--output-dir", "out",
-                  "--max-steps", "3", "--no-eval-before", *quick],
-    }  # fmt: skip
+        "train": [
+            "train.py",
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            "data_vl.json",
+            "--output-dir",
+            "out",
+            "--max-steps",
+            "3",
+            "--no-eval-before",
+            *quick,
+        ],
+    }
     return {name: peak_rss_mb(args, root) for name, args in steps.items()}
 
 

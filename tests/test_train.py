@@ -9,12 +9,14 @@ import sys
 
 import pytest
 import torch
-from helpers import QUICK, REPO, load_captioner, run_script
-from swanlab_files import only_run, read_run
 from transformers import AutoProcessor, TrainerCallback
 
-import train
 from vlcap import captioning, formats, images
+
+import train
+from helpers import QUICK, REPO, load_captioner, run_script
+from swanlab_files import only_run, read_run
+
 
 class Spy(TrainerCallback):
     """Records the trainable parameter names and the LoRA weights before training."""
@@ -29,8 +31,22 @@ def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_p
     monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
     spy = Spy()
     out = tmp_path / "out"
-    train.main(["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
-                "--max-steps", "4", "--swanlab-mode", "offline", *QUICK], callbacks=[spy])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "4",
+            "--swanlab-mode",
+            "offline",
+            *QUICK,
+        ],
+        callbacks=[spy],
+    )
 
     # Only language-model LoRA weights train; the vision tower and the base weights are frozen.
     assert spy.trainable and all("language_model" in n and "lora_" in n for n in spy.trainable)
@@ -61,10 +77,26 @@ def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shape
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
     env.update(HOME=str(tmp_path), SWANLAB_LOG_DIR=str(tmp_path / "swanlog"))
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--model-dir", str(tiny_model), "--data-json", str(shapes_24),
-         "--output-dir", str(tmp_path / "out"), "--max-steps", "1", *QUICK],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "1",
+            *QUICK,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
     assert only_run(tmp_path / "swanlog")
@@ -99,8 +131,21 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
                 raise KeyboardInterrupt
 
     def common(out):
-        return ["--model-dir", str(tiny_model), "--data-json", str(shapes_24), "--output-dir", str(out),
-                "--max-steps", "6", "--save-steps", "2", "--swanlab-mode", "disabled", *QUICK]  # fmt: skip
+        return [
+            "--model-dir",
+            str(tiny_model),
+            "--data-json",
+            str(shapes_24),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--save-steps",
+            "2",
+            "--swanlab-mode",
+            "disabled",
+            *QUICK,
+        ]
 
     train.main(common(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):

@@ -8,11 +8,12 @@ import json
 
 import pytest
 import torch
-from helpers import QUICK
 from transformers import AutoConfig, AutoProcessor, TrainerCallback
 
-import train
 from vlcap import fastpath, formats
+
+import train
+from helpers import QUICK
 
 
 class Losses(TrainerCallback):
@@ -29,14 +30,35 @@ def run(model_dir, data_json, out, *extra, steps=6):
     from safetensors.torch import load_file
 
     losses = Losses()
-    train.main(["--model-dir", str(model_dir), "--data-json", str(data_json), "--output-dir", str(out), "--max-steps",
-                str(steps), "--lora-dropout", "0", "--swanlab-mode", "disabled", *QUICK, *extra], callbacks=[losses])  # fmt: skip
+    train.main(
+        [
+            "--model-dir",
+            str(model_dir),
+            "--data-json",
+            str(data_json),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            str(steps),
+            "--lora-dropout",
+            "0",
+            "--swanlab-mode",
+            "disabled",
+            *QUICK,
+            *extra,
+        ],
+        callbacks=[losses],
+    )
     return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(tiny_model, shapes_24, tmp_path, capsys, monkeypatch):
+def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(
+    tiny_model, shapes_24, tmp_path, capsys, monkeypatch
+):
     processor = AutoProcessor.from_pretrained(tiny_model)
-    picture_gb = fastpath.vision_cache_bytes(AutoConfig.from_pretrained(tiny_model), processor, 1, 56, torch.float32) / 1e9
+    picture_gb = (
+        fastpath.vision_cache_bytes(AutoConfig.from_pretrained(tiny_model), processor, 1, 56, torch.float32) / 1e9
+    )
     in_memory, in_memory_weights = run(tiny_model, shapes_24, tmp_path / "memory")
     assert "22 pictures: 22 on cpu" in capsys.readouterr().out
     assert not (tmp_path / "memory" / fastpath.CACHE_FOLDER).exists(), "no file when everything fits"
@@ -46,7 +68,9 @@ def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(ti
     spilled, spilled_weights = run(tiny_model, shapes_24, tmp_path / "spill", *spill)
     folder = tmp_path / "spill" / fastpath.CACHE_FOLDER
     printed = capsys.readouterr().out
-    assert f"22 pictures: 7 on cpu (0.00 GB), 6 in host memory (0.00 GB), 9 read from {folder / 'features.bin'}" in printed
+    assert (
+        f"22 pictures: 7 on cpu (0.00 GB), 6 in host memory (0.00 GB), 9 read from {folder / 'features.bin'}" in printed
+    )
     assert len(in_memory) == len(spilled) == 6 and in_memory[0] != in_memory[-1]
     assert spilled == in_memory, "the same features in the same order: the same losses, bit for bit"
     for name, weight in in_memory_weights.items():
@@ -70,16 +94,31 @@ def test_the_cache_takes_every_batch_s_rows_from_where_they_are(tmp_path):
     all on the device, all in the file, mixed, one row, duplicates."""
     torch.manual_seed(0)
     features = torch.randn(30, 2, 4, 8)  # pictures x levels x image tokens x hidden (two levels: Qwen3-VL's DeepStack)
-    layout = fastpath.CacheLayout.choose(30, features[0].numel() * 4, 10 * features[0].numel() * 4 / 1e9,
-                                         8 * features[0].numel() * 4 / 1e9, tmp_path / "cache", key={"data": "x"})  # fmt: skip
+    layout = fastpath.CacheLayout.choose(
+        30,
+        features[0].numel() * 4,
+        10 * features[0].numel() * 4 / 1e9,
+        8 * features[0].numel() * 4 / 1e9,
+        tmp_path / "cache",
+        key={"data": "x"},
+    )
     assert (layout.on_device, layout.in_host, layout.in_file) == (10, 8, 12)
-    examples = [{"input_ids": torch.arange(5), "labels": torch.arange(5), "position_ids": torch.zeros(3, 5, dtype=torch.long),
-                 "image_positions": torch.arange(4)} for _ in range(30)]  # fmt: skip
+    examples = [
+        {
+            "input_ids": torch.arange(5),
+            "labels": torch.arange(5),
+            "position_ids": torch.zeros(3, 5, dtype=torch.long),
+            "image_positions": torch.arange(4),
+        }
+        for _ in range(30)
+    ]
     writer = fastpath._CacheWriter(layout, features.shape[1:], "cpu", features.dtype)
     for start in range(0, 30, 7):  # batches of the encoding pass, across the tiers' borders
         writer.put(start, features[start : start + 7])
     cache = writer.finish(examples)
-    assert fastpath.reusable(tmp_path / "cache", {"data": "x"}) and not fastpath.reusable(tmp_path / "cache", {"data": "y"})
+    assert fastpath.reusable(tmp_path / "cache", {"data": "x"}) and not fastpath.reusable(
+        tmp_path / "cache", {"data": "y"}
+    )
     _, read_back = fastpath.read_cache(tmp_path / "cache", layout, "cpu")
     for c in (cache, read_back):
         for index in ([3, 25, 11, 0, 17, 29], [1, 2], [20, 21, 29], [12], [5, 5, 28, 28], list(range(30))):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vlcap import cli  # noqa: E402
 
 ARCH: str = "qwen2_vl"  # model family: qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL) or qwen3_vl (Qwen3-VL)
-SIZE: str = "tiny"  # tiny (tests, CPU smoke run) or full (the small published checkpoint's shape, random weights; 2b = full)
+SIZE: str = "tiny"  # tiny (tests, smoke run) or full (the published shape, random weights; 2b = full)
 OUT: str = "models/tiny-qwen2-vl"  # folder to write the model into
 SEED: int = 0  # seed for the tokenizer corpus and the random weights
 VOCAB_SIZE: int = 1024  # BPE vocabulary learnt from the corpus (full configs still have 151,936 embedding rows)
@@ -37,9 +37,15 @@ SIZE_ALIASES = {"2b": "full"}  # `--size 2b` predates the other families; it sti
 
 # Qwen2-VL's special tokens; Qwen2.5-VL's and Qwen3-VL's templates and processors use the same ones.
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Qwen3-VL's template writes these for tool calls; its tokenizer has them as single (non-special) tokens.
 QWEN3_TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
@@ -209,20 +215,41 @@ class Family:
 
 FAMILIES = {
     "qwen2_vl": Family(
-        name="Qwen2-VL", model_class="Qwen2VLForConditionalGeneration", config_class="Qwen2VLConfig",
-        processor_class="Qwen2VLProcessor", video_processor_class="Qwen2VLVideoProcessor", patch_size=14,
-        chat_template=QWEN2_CHAT_TEMPLATE, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        name="Qwen2-VL",
+        model_class="Qwen2VLForConditionalGeneration",
+        config_class="Qwen2VLConfig",
+        processor_class="Qwen2VLProcessor",
+        video_processor_class="Qwen2VLVideoProcessor",
+        patch_size=14,
+        chat_template=QWEN2_CHAT_TEMPLATE,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
         # The real 2B processor's limits; tiny allows the same range so any test image size works.
         pixels={"tiny": (3136, 1003520), "full": (3136, 1003520)},
         # full: Qwen2-VL-2B-Instruct's config.json (../shared/qwen2-vl-2b-config.json).
         text={
-            "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         max_position_embeddings=4096),
-            "full": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=32768,
-                         max_window_layers=28, sliding_window=32768, use_sliding_window=False),
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                max_position_embeddings=4096,
+            ),
+            "full": dict(
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                max_position_embeddings=32768,
+                max_window_layers=28,
+                sliding_window=32768,
+                use_sliding_window=False,
+            ),
         },
         vision={
             "tiny": dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64),
@@ -230,83 +257,197 @@ FAMILIES = {
         },
     ),
     "qwen2_5_vl": Family(
-        name="Qwen2.5-VL", model_class="Qwen2_5_VLForConditionalGeneration", config_class="Qwen2_5_VLConfig",
-        processor_class="Qwen2_5_VLProcessor", video_processor_class="Qwen2VLVideoProcessor", patch_size=14,
-        chat_template=QWEN2_CHAT_TEMPLATE, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        name="Qwen2.5-VL",
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        config_class="Qwen2_5_VLConfig",
+        processor_class="Qwen2_5_VLProcessor",
+        video_processor_class="Qwen2VLVideoProcessor",
+        patch_size=14,
+        chat_template=QWEN2_CHAT_TEMPLATE,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
         # Qwen2.5-VL-3B-Instruct's preprocessor_config.json: min_pixels 3136, max_pixels 12845056.
         pixels={"tiny": (3136, 12845056), "full": (3136, 12845056)},
         # full: Qwen2.5-VL-3B-Instruct's config.json, as copied in github.com/zhanggaojian/Qwen2.5-VL-3B-LLMQ_Samples,
         # models/Qwen2.5-VL-3B-Instruct/config.json (its generation_config.json: eos [151645, 151643], pad 151643).
         text={
-            "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         max_position_embeddings=4096),
-            "full": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, max_position_embeddings=128000,
-                         max_window_layers=70, sliding_window=32768, use_sliding_window=False),
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                max_position_embeddings=4096,
+            ),
+            "full": dict(
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=11008,
+                num_hidden_layers=36,
+                num_attention_heads=16,
+                num_key_value_heads=2,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                max_position_embeddings=128000,
+                max_window_layers=70,
+                sliding_window=32768,
+                use_sliding_window=False,
+            ),
         },
         # Vision `hidden_size` is the tower's width here (Qwen2-VL's embed_dim); out_hidden_size is the text width.
         # Blocks not in fullatt_block_indexes attend within windows of window_size pixels (112 = 8 patches = 4 merged
         # tokens a side). tiny: block 0 windowed, block 1 full; 28 px windows (one merged token, the smallest window the
         # patch geometry allows) so a 56x56 picture already splits into 4 windows.
         vision={
-            "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                         window_size=28, fullatt_block_indexes=[1], tokens_per_second=2),
-            "full": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                         window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+            "tiny": dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                window_size=28,
+                fullatt_block_indexes=[1],
+                tokens_per_second=2,
+            ),
+            "full": dict(
+                depth=32,
+                hidden_size=1280,
+                intermediate_size=3420,
+                num_heads=16,
+                out_hidden_size=2048,
+                window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31],
+                tokens_per_second=2,
+            ),
         },
     ),
     "qwen3_vl": Family(
-        name="Qwen3-VL", model_class="Qwen3VLForConditionalGeneration", config_class="Qwen3VLConfig",
-        processor_class="Qwen3VLProcessor", video_processor_class="Qwen3VLVideoProcessor", patch_size=16,
-        chat_template=QWEN3_CHAT_TEMPLATE, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        name="Qwen3-VL",
+        model_class="Qwen3VLForConditionalGeneration",
+        config_class="Qwen3VLConfig",
+        processor_class="Qwen3VLProcessor",
+        video_processor_class="Qwen3VLVideoProcessor",
+        patch_size=16,
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
         # Qwen3-VL's preprocessor_config.json: size shortest_edge 65536 (256x256), longest_edge 16777216, mean and std
         # 0.5; its video_preprocessor_config.json: shortest_edge 4096, longest_edge 25165824. tiny lowers the image
         # floor to 64x64 (2x2 merged tokens) so the tests' small pictures are not upscaled 16-fold.
-        pixels={"tiny": (4096, 16777216), "full": (65536, 16777216)}, video_pixels=(4096, 25165824),
+        pixels={"tiny": (4096, 16777216), "full": (65536, 16777216)},
+        video_pixels=(4096, 25165824),
         # full: Qwen3-VL-2B-Instruct's config.json; the shape as in github.com/pytorch/torchtitan,
         # torchtitan/experiments/qwen3_vl/__init__.py (flavor "2B": dim 2048, 28 layers, 16 heads, 8 kv heads, head_dim
         # 128, ffn 6144, theta 5e6, mrope [24, 20, 20], tied embeddings; encoder 1024 wide, 24 blocks, 16 heads,
         # ffn 4096, patch 16, out 2048, 2304 position embeddings, deepstack [5, 11, 17]); max_position_embeddings 262144,
         # interleaved M-RoPE and gelu_pytorch_tanh as the checkpoint's config.json has them.
         text={
-            "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2],
-                                          "mrope_interleaved": True}),
-            "full": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
-                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+            "tiny": dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=4096,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 5000000.0,
+                    "mrope_section": [4, 2, 2],
+                    "mrope_interleaved": True,
+                },
+            ),
+            "full": dict(
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=6144,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=262144,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 5000000.0,
+                    "mrope_section": [24, 20, 20],
+                    "mrope_interleaved": True,
+                },
+            ),
         },
         # DeepStack: the outputs of blocks deepstack_visual_indexes go through their own mergers and are added to the
         # image tokens' hidden states after text layers 0, 1, ... tiny keeps two of them (blocks 0 and 1 of 3).
         vision={
-            "tiny": dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                         num_position_embeddings=2304, deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh"),
-            "full": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
-                         num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
-                         hidden_act="gelu_pytorch_tanh"),
+            "tiny": dict(
+                depth=3,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[0, 1],
+                hidden_act="gelu_pytorch_tanh",
+            ),
+            "full": dict(
+                depth=24,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_heads=16,
+                out_hidden_size=2048,
+                num_position_embeddings=2304,
+                deepstack_visual_indexes=[5, 11, 17],
+                hidden_act="gelu_pytorch_tanh",
+            ),
         },
         extra_tokens=tuple(QWEN3_TOOL_TOKENS),
     ),
-}  # fmt: skip
+}
 
 
 def caption_corpus(seed: int, n: int = 600) -> list[str]:
     """Caption-like sentences (COCO style and the generated shape pictures' captions) to learn the BPE merges from."""
     rng = random.Random(seed)
     colours = ["red", "green", "blue", "yellow", "white", "black", "brown", "orange", "grey", "pink"]
-    things = ["circle", "square", "triangle", "man", "woman", "dog", "cat", "train", "bus", "plate of food", "pizza",
-              "giraffe", "horse", "bench", "kitchen", "street", "table", "boat", "bird", "clock tower", "surfboard"]
-    places = ["on a plain white background", "in the middle of an empty white picture", "next to a building",
-              "on a table", "in a field", "near the water", "on a city street", "in the snow", "at the beach"]
+    things = [
+        "circle",
+        "square",
+        "triangle",
+        "man",
+        "woman",
+        "dog",
+        "cat",
+        "train",
+        "bus",
+        "plate of food",
+        "pizza",
+        "giraffe",
+        "horse",
+        "bench",
+        "kitchen",
+        "street",
+        "table",
+        "boat",
+        "bird",
+        "clock tower",
+        "surfboard",
+    ]
+    places = [
+        "on a plain white background",
+        "in the middle of an empty white picture",
+        "next to a building",
+        "on a table",
+        "in a field",
+        "near the water",
+        "on a city street",
+        "in the snow",
+        "at the beach",
+    ]
     verbs = ["sitting", "standing", "parked", "drawn", "shown", "walking", "riding", "lying", "flying"]
     lines = ["You are a helpful assistant.", "COCO Yes:", "system user assistant"]
     for _ in range(n):
-        lines.append(f"{rng.choice(['a', 'the', 'one', 'a single', 'an image of a'])} {rng.choice(colours)} "
-                     f"{rng.choice(things)} {rng.choice(verbs)} {rng.choice(places)}.")  # fmt: skip
+        lines.append(
+            f"{rng.choice(['a', 'the', 'one', 'a single', 'an image of a'])} {rng.choice(colours)} "
+            f"{rng.choice(things)} {rng.choice(verbs)} {rng.choice(places)}."
+        )
     return lines
 
 
@@ -323,9 +464,14 @@ def build_tokenizer(seed: int, vocab_size: int, extra_tokens: tuple[str, ...] = 
     )
     tok.train_from_iterator(caption_corpus(seed), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, model_max_length=32768,
-        additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="right",
-    )  # fmt: skip
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        padding_side="right",
+    )
     if extra_tokens:
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     return tokenizer
@@ -376,8 +522,14 @@ def build_config(family: Family, size: str, tokenizer):
     endoftext, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
     text = dict(family.text[size])
     text.setdefault("vocab_size", len(tokenizer))
-    text.update(bos_token_id=endoftext, eos_token_id=im_end, pad_token_id=endoftext, rms_norm_eps=1e-6,
-                hidden_act="silu", dtype="bfloat16")  # fmt: skip
+    text.update(
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        dtype="bfloat16",
+    )
     if "rope_parameters" not in text:  # Qwen2-VL and Qwen2.5-VL give the theta beside rope_scaling
         text["rope_theta"] = 1000000.0
     if family.config_class == "Qwen3VLConfig":

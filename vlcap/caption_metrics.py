@@ -67,7 +67,9 @@ def tokenizer_used(tokenizer: str = "auto") -> str:
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, not {tokenizer!r}.")
     if tokenizer == "ptb" and not java_available():
-        raise RuntimeError(f"tokenizer='ptb' needs Java and {PTB_JAR}; install a Java runtime or pass tokenizer='simple'.")
+        raise RuntimeError(
+            f"tokenizer='ptb' needs Java and {PTB_JAR}; install a Java runtime or pass tokenizer='simple'."
+        )
     if tokenizer == "auto":
         return "ptb" if java_available() else "simple"
     return tokenizer
@@ -100,10 +102,33 @@ def ptb_tokenize(texts: list[str]) -> list[str]:
 # is why pycocoevalcap's upper-case "-LRB-" entries never match and brackets survive as tokens in the official scores.
 QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "`": "'"})
 BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "gotta": "got ta", "wanna": "wan na", "gimme": "gim me", "lemme": "lem me"}
+SPLIT_WORDS = {
+    "cannot": "can not",
+    "gonna": "gon na",
+    "gotta": "got ta",
+    "wanna": "wan na",
+    "gimme": "gim me",
+    "lemme": "lem me",
+}
 CONTRACTIONS = {"n't", "'s", "'re", "'ll", "'d", "'ve", "'m"}
 # Words PTBTokenizer keeps a final period on; dotted forms (u.s., p.m., e.g.) are recognised by pattern instead.
-ABBREVIATIONS = {"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "ft.", "mt.", "vs.", "etc.", "inc.", "ltd.", "co.", "corp."}
+ABBREVIATIONS = {
+    "mr.",
+    "mrs.",
+    "ms.",
+    "dr.",
+    "st.",
+    "jr.",
+    "sr.",
+    "ft.",
+    "mt.",
+    "vs.",
+    "etc.",
+    "inc.",
+    "ltd.",
+    "co.",
+    "corp.",
+}
 
 
 def simple_tokenize(text: str) -> str:
@@ -130,7 +155,9 @@ def mean_words(captions: dict[str, str] | list[str]) -> float:
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
 
 
-def score_captions(captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto", per_image: bool = False):
+def score_captions(
+    captions: dict[str, str], references: dict[str, list[str]], tokenizer: str = "auto", per_image: bool = False
+):
     """BLEU-1..4, ROUGE-L and CIDEr(-D) of one caption per image against that image's reference captions.
 
     captions maps an image key to the generated caption; references maps image keys (a superset) to reference captions.
@@ -144,8 +171,10 @@ def score_captions(captions: dict[str, str], references: dict[str, list[str]], t
         raise ValueError("No captions to score: pass at least one caption.")
     missing = [k for k in captions if not references.get(k)]
     if missing:
-        raise ValueError(f"{len(missing)} captioned images have no reference captions (first: {missing[0]!r}); "
-                         "pass references for every key of captions.")
+        raise ValueError(
+            f"{len(missing)} captioned images have no reference captions (first: {missing[0]!r}); "
+            "pass references for every key of captions."
+        )
     if any(isinstance(references[k], str) for k in captions):
         raise ValueError("references must map each image to a list of reference captions, not to one string.")
     keys = list(captions)

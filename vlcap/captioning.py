@@ -42,7 +42,9 @@ def caption_images(
     captions = []
     for start in range(0, len(pictures), batch_size):
         batch = pictures[start : start + batch_size]
-        inputs = processor(text=[text] * len(batch), images=batch, padding=True, padding_side="left", return_tensors="pt")
+        inputs = processor(
+            text=[text] * len(batch), images=batch, padding=True, padding_side="left", return_tensors="pt"
+        )
         patches = vision_attention.patches_per_image(inputs["image_grid_thw"])
         with torch.inference_mode(), vision_attention.batched(model, patches):
             if fast:
@@ -79,7 +81,9 @@ def caption_paths(
                 except images.Unusable as e:
                     tqdm.write(f"warning: skipped {path}: {e}", file=sys.stderr)
                     failed.append(path)
-            for path, caption in zip(chunk, caption_images(model, processor, pictures, prompt, batch_size, max_new_tokens, fast)):
+            for path, caption in zip(
+                chunk, caption_images(model, processor, pictures, prompt, batch_size, max_new_tokens, fast)
+            ):
                 results[path] = caption
                 if on_caption:
                     on_caption(path, caption)

@@ -160,13 +160,18 @@ def _untyped(script: str, name: str, value) -> type | None:
         return type(value)
     if value is None:
         return str
-    if isinstance(value, (list, tuple)):  # the tutorial's list of names, or a stray trailing comma: a flag must not vanish
+    if isinstance(
+        value, (list, tuple)
+    ):  # the tutorial's list of names, or a stray trailing comma: a flag must not vanish
         if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], (bool, int, float, str)):
-            raise UserError(f"{script}: {name} = {_shown(value)} is a tuple (a stray trailing comma?); "
-                            f"write {name} = {value[0]!r}")  # fmt: skip
+            raise UserError(
+                f"{script}: {name} = {_shown(value)} is a tuple (a stray trailing comma?); write {name} = {value[0]!r}"
+            )
         example = '"' + ",".join(value) + '"' if all(isinstance(v, str) for v in value) else '"a,b"'
-        raise UserError(f"{script}: {name} = {_shown(value)} is {_a(type(value).__name__)}; a setting holds one value: "
-                        f"write names separated by commas, e.g. {name} = {example}")  # fmt: skip
+        raise UserError(
+            f"{script}: {name} = {_shown(value)} is {_a(type(value).__name__)}; a setting holds one value: "
+            f"write names separated by commas, e.g. {name} = {example}"
+        )
     return None
 
 
@@ -305,8 +310,11 @@ def check_arguments(script: str | Path, argv: list[str], prog: str | None = None
 
 
 def _bounds_text(above, at_least, below, at_most) -> str:
-    parts = [f"{word} {bound:g}" for word, bound in
-             [("greater than", above), ("at least", at_least), ("below", below), ("at most", at_most)] if bound is not None]  # fmt: skip
+    parts = [
+        f"{word} {bound:g}"
+        for word, bound in [("greater than", above), ("at least", at_least), ("below", below), ("at most", at_most)]
+        if bound is not None
+    ]
     return " and ".join(parts)
 
 

@@ -112,7 +112,9 @@ def _training(model) -> str | None:
         checks += [
             _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw"),
             _needs(inner.get_image_features, "pixel_values", "image_grid_thw"),
-            _needs(getattr(modeling, arch.decoder_layer).forward, "hidden_states", "attention_mask", "position_embeddings"),
+            _needs(
+                getattr(modeling, arch.decoder_layer).forward, "hidden_states", "attention_mask", "position_embeddings"
+            ),
             _needs(text.forward, "inputs_embeds", "attention_mask", "position_ids"),
         ]
         if getattr(_config(model).vision_config, "deepstack_visual_indexes", None):  # Qwen3-VL: cached, then injected
@@ -138,12 +140,26 @@ def _decode(model) -> str | None:
     kind, arch, modeling = family
     inner = getattr(modeling, arch.inner)
     return (
-        _needs(inner.forward, "input_ids", "attention_mask", "position_ids", "cache", "pixel_values", "image_grid_thw",
-               "mm_token_type_ids")
-        or _needs(getattr(modeling, arch.text_model).forward, "input_ids", "attention_mask", "position_ids", "cache",
-                  "use_cache")
+        _needs(
+            inner.forward,
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "cache",
+            "pixel_values",
+            "image_grid_thw",
+            "mm_token_type_ids",
+        )
+        or _needs(
+            getattr(modeling, arch.text_model).forward,
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "cache",
+            "use_cache",
+        )
         or _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
-    )  # fmt: skip
+    )
 
 
 def _vision_attention(model) -> str | None:

@@ -23,9 +23,11 @@ def load_split(eval_json: str | Path, size: int) -> list[dict]:
     if size <= 0:
         return []
     if not Path(eval_json).is_file():
-        print(f"no evaluation split ({eval_json} does not exist): captions will not be scored. Make one with "
-              "`python data2csv.py --split validation --n 100` and "
-              "`python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`.")  # fmt: skip
+        print(
+            f"no evaluation split ({eval_json} does not exist): captions will not be scored. Make one with "
+            "`python data2csv.py --split validation --n 100` and "
+            "`python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`."
+        )
         return []
     return usable_conversations(formats.read_conversations(eval_json), limit=size)
 
@@ -71,6 +73,9 @@ def write_results(output_dir: Path, items: list[dict], results: dict) -> None:
     with formats.atomic_file(output_dir / CAPTIONS_FILE) as f:
         for item in items:
             path = formats.image_of(item)
-            record = {"image": path, **{when: captions.get(path) for when, (captions, _) in results.items()},
-                      "references": formats.references_of(item)}  # fmt: skip
+            record = {
+                "image": path,
+                **{when: captions.get(path) for when, (captions, _) in results.items()},
+                "references": formats.references_of(item),
+            }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -31,9 +31,21 @@ CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended
 
 # generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
 # whose generation_config sets any other is captioned by generate itself.
-_UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens", "forced_bos_token_id",
-                "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-                "encoder_repetition_penalty", "guidance_scale", "exponential_decay_length_penalty", "num_beams")  # fmt: skip
+_UNSUPPORTED = (
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_length",
+    "min_new_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "encoder_repetition_penalty",
+    "guidance_scale",
+    "exponential_decay_length_penalty",
+    "num_beams",
+)
 
 
 def unsupported_settings(generation_config: GenerationConfig) -> list[str]:
@@ -89,9 +101,11 @@ class GreedyDecoder:
         # M-RoPE positions from the CPU copies (transformers' get_rope_index: on GPU tensors it waits on the GPU per row),
         # then everything to the GPU in one go without waiting.
         positions, _ = self.model.model.get_rope_index(
-            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs["attention_mask"],
-        )  # fmt: skip
+        )
         inputs = {key: _to(value, self.slots.device) for key, value in {**inputs, "position_ids": positions}.items()}
         input_ids, attention = inputs["input_ids"], inputs["attention_mask"].bool()
         n = input_ids.shape[1]
@@ -109,26 +123,36 @@ class GreedyDecoder:
         query = torch.arange(n, device=self.slots.device)[:, None]
         mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
         hidden = self.model.model(
-            input_ids=input_ids, attention_mask=mask[:, None], position_ids=inputs["position_ids"],
-            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs["mm_token_type_ids"], cache=self.cache, use_cache=True,
-        ).last_hidden_state  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=mask[:, None],
+            position_ids=inputs["position_ids"],
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         self._choose(hidden[:, -1])
 
     def _step(self) -> None:
         """One token for every row: what the CUDA graph holds."""
         mask = self.keys_valid & (self.slots <= self.length)
         hidden = self.model.model.language_model(
-            input_ids=self.token, attention_mask=mask[:, None, None, :],
-            position_ids=self.position.view(1, -1, 1).expand(3, -1, 1), cache=self.cache, use_cache=True,
-        ).last_hidden_state  # fmt: skip
+            input_ids=self.token,
+            attention_mask=mask[:, None, None, :],
+            position_ids=self.position.view(1, -1, 1).expand(3, -1, 1),
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
         self.position += 1
         self.length += 1
         self._choose(hidden[:, -1])
 
     def _choose(self, hidden: torch.Tensor) -> None:
         logits = self.model.lm_head(hidden).float()
-        if self.penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor, over the prompt and the caption so far
+        if (
+            self.penalty != 1.0
+        ):  # transformers' RepetitionPenaltyLogitsProcessor, over the prompt and the caption so far
             score = logits.gather(1, self.seen)
             logits = logits.scatter(1, self.seen, torch.where(score < 0, score * self.penalty, score / self.penalty))
         chosen = torch.where(self.finished, self.pad, logits.argmax(-1))

@@ -103,10 +103,14 @@ class _EncodedBatches:
             # NumPy arrays travel inside the pickled batch. Tensors would each travel as a shared-memory file
             # descriptor that stays open while the main process keeps the example: 5,000 pictures exceeded the
             # GPU machine's limit of 20,000 open files.
-            examples.append({
-                "input_ids": e["input_ids"].numpy(), "labels": e["labels"].numpy(), "position_ids": positions[:, 0].numpy(),
-                "image_positions": (e["input_ids"] == self.rope.config.image_token_id).nonzero()[:, 0].numpy(),
-            })  # fmt: skip
+            examples.append(
+                {
+                    "input_ids": e["input_ids"].numpy(),
+                    "labels": e["labels"].numpy(),
+                    "position_ids": positions[:, 0].numpy(),
+                    "image_positions": (e["input_ids"] == self.rope.config.image_token_id).nonzero()[:, 0].numpy(),
+                }
+            )
         pixels = torch.cat([e["pixel_values"] for e in batch])
         return examples, pixels, torch.cat([e["image_grid_thw"] for e in batch])
 
@@ -178,9 +182,17 @@ def encoding_key(dataset, model_dir: str, dtype) -> dict:
         stat = os.stat(path)
         data.update(json.dumps([path, stat.st_size, stat.st_mtime_ns, formats.caption_of(item)]).encode() + b"\n")
     model_files = hashlib.sha256(json.dumps(files).encode()).hexdigest()
-    return {"format": _FORMAT, "model": str(model), "model_files": model_files, "image_size": dataset.image_size,
-            "prompt": dataset.prompt, "max_length": dataset.max_length, "dtype": _dtype_name(dtype),
-            "conversations": len(dataset), "data": data.hexdigest()}  # fmt: skip
+    return {
+        "format": _FORMAT,
+        "model": str(model),
+        "model_files": model_files,
+        "image_size": dataset.image_size,
+        "prompt": dataset.prompt,
+        "max_length": dataset.max_length,
+        "dtype": _dtype_name(dtype),
+        "conversations": len(dataset),
+        "data": data.hexdigest(),
+    }
 
 
 def host_memory_available_gb() -> float:
@@ -212,7 +224,9 @@ class CacheLayout:
         return cls(pictures, pictures)
 
     @classmethod
-    def choose(cls, pictures: int, picture_bytes: int, device_gb: float, host_gb: float, folder, key=None) -> CacheLayout:
+    def choose(
+        cls, pictures: int, picture_bytes: int, device_gb: float, host_gb: float, folder, key=None
+    ) -> CacheLayout:
         """Up to device_gb on the device, up to host_gb in host memory, the rest (and then every picture) in `folder`."""
         on_device = min(pictures, int(device_gb * 1e9 // picture_bytes))
         in_host = min(pictures - on_device, int(host_gb * 1e9 // picture_bytes))
@@ -275,7 +289,6 @@ class _CacheWriter:
             self.file.write(_bytes(host).numpy())
 
     def finish(self, examples: list[dict]) -> VisionCache:
-        import json
         import time
 
         from vlcap import formats
@@ -288,14 +301,20 @@ class _CacheWriter:
             self.file.close()
             with formats.atomic_file(layout.folder / _EXAMPLES, "wb") as f:
                 numpy.savez(f, **_packed(examples))
-            header = {"key": layout.key, "pictures": n, "shape": list(self.shape), "dtype": _dtype_name(self.dtype),
-                      "picture_bytes": _picture_bytes(self.shape, self.dtype),
-                      "written": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            header = {
+                "key": layout.key,
+                "pictures": n,
+                "shape": list(self.shape),
+                "dtype": _dtype_name(self.dtype),
+                "picture_bytes": _picture_bytes(self.shape, self.dtype),
+                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             formats.write_json(layout.folder / _HEADER, header)  # last: the folder is complete
             file = layout.folder / _FEATURES
         host = self.in_host[:in_host] if self.in_host is not None else None
-        return VisionCache(self.on_device[:on_device], host, file if on_device + in_host < n else None, n,
-                           layout.folder)  # fmt: skip
+        return VisionCache(
+            self.on_device[:on_device], host, file if on_device + in_host < n else None, n, layout.folder
+        )
 
 
 def read_cache(folder, layout: CacheLayout, device) -> tuple[list[dict], VisionCache]:
@@ -358,8 +377,11 @@ class VisionCache:
     def describe(self) -> str:
         """Where the features are, for the line train.py prints."""
         host = len(self.in_host) if self.in_host is not None else 0
-        parts = [(len(self.on_device), f"on {self.device}"), (host, "in host memory"),
-                 (self.pictures - len(self.on_device) - host, f"read from {self.file}")]  # fmt: skip
+        parts = [
+            (len(self.on_device), f"on {self.device}"),
+            (host, "in host memory"),
+            (self.pictures - len(self.on_device) - host, f"read from {self.file}"),
+        ]
         where = ", ".join(f"{n} {place} ({n * self.picture_bytes / 1e9:.2f} GB)" for n, place in parts if n)
         return f"{self.pictures} pictures: {where}"
 
@@ -386,8 +408,11 @@ class VisionCache:
         import os
 
         near, host = len(self.on_device), len(self.in_host) if self.in_host is not None else 0
-        rows = torch.empty((len(pictures), *self.on_device.shape[1:]), dtype=self.on_device.dtype,
-                           pin_memory=self.device.type == "cuda")  # fmt: skip
+        rows = torch.empty(
+            (len(pictures), *self.on_device.shape[1:]),
+            dtype=self.on_device.dtype,
+            pin_memory=self.device.type == "cuda",
+        )
         for row, picture in zip(rows, pictures):
             if picture < near + host:
                 row.copy_(self.in_host[picture - near])
@@ -465,9 +490,15 @@ def _unpacked(packed: dict) -> list[dict]:
     image_ends = numpy.cumsum(packed["image_tokens"]).tolist()
     examples, start, image_start = [], 0, 0
     for i, (end, image_end) in enumerate(zip(ends, image_ends)):
-        examples.append({"input_ids": tensors["input_ids"][start:end], "labels": tensors["labels"][start:end],
-                         "position_ids": tensors["position_ids"][:, start:end],
-                         "image_positions": tensors["image_positions"][image_start:image_end], "index": i})  # fmt: skip
+        examples.append(
+            {
+                "input_ids": tensors["input_ids"][start:end],
+                "labels": tensors["labels"][start:end],
+                "position_ids": tensors["position_ids"][:, start:end],
+                "image_positions": tensors["image_positions"][image_start:image_end],
+                "index": i,
+            }
+        )
         start, image_start = end, image_end
     return examples
 
@@ -552,27 +583,36 @@ class CaptionTrainer(Trainer):
             features = self.vision_features.take(inputs)
         else:
             features = self.vision_features[inputs.pop("image_index")]
-        embeds = embeds.flatten(0, 1).index_copy(
-            0, inputs.pop("image_positions"), features[:, 0].flatten(0, 1).to(embeds.dtype)
-        ).view_as(embeds)
+        embeds = (
+            embeds.flatten(0, 1)
+            .index_copy(0, inputs.pop("image_positions"), features[:, 0].flatten(0, 1).to(embeds.dtype))
+            .view_as(embeds)
+        )
         del inputs["labels"], inputs["caption_tokens"]
         labels = inputs.pop("shift_labels")
         deepstack = None
-        if features.shape[1] > 1:  # Qwen3-VL: the DeepStack features go to the language model as Qwen3VLModel sends them
+        if (
+            features.shape[1] > 1
+        ):  # Qwen3-VL: the DeepStack features go to the language model as Qwen3VLModel sends them
             deepstack = base_model(unwrapped).model.language_model.register_forward_pre_hook(
-                functools.partial(_with_deepstack, input_ids == unwrapped.config.image_token_id,
-                                  [features[:, level].flatten(0, 1) for level in range(1, features.shape[1])]),
+                functools.partial(
+                    _with_deepstack,
+                    input_ids == unwrapped.config.image_token_id,
+                    [features[:, level].flatten(0, 1) for level in range(1, features.shape[1])],
+                ),
                 with_kwargs=True,
-            )  # fmt: skip
+            )
         try:
             outputs = model(inputs_embeds=embeds, **inputs)
         finally:
             if deepstack is not None:
                 deepstack.remove()
         loss = torch.nn.functional.cross_entropy(
-            outputs.logits.float().flatten(0, 1), labels.flatten().to(outputs.logits.device), ignore_index=-100,
+            outputs.logits.float().flatten(0, 1),
+            labels.flatten().to(outputs.logits.device),
+            ignore_index=-100,
             reduction="sum",
-        )  # fmt: skip
+        )
         # Normalised as transformers' causal-LM loss: by the caption tokens of the whole accumulated batch, counted over
         # every process; DDP then averages the gradients, so undo that average as Trainer.compute_loss does.
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
@@ -617,15 +657,18 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool 
     cos, sin = language_model.rotary_emb(hidden, positions)
     padding = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
     padding[0, -1] = 0  # a padded batch, the shape of mask every training batch has
-    mask = create_causal_mask(config=language_model.config, inputs_embeds=hidden, attention_mask=padding, cache=None,
-                              position_ids=None)  # fmt: skip
+    mask = create_causal_mask(
+        config=language_model.config, inputs_embeds=hidden, attention_mask=padding, cache=None, position_ids=None
+    )
     # The first layer's input (embeddings and cached image features) needs no gradient; every later one does.
     samples = tuple(
         (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone(), mask.clone()) for i in range(len(layers))
     )
     # Captured under bf16 autocast as training runs (without autocast's weight cache, which graphs cannot hold).
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        calls = torch.cuda.make_graphed_callables(tuple(_LayerCall(layer) for layer in layers), samples, num_warmup_iters=1)
+        calls = torch.cuda.make_graphed_callables(
+            tuple(_LayerCall(layer) for layer in layers), samples, num_warmup_iters=1
+        )
     for layer, graphed, sample in zip(layers, calls, samples):
         layer.forward = _routed(layer, graphed, sample, accumulate)
 
@@ -649,7 +692,9 @@ def _routed(layer, graphed, sample, accumulate: bool):
             if accumulate:
                 out.grad_fn.register_hook(fresh_gradients)
             return out
-        return eager_forward(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
+        return eager_forward(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs
+        )
 
     return forward
 

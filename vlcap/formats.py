@@ -68,7 +68,9 @@ class JsonListWriter:
 
 
 # ------------------------------------------------------------------------------------------------------ data_vl.json
-def conversation(index: int, image_path, caption: str, references: list[str] | None = None, prompt: str = DEFAULT_PROMPT):
+def conversation(
+    index: int, image_path, caption: str, references: list[str] | None = None, prompt: str = DEFAULT_PROMPT
+):
     """One training example in the tutorial's format; `index` counts from 1."""
     item = {
         "id": f"identity_{index}",

@@ -50,12 +50,21 @@ def check_page_path(path: str | Path) -> None:
         raise UserError(f"{path} is a folder; name the web page file to write, e.g. {Path(path) / 'captions.html'}.")
 
 
-def write_captions_page(path, paths: list[str], captions: dict[str, str], references: dict[str, list[str]],
-                        scores: dict | None = None, cider: dict[str, float] | None = None, title: str = "Captions") -> Path:
+def write_captions_page(
+    path,
+    paths: list[str],
+    captions: dict[str, str],
+    references: dict[str, list[str]],
+    scores: dict | None = None,
+    cider: dict[str, float] | None = None,
+    title: str = "Captions",
+) -> Path:
     """infer.py's page: every picture given (captioned or not), its caption, its references, and its CIDEr when scored."""
     cider = cider or {}
-    rows = [Row(p, {"caption": captions.get(p)}, references.get(p, []), {"caption": cider[p]} if p in cider else {})
-            for p in paths]  # fmt: skip
+    rows = [
+        Row(p, {"caption": captions.get(p)}, references.get(p, []), {"caption": cider[p]} if p in cider else {})
+        for p in paths
+    ]
     return write_page(path, rows, title, {"caption": scores} if scores else None)
 
 
@@ -75,8 +84,15 @@ def write_evaluation_page(path, items: list[dict], results: dict, title: str = E
         if captions:  # the same tokenizer as the corpus scores, so the values average to the CIDEr shown above them
             tokenizer = scores.get("tokenizer", "auto") if scores else "auto"
             cider[when] = score_captions(captions, {p: references[p] for p in captions}, tokenizer, per_image=True)[1]
-    rows = [Row(p, {labels[w]: captions.get(p) for w, (captions, _) in results.items()}, references[p],
-                {labels[w]: cider[w][p] for w in cider if p in cider[w]}) for p in paths]  # fmt: skip
+    rows = [
+        Row(
+            p,
+            {labels[w]: captions.get(p) for w, (captions, _) in results.items()},
+            references[p],
+            {labels[w]: cider[w][p] for w in cider if p in cider[w]},
+        )
+        for p in paths
+    ]
     return write_page(path, rows, title, {labels[w]: scores for w, (_, scores) in results.items() if scores})
 
 
@@ -88,7 +104,10 @@ def write_page(path, rows: list[Row], title: str, scores: dict[str, dict] | None
     check_page_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = list(dict.fromkeys(label for row in rows for label in row.captions))
-    body = [_row(i, row, labels) for i, row in enumerate(tqdm(rows, desc="web page", unit="img", disable=len(rows) < 200), 1)]
+    body = [
+        _row(i, row, labels)
+        for i, row in enumerate(tqdm(rows, desc="web page", unit="img", disable=len(rows) < 200), 1)
+    ]
     with formats.atomic_file(path) as f:
         f.write(_page(title, rows, labels, scores, body))
     return path
@@ -100,7 +119,11 @@ def thumbnail(image_path: str | Path) -> tuple[str, int, int]:
     picture.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)  # never enlarges
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG", quality=JPEG_QUALITY, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), picture.width, picture.height
+    return (
+        "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+        picture.width,
+        picture.height,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------ HTML
@@ -114,8 +137,10 @@ def _picture(image: str) -> str:
     except images.Unusable as e:
         return f'<div class="missing">picture unreadable:<br>{_e(e)}</div>'
     scale = THUMBNAIL / max(width, height)  # small pictures are shown enlarged: the page's layout stays even
-    return (f'<img src="{uri}" width="{round(width * scale)}" height="{round(height * scale)}" '
-            f'alt="{_e(Path(image).name)}" title="{_e(image)}">')  # fmt: skip
+    return (
+        f'<img src="{uri}" width="{round(width * scale)}" height="{round(height * scale)}" '
+        f'alt="{_e(Path(image).name)}" title="{_e(image)}">'
+    )
 
 
 def _caption(caption: str | None, cider: float | None) -> str:
@@ -130,15 +155,21 @@ def _caption(caption: str | None, cider: float | None) -> str:
 def _row(number: int, row: Row, labels: list[str]) -> str:
     captions = "".join(_caption(row.captions.get(label), row.cider.get(label)) for label in labels)
     references = "".join(f"<li>{_e(r)}</li>" for r in row.references)
-    return (f'<tr><td class="n">{number}</td><td class="picture">{_picture(row.image)}<div class="path">{_e(row.image)}</div>'
-            f'</td>{captions}<td class="references"><ul>{references}</ul></td></tr>')  # fmt: skip
+    return (
+        f'<tr><td class="n">{number}</td><td class="picture">{_picture(row.image)}<div class="path">{_e(row.image)}</div>'
+        f'</td>{captions}<td class="references"><ul>{references}</ul></td></tr>'
+    )
 
 
 def _scores_table(scores: dict[str, dict]) -> str:
     metrics = list(dict.fromkeys(k for s in scores.values() for k, v in s.items() if isinstance(v, float)))
     head = "".join(f"<th>{_e(m)}</th>" for m in metrics)
-    lines = "".join(f"<tr><th>{_e(label)}</th>" + "".join(f"<td>{s[m]:.3f}</td>" if isinstance(s.get(m), float) else "<td></td>"
-                                                         for m in metrics) + "</tr>" for label, s in scores.items())  # fmt: skip
+    lines = "".join(
+        f"<tr><th>{_e(label)}</th>"
+        + "".join(f"<td>{s[m]:.3f}</td>" if isinstance(s.get(m), float) else "<td></td>" for m in metrics)
+        + "</tr>"
+        for label, s in scores.items()
+    )
     return f'<table class="scores"><tr><th></th>{head}</tr>{lines}</table>'
 
 
@@ -168,10 +199,14 @@ td.references ul { margin: 0; padding-left: 16px; }
 def _page(title: str, rows: list[Row], labels: list[str], scores: dict | None, body: list[str]) -> str:
     scored = any(row.cider for row in rows)
     note = f"{len(rows)} pictures" + (
-        "; CIDEr per picture is computed over these pictures: it ranks them against each other" if scored else "")
+        "; CIDEr per picture is computed over these pictures: it ranks them against each other" if scored else ""
+    )
     head = "".join(f"<th>{_e(label)}</th>" for label in labels)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{_STYLE}</style></head>\n<body><h1>{_e(title)}</h1><p class=\"note\">{_e(note)}</p>\n"
-            + (_scores_table(scores) + "\n" if scores else "")
-            + f'<table class="pictures"><tr><th>#</th><th>picture</th>{head}<th>reference captions</th></tr>\n'
-            + "\n".join(body) + "\n</table></body></html>\n")  # fmt: skip
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f'<style>{_STYLE}</style></head>\n<body><h1>{_e(title)}</h1><p class="note">{_e(note)}</p>\n'
+        + (_scores_table(scores) + "\n" if scores else "")
+        + f'<table class="pictures"><tr><th>#</th><th>picture</th>{head}<th>reference captions</th></tr>\n'
+        + "\n".join(body)
+        + "\n</table></body></html>\n"
+    )

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-DEFAULT_SIZE = 280  # the tutorial's side (100 image tokens for Qwen2-VL); each model uses the nearest multiple of its patches
+DEFAULT_SIZE = (
+    280  # the tutorial's side (100 image tokens for Qwen2-VL); each model uses the nearest multiple of its patches
+)
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # What PIL raises for a file that is not a usable picture (truncated, not an image, too many pixels, unknown mode).

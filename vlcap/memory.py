@@ -36,8 +36,14 @@ BF16_ENV = "VLCAP_GPU_BF16"  # testing: 0 imitates a card without bf16
 # train.py's settings this module chooses when the user leaves them alone, at their shipped values (train.py's
 # constants; tests/test_memory.py checks the two agree). A setting counts as the user's when it is on the command line or
 # its constant no longer holds this value.
-SHIPPED = {"batch_size": 16, "grad_accum": 1, "gradient_checkpointing": False, "vision_cache_gb": 8.0, "cuda_graphs": True,
-           "eval_batch_size": 32}
+SHIPPED = {
+    "batch_size": 16,
+    "grad_accum": 1,
+    "gradient_checkpointing": False,
+    "vision_cache_gb": 8.0,
+    "cuda_graphs": True,
+    "eval_batch_size": 32,
+}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # ---------------------------------------------------------------------------------------------------- memory model
@@ -103,8 +109,14 @@ class Card:
     @classmethod
     def simulate(cls, total_gb: float, bf16: bool = True, free_gb: float | None = None) -> Card:
         """A card for tests: total_gb of which free_gb (default: all) is free."""
-        return cls(f"{total_gb:g} GB card", total_gb, total_gb if free_gb is None else free_gb,
-                   (8, 0) if bf16 else (7, 5), bf16, simulated=True)  # fmt: skip
+        return cls(
+            f"{total_gb:g} GB card",
+            total_gb,
+            total_gb if free_gb is None else free_gb,
+            (8, 0) if bf16 else (7, 5),
+            bf16,
+            simulated=True,
+        )
 
     @classmethod
     def detect(cls, device: str = "cuda") -> Card:
@@ -166,18 +178,27 @@ def choose_precision(card: Card | None, requested: str = "auto", training: bool 
                 "--precision fp16 needs a CUDA GPU: on the CPU there is no loss scaling (transformers' Trainer runs fp16 "
                 "there without it); pass --precision fp32 or bf16."
             )
-        return Precision("fp32" if requested == "auto" else requested, "the CPU" + (" (as set)" if requested != "auto" else ""))
+        return Precision(
+            "fp32" if requested == "auto" else requested, "the CPU" + (" (as set)" if requested != "auto" else "")
+        )
     where = f"{card.name}, compute capability {card.capability[0]}.{card.capability[1]}"
     if requested == "auto":
         if card.bf16:
             return Precision("bf16", f"bf16 ({where})")
         if not training:
-            return Precision("fp16", f"fp16: {where}, has no bf16 (--precision fp32 if captions come out empty or garbled)")
-        return Precision("fp16", f"fp16 mixed precision with loss scaling, LoRA weights in fp32: {where}, has no bf16 "
-                                 "(--precision fp32 if the loss turns inf or nan)")  # fmt: skip
+            return Precision(
+                "fp16", f"fp16: {where}, has no bf16 (--precision fp32 if captions come out empty or garbled)"
+            )
+        return Precision(
+            "fp16",
+            f"fp16 mixed precision with loss scaling, LoRA weights in fp32: {where}, has no bf16 "
+            "(--precision fp32 if the loss turns inf or nan)",
+        )
     if requested == "bf16" and not card.bf16:
-        return Precision("bf16", f"bf16 as set, although {where}, has no bf16: expect it slow or failing; "
-                                 "--precision auto picks fp16")  # fmt: skip
+        return Precision(
+            "bf16",
+            f"bf16 as set, although {where}, has no bf16: expect it slow or failing; --precision auto picks fp16",
+        )
     return Precision(requested, f"{requested} as set ({where})")
 
 
@@ -208,14 +229,25 @@ class Shape:
         names = {t.strip() for t in lora_targets.split(",") if t.strip()}
         # The projections qwen.add_lora wraps: those named in lora_targets in the language model's decoder layers.
         layers = qwen.base_model(model).model.language_model.layers
-        lora = sum(lora_r * (m.in_features + m.out_features) for n, m in layers.named_modules()
-                   if n.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear))  # fmt: skip
-        return cls(sum(p.numel() for p in model.parameters()), lora, text.num_hidden_layers, text.hidden_size,
-                   text.intermediate_size, text.vocab_size)  # fmt: skip
+        lora = sum(
+            lora_r * (m.in_features + m.out_features)
+            for n, m in layers.named_modules()
+            if n.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear)
+        )
+        return cls(
+            sum(p.numel() for p in model.parameters()),
+            lora,
+            text.num_hidden_layers,
+            text.hidden_size,
+            text.intermediate_size,
+            text.vocab_size,
+        )
 
 
 # The 2B model the tutorial fine-tunes (../shared/qwen2-vl-2b-config.json) with the default LoRA (r=64, seven projections).
-QWEN2_VL_2B = Shape(params=2_208_985_600, lora_params=73_859_072, layers=28, hidden=1536, intermediate=8960, vocab=151_936)
+QWEN2_VL_2B = Shape(
+    params=2_208_985_600, lora_params=73_859_072, layers=28, hidden=1536, intermediate=8960, vocab=151_936
+)
 
 
 # -------------------------------------------------------------------------------------------------------------- job
@@ -226,7 +258,9 @@ class Job:
     pictures: int
     seq_tokens: int  # longest training sequence (the fast path pads every batch to it)
     caption_tokens: int  # positions the LM head runs on in the fast path (seq_tokens less the prompt)
-    cache_gb: float | None = None  # the vision cache's size (all of it); None: no cache possible (each picture's own size)
+    cache_gb: float | None = (
+        None  # the vision cache's size (all of it); None: no cache possible (each picture's own size)
+    )
     cache_limit_gb: float = SHIPPED["vision_cache_gb"]  # VISION_CACHE_GB
     fast: bool = True  # the fast path (vision cache) is available with the installed transformers
 
@@ -238,8 +272,12 @@ class Job:
         first = dataset[0]
         prompt = int((first["labels"] == -100).sum())
         if dataset.image_size == 0:  # pictures of their own size: the processor's largest, as a bound
-            prompt += image_tokens - int(first["image_grid_thw"].prod()) // dataset.processor.image_processor.merge_size**2
-        captions = dataset.processor.tokenizer([formats.caption_of(it) for it in dataset.items], add_special_tokens=False)
+            prompt += (
+                image_tokens - int(first["image_grid_thw"].prod()) // dataset.processor.image_processor.merge_size**2
+            )
+        captions = dataset.processor.tokenizer(
+            [formats.caption_of(it) for it in dataset.items], add_special_tokens=False
+        )
         caption = max(len(ids) for ids in captions["input_ids"]) + 1  # and <|im_end|>
         seq = min(max_length, prompt + caption)
         return cls(len(dataset), -(-seq // 8) * 8, -(-seq // 8) * 8 - prompt, **kwargs)
@@ -265,16 +303,30 @@ class Settings:
     cache_gpu_gb: float | None = None  # GB of the vision cache kept on the GPU when less than VISION_CACHE_GB allows
 
     def describe(self) -> str:
-        split = f"batch {self.batch_size} in one step" if self.grad_accum == 1 else f"batch {self.batch_size} x {self.grad_accum} accumulation"
+        split = (
+            f"batch {self.batch_size} in one step"
+            if self.grad_accum == 1
+            else f"batch {self.batch_size} x {self.grad_accum} accumulation"
+        )
         return split + (" with checkpointing" if self.gradient_checkpointing else "")
 
     def flags(self) -> str:
         """The command-line flags that ask for these settings."""
-        return (f"--batch-size {self.batch_size} --grad-accum {self.grad_accum}"
-                + (" --gradient-checkpointing" if self.gradient_checkpointing else "")
-                + ("" if self.vision_cache else " --vision-cache-gb 0")
-                + ("" if self.cache_gpu_gb is None or not self.vision_cache else f" --vision-cache-gb {self.cache_gpu_gb:g}")
-                + ("" if self.eval_batch_size == SHIPPED["eval_batch_size"] else f" --eval-batch-size {self.eval_batch_size}"))  # fmt: skip
+        return (
+            f"--batch-size {self.batch_size} --grad-accum {self.grad_accum}"
+            + (" --gradient-checkpointing" if self.gradient_checkpointing else "")
+            + ("" if self.vision_cache else " --vision-cache-gb 0")
+            + (
+                ""
+                if self.cache_gpu_gb is None or not self.vision_cache
+                else f" --vision-cache-gb {self.cache_gpu_gb:g}"
+            )
+            + (
+                ""
+                if self.eval_batch_size == SHIPPED["eval_batch_size"]
+                else f" --eval-batch-size {self.eval_batch_size}"
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -372,9 +424,15 @@ class Plan:
 
     def as_dict(self) -> dict:
         """For train_settings.json: what was chosen, the estimate, the card."""
-        return {"settings": asdict(self.settings), "precision": self.precision.name,
-                "estimated_peak_gb": round(self.estimate.peak, 2), "estimated_need_gb": round(self.estimate.need, 2),
-                "card": asdict(self.card) if self.card else None, "user": sorted(self.user), "reason": self.reason}  # fmt: skip
+        return {
+            "settings": asdict(self.settings),
+            "precision": self.precision.name,
+            "estimated_peak_gb": round(self.estimate.peak, 2),
+            "estimated_need_gb": round(self.estimate.need, 2),
+            "card": asdict(self.card) if self.card else None,
+            "user": sorted(self.user),
+            "reason": self.reason,
+        }
 
 
 def _splits(batch: int) -> list[tuple[int, int]]:
@@ -399,9 +457,11 @@ def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: 
         return Settings(batch, accum, ckpt, cache, graphs, captions)
 
     if card is None:
-        s = settings(given["batch_size"], given["grad_accum"], given["gradient_checkpointing"], cache_ok)  # fmt: skip
+        s = settings(given["batch_size"], given["grad_accum"], given["gradient_checkpointing"], cache_ok)
         e = estimate(shape, job, precision, s)
-        return Plan(s, precision, e, None, True, f"memory: the CPU: {s.describe()}; precision {precision.name}", user, ((s, e),))
+        return Plan(
+            s, precision, e, None, True, f"memory: the CPU: {s.describe()}; precision {precision.name}", user, ((s, e),)
+        )
 
     if "batch_size" in user or "grad_accum" in user:
         splits = [(given["batch_size"], given["grad_accum"])]
@@ -457,7 +517,11 @@ def _reason(p: Plan, job: Job) -> str:
     s, card, given = p.settings, p.card, {**SHIPPED, **p.user}
     where = f"{card.free_gb:.1f} GB free on {card.name}"
     mine = [n for n in ("batch_size", "grad_accum", "gradient_checkpointing") if n in p.user]
-    split = f"batch {s.batch_size} in one step" if s.grad_accum == 1 else f"batch {s.batch_size} x {s.grad_accum} accumulation"
+    split = (
+        f"batch {s.batch_size} in one step"
+        if s.grad_accum == 1
+        else f"batch {s.batch_size} x {s.grad_accum} accumulation"
+    )
     what = split + (" (as set)" if {"batch_size", "grad_accum"} & set(mine) else "")
     if s.gradient_checkpointing:
         what += " with checkpointing" + (" (as set)" if "gradient_checkpointing" in mine else "")
@@ -468,14 +532,18 @@ def _reason(p: Plan, job: Job) -> str:
     if p.fits and not s.vision_cache and job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0:
         what += f", without the vision cache (its {job.cache_gb:.1f} GB do not fit beside training)"
     if s.vision_cache and job.cache_gb and job.cache_gb > p.estimate.cache:
-        what += (f", {p.estimate.cache:.1f} GB of the {job.cache_gb:.1f} GB vision cache on the GPU (the rest read ahead "
-                 "of each step from host memory or disk)")  # fmt: skip
+        what += (
+            f", {p.estimate.cache:.1f} GB of the {job.cache_gb:.1f} GB vision cache on the GPU (the rest read ahead "
+            "of each step from host memory or disk)"
+        )
     if given["cuda_graphs"] and s.vision_cache and not s.gradient_checkpointing and not s.cuda_graphs:
         what += f", no CUDA graphs in {p.precision.name} (they are captured in bf16)"
     if not p.fits:
         flags = ", ".join("--" + n.replace("_", "-") for n in mine)
         if mine:
-            hint = f"leave out {flags} to let train.py choose" + (f" ({p.instead.describe()} fits)" if p.instead else "")
+            hint = f"leave out {flags} to let train.py choose" + (
+                f" ({p.instead.describe()} fits)" if p.instead else ""
+            )
         else:
             hint = "the smallest configuration; free GPU memory (other processes?) or use a card with more"
         return f"memory: {where}, but {what} needs about {p.estimate.need:.1f} GB with headroom: {hint}"
@@ -490,8 +558,10 @@ def explicit_settings(namespace: dict, argv: list[str] | None, names=tuple(SHIPP
     (`namespace`, the script's globals) away from its shipped value (SHIPPED)."""
     args = cli.parse_settings(namespace, argv)
     # Parsed again with every default moved: a value that stays put came from the command line.
-    moved = {n.upper(): (not namespace[n.upper()]) if isinstance(namespace[n.upper()], bool) else namespace[n.upper()] + 7919
-             for n in names}  # fmt: skip
+    moved = {
+        n.upper(): (not namespace[n.upper()]) if isinstance(namespace[n.upper()], bool) else namespace[n.upper()] + 7919
+        for n in names
+    }
     again = cli.parse_settings({**namespace, **moved}, argv)
     return {n for n in names if getattr(args, n) == getattr(again, n) or getattr(args, n) != SHIPPED.get(n)}
 
@@ -514,12 +584,21 @@ def out_of_memory(plan: Plan, output_dir, device: str = "cuda", now: tuple[float
         free = min(free, max(0.0, card.total_gb - mine))
     others_then = card.total_gb - card.free_gb if card else 0.0
     others_now = (card.total_gb - free - mine) if card else 0.0
-    cause = (f"other processes took {others_now - others_then:.1f} GB since it started" if card and others_now > others_then + 0.5
-             else f"it held {mine:.1f} GB, {free:.1f} GB were left")  # fmt: skip
+    cause = (
+        f"other processes took {others_now - others_then:.1f} GB since it started"
+        if card and others_now > others_then + 0.5
+        else f"it held {mine:.1f} GB, {free:.1f} GB were left"
+    )
     smaller = plan.smaller()
     chosen = [n for n in ("batch_size", "grad_accum", "gradient_checkpointing") if n in plan.user]
-    checkpoints = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
-    resume = f" --resume (it continues from {checkpoints[-1].name})" if checkpoints else " (no checkpoint yet: it starts again)"
+    checkpoints = sorted(
+        (p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:])
+    )
+    resume = (
+        f" --resume (it continues from {checkpoints[-1].name})"
+        if checkpoints
+        else " (no checkpoint yet: it starts again)"
+    )
     if smaller is None:
         return f"the GPU ran out of memory while training ({cause}); nothing smaller fits this model: free GPU memory and rerun with{resume}"
     lower = f"lower {', '.join('--' + n.replace('_', '-') for n in chosen)}: " if chosen else ""

@@ -41,8 +41,12 @@ def rerun_command(*extra: str) -> str:
         return cli_rerun_command(*extra)
     argv = list(sys.argv)  # the script as given to torchrun
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-    launcher = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []),
-                "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(count()))]  # fmt: skip
+    launcher = [
+        "torchrun",
+        *(["--nnodes", str(nodes)] if nodes > 1 else []),
+        "--nproc_per_node",
+        os.environ.get("LOCAL_WORLD_SIZE", str(count())),
+    ]
     where = " (on every machine, with its --rdzv-endpoint)" if nodes > 1 else ""
     return shlex.join(launcher + argv + [e for e in extra if e not in argv]) + where
 
@@ -66,8 +70,10 @@ def stopped(why: str) -> str:
     SIGTERM, which may follow, would interrupt the line or the exit)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _end_progress_bars()
-    return (f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: "
-            f"{rerun_command('--resume')}")  # fmt: skip
+    return (
+        f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: "
+        f"{rerun_command('--resume')}"
+    )
 
 
 def _end_progress_bars() -> None:
@@ -103,13 +109,17 @@ def same_start(resume_from: str | None, batch_size: int, grad_accum: int) -> Non
     if len({checkpoint for checkpoint, _, _ in seen}) > 1:
         close()  # every process stops here, none waits for another
         where = ", ".join(f"process {r}: {checkpoint or 'none'}" for r, (checkpoint, _, _) in enumerate(seen))
-        raise UserError(f"the processes found different checkpoints to resume from ({where}); --output-dir must be a "
-                        "folder every machine shares, where process 0 writes the checkpoints.")  # fmt: skip
+        raise UserError(
+            f"the processes found different checkpoints to resume from ({where}); --output-dir must be a "
+            "folder every machine shares, where process 0 writes the checkpoints."
+        )
     if len({(b, a) for _, b, a in seen}) > 1:
         close()
         where = ", ".join(f"process {r}: {b} x {a}" for r, (_, b, a) in enumerate(seen))
-        raise UserError(f"the processes' GPUs fit different batch splits (batch x accumulation: {where}); pass "
-                        "--batch-size and --grad-accum to give all the same.")  # fmt: skip
+        raise UserError(
+            f"the processes' GPUs fit different batch splits (batch x accumulation: {where}); pass "
+            "--batch-size and --grad-accum to give all the same."
+        )
 
 
 def finish(device: str) -> list[dict] | None:
@@ -122,8 +132,10 @@ def finish(device: str) -> list[dict] | None:
     if not dist.is_initialized():
         return None
     cuda = device.startswith("cuda")
-    mine = {"allocated": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
-            "reserved": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None}  # fmt: skip
+    mine = {
+        "allocated": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "reserved": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None,
+    }
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     close()

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# transformers' own internals trip its v6 deprecation notices (is_gradient_checkpointing ...): nothing a user can act on.
-warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
-
 from vlcap.cli import UserError
 from vlcap.formats import AdapterSettings
+
+# transformers' own internals trip its v6 deprecation notices (is_gradient_checkpointing ...): nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,31 @@ class Architecture:
 
 # model_type in a folder's config.json -> the family's classes.
 ARCHITECTURES = {
-    "qwen2_vl": Architecture("Qwen2-VL", "Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2VLTextModel",
-                             "Qwen2VLDecoderLayer", "VisionAttention"),
-    "qwen2_5_vl": Architecture("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
-                               "Qwen2_5_VLTextModel", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionAttention"),
-    "qwen3_vl": Architecture("Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLTextModel",
-                             "Qwen3VLTextDecoderLayer", "Qwen3VLVisionAttention"),
-}  # fmt: skip
+    "qwen2_vl": Architecture(
+        "Qwen2-VL",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLModel",
+        "Qwen2VLTextModel",
+        "Qwen2VLDecoderLayer",
+        "VisionAttention",
+    ),
+    "qwen2_5_vl": Architecture(
+        "Qwen2.5-VL",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLModel",
+        "Qwen2_5_VLTextModel",
+        "Qwen2_5_VLDecoderLayer",
+        "Qwen2_5_VLVisionAttention",
+    ),
+    "qwen3_vl": Architecture(
+        "Qwen3-VL",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLModel",
+        "Qwen3VLTextModel",
+        "Qwen3VLTextDecoderLayer",
+        "Qwen3VLVisionAttention",
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ device
@@ -197,8 +215,10 @@ def answer_end_id(processor) -> int:
     ends with in training, so that the model learns to stop."""
     if processor not in _answer_ends:
         mark = "CAPTION"
-        messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": mark}]}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": [{"type": "text", "text": "x"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": mark}]},
+        ]
         after = processor.apply_chat_template(messages, tokenize=False).split(mark, 1)[1]
         _answer_ends[processor] = processor.tokenizer(after, add_special_tokens=False)["input_ids"][0]
     return _answer_ends[processor]
@@ -261,7 +281,11 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: str):
 
 
 def load_for_captioning(
-    adapter: str | Path | None, settings: AdapterSettings | None, model_dir: str | None, device: str, dtype: torch.dtype | None = None
+    adapter: str | Path | None,
+    settings: AdapterSettings | None,
+    model_dir: str | None,
+    device: str,
+    dtype: torch.dtype | None = None,
 ):
     """(model, processor) to caption with: the base model with the adapter folded in, or the base model alone.
 

@@ -1,9 +1,9 @@
 """Named moments of a run, and the seconds between them, for train_settings.json and the benchmark.
 
-    marks = timing.Marks()
-    marks("start"); ...; marks("prepared")
-    trainer = Trainer(..., callbacks=[marks.callback()])   # marks "first_step" and "train_end"
-    marks.seconds("start", "prepared")
+marks = timing.Marks()
+marks("start"); ...; marks("prepared")
+trainer = Trainer(..., callbacks=[marks.callback()])   # marks "first_step" and "train_end"
+marks.seconds("start", "prepared")
 """
 
 from __future__ import annotations

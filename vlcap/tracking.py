@@ -86,16 +86,22 @@ def choose_mode(setting: str | None, require_cloud: bool = False) -> str:
     if not key:
         if mode or require_cloud:  # cloud asked for by name, and no key: swanlab would stop at once
             raise UserError("SwanLab cloud mode needs an API key: run `swanlab login` (or set SWANLAB_API_KEY) first.")
-        print("SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
-              "`swanlab sync RUN_FOLDER` (SwanLab prints the folder below).")  # fmt: skip
+        print(
+            "SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
+            "`swanlab sync RUN_FOLDER` (SwanLab prints the folder below)."
+        )
         return "offline"
     why = _login_problem(key)
     if why is None:
         return "cloud"
     if require_cloud:
-        raise UserError(f"SwanLab cloud is required (--swanlab-require-cloud) but {why}; check the key and the network.")
-    print(f"SwanLab: {why}, so this run logs offline; upload it later with `swanlab sync RUN_FOLDER` "
-          "(SwanLab prints the folder below).")  # fmt: skip
+        raise UserError(
+            f"SwanLab cloud is required (--swanlab-require-cloud) but {why}; check the key and the network."
+        )
+    print(
+        f"SwanLab: {why}, so this run logs offline; upload it later with `swanlab sync RUN_FOLDER` "
+        "(SwanLab prints the folder below)."
+    )
     return "offline"
 
 
@@ -128,5 +134,7 @@ def start(mode: str, project: str, experiment: str, config: dict) -> Tracker:
     try:
         return SwanLab(mode, project, experiment, config)
     except Exception as e:  # logging must never cost the training run
-        print(f"warning: SwanLab could not start ({type(e).__name__}: {e}); training goes on without it.", file=sys.stderr)
+        print(
+            f"warning: SwanLab could not start ({type(e).__name__}: {e}); training goes on without it.", file=sys.stderr
+        )
         return Tracker()

@@ -98,7 +98,9 @@ class CaptionDataset:
         item = self.items[i]
         try:
             image = images.load(formats.image_of(item), self.image_size)
-            return encode_example(self.processor, image, formats.caption_of(item), self.prompt, self.max_length, self.prompts)
+            return encode_example(
+                self.processor, image, formats.caption_of(item), self.prompt, self.max_length, self.prompts
+            )
         except ValueError as e:  # a file that went bad after the start-up check, or too big: skip it, don't stop
             print(f"warning: skipped {formats.image_of(item)}: {e}", file=sys.stderr)
             return None

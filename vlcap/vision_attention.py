@@ -81,7 +81,9 @@ def _windowed_attention(attention, rotary, windows, hidden_states, cu_seqlens, p
     out = torch.empty_like(q)
     for index in windows.groups(cu_seqlens):  # (windows of this size, size): the patches of each window
         q_w, k_w, v_w = (t[index].transpose(1, 2) for t in (q, k, v))
-        out[index] = torch.nn.functional.scaled_dot_product_attention(q_w, k_w, v_w, scale=attention.scaling).transpose(1, 2)
+        out[index] = torch.nn.functional.scaled_dot_product_attention(q_w, k_w, v_w, scale=attention.scaling).transpose(
+            1, 2
+        )
     return attention.proj(out.reshape(hidden_states.shape[0], -1))
 
 
@@ -100,5 +102,7 @@ class _Windows:
                 if end > start:
                     starts.setdefault(end - start, []).append(start)
             self.key = cu_seqlens  # held, so that no other tensor can take its place under the same identity
-            self.index = [(torch.tensor(s)[:, None] + torch.arange(size)).to(cu_seqlens.device) for size, s in starts.items()]
+            self.index = [
+                (torch.tensor(s)[:, None] + torch.arange(size)).to(cu_seqlens.device) for size, s in starts.items()
+            ]
         return self.index
