@@ -22,7 +22,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlcap import cli, formats, gallery, memory, processes, timing, tracking
@@ -72,9 +72,7 @@ SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or is
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
     args = read_settings(argv)
-    is_main = (
-        processes.is_main()
-    )  # under torchrun, process 0 of all (on any machine) alone writes files, logs, captions
+    is_main = processes.is_main()  # under torchrun, process 0 of all machines alone writes files, logs and captions
     if processes.count() > 1:
         processes.stop_with_one_line()  # when another process fails
     resume_from = check_output_dir(args, is_main)
@@ -82,11 +80,76 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     marks = timing.Marks()
     marks("imports")
     global compat, evaluation, fastpath, qwen, training_data  # torch and transformers load once the settings are right
-    import torch
-
     from vlcap import compat, evaluation, fastpath, qwen, training_data
 
     marks("start")
+    run = prepare(args, is_main, marks)
+    config = {**vars(args), "model_dir": run.model_dir}
+    tracker = tracking.start(swanlab_mode, args.swanlab_project, args.swanlab_experiment, config)
+    recipe = captioning_recipe(args)
+    results = (
+        {"before": score(run, run.eval_items, recipe, "before", tracker)} if args.eval_before and run.eval_items else {}
+    )
+    if args.eval_before and tracker.enabled:  # the held-out pictures as the base model captions them
+        tracker.log_pictures(
+            "Prediction/before", evaluation.caption_conversations(*run.captioner, run.test_items, recipe)
+        )
+
+    run.model, graphs = add_lora(run.model, args, run.device, run.pad_to, marks)
+    settings = run_settings(args, run.model_dir, run.model, len(run.train_items), run.features is not None, graphs)
+    settings["memory_plan"] = run.plan.as_dict()
+    tracker.update_config(settings)
+    loss_guard = memory.loss_guard(run.plan.precision)  # fp16: an inf or nan loss stops the run with one line
+    extra = [tracker.callback, marks.callback(), loss_guard, *(callbacks or [])]
+    trainer = make_trainer(args, run.model, run.device, run.train_dataset, run.collator, extra)
+    trainer.use_vision_cache(run.features)
+    result = train(trainer, args, resume_from, run, tracker)
+    peaks = processes.finish(run.device)  # several processes: each one's peak memory; then process 0 goes on alone
+    if not is_main:
+        return 0
+    if peaks:
+        settings["peak_gpu_memory_gb_by_process"] = peaks
+
+    adapter_dir = save(run.model, run.processor, settings, result, marks, Path(args.output_dir) / "adapter", run.device)
+    captions = evaluation.caption_conversations(*run.captioner, run.test_items, recipe)
+    print_samples(run.test_items, captions)
+    tracker.log_pictures("Prediction/after", captions)
+    if run.eval_items:
+        results["after"] = score(run, run.eval_items, recipe, "after", tracker)
+        write_evaluation(Path(args.output_dir), run.eval_items, results)
+    tracker.finish()
+    print(
+        f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}"
+    )
+    print(f"adapter saved to {adapter_dir}")
+    return 0
+
+
+@dataclass
+class Prepared:
+    """What training starts from: the data, the model and processor, the batches, and the memory plan."""
+
+    device: str
+    model_dir: str
+    processor: object
+    train_items: list
+    test_items: list
+    eval_items: list
+    plan: object
+    model: object
+    train_dataset: object
+    collator: object
+    features: object  # the vision cache, or None on the plain path
+    pad_to: int | None  # the fixed padded length of the fast path's batches (None: the plain path)
+
+    @property
+    def captioner(self) -> tuple:
+        return self.model, self.processor
+
+
+def prepare(args, is_main: bool, marks) -> Prepared:
+    """Data, checks, memory plan, model and vision cache, in that order: nothing is written until every early check has
+    passed, and the encoding workers start before the model loads."""
     device = qwen.resolve_device(args.device)
     items = training_data.usable_conversations(formats.read_conversations(args.data_json))
     train_items, test_items = training_data.hold_out(items, args.test_size)
@@ -108,67 +171,43 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     eval_items = evaluation.load_split(args.eval_json, args.eval_size) if is_main else []
     train_dataset, collator, features, pad_to = finish_data(model)
     marks("prepared")
-
-    tracker = tracking.start(
-        swanlab_mode, args.swanlab_project, args.swanlab_experiment, {**vars(args), "model_dir": model_dir}
+    pad_to = pad_to if features is not None else None
+    return Prepared(
+        device,
+        model_dir,
+        processor,
+        train_items,
+        test_items,
+        eval_items,
+        plan,
+        model,
+        train_dataset,
+        collator,
+        features,
+        pad_to,
     )
-    recipe = captioning_recipe(args)
-    results = {}
-    if args.eval_before and eval_items:
-        results["before"] = score(model, processor, eval_items, recipe, "before", tracker)
-    if (
-        args.eval_before and tracker.enabled
-    ):  # the held-out pictures as the base model captions them, beside the trained
-        tracker.log_pictures(
-            "Prediction/before", evaluation.caption_conversations(model, processor, test_items, recipe)
-        )
 
-    model, graphs = add_lora(model, args, device, pad_to if features is not None else None, marks)
-    settings = run_settings(args, model_dir, model, len(train_items), features is not None, graphs)
-    settings["memory_plan"] = plan.as_dict()
-    tracker.update_config(settings)
-    guard = memory.loss_guard(plan.precision)  # fp16: an inf or nan loss stops the run with one line
-    trainer = make_trainer(
-        args, model, device, train_dataset, collator, [tracker.callback, marks.callback(), guard, *(callbacks or [])]
-    )
-    trainer.use_vision_cache(features)
+
+def train(trainer, args, resume_from: str | None, run: Prepared, tracker):
+    """trainer.train(), with every way it can stop early turned into one line (and SwanLab's run marked aborted)."""
+    import torch
+
     processes.same_start(resume_from, args.batch_size, args.grad_accum)
     if resume_from:
         print(f"resuming from {resume_from}")
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        return trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         tracker.finish(aborted=True)
         raise
     except torch.OutOfMemoryError:  # another process took memory, or the estimate was short: one line, not a traceback
         tracker.finish(aborted=True)
-        raise cli.UserError(memory.out_of_memory(plan, args.output_dir, device)) from None
+        raise cli.UserError(memory.out_of_memory(run.plan, args.output_dir, run.device)) from None
     except Exception as e:
         if not processes.lost_peer(e):
             raise
         tracker.finish(aborted=True)
         raise cli.UserError(processes.stopped("lost the connection to another process of this run")) from None
-    peaks = processes.finish(device)  # several processes: each one's peak memory; then process 0 goes on alone
-    if not is_main:
-        return 0
-    if peaks:
-        settings["peak_gpu_memory_gb_by_process"] = peaks
-
-    adapter_dir = save(model, processor, settings, result, marks, Path(args.output_dir) / "adapter", device)
-    captions = evaluation.caption_conversations(model, processor, test_items, recipe)
-    print_samples(test_items, captions)
-    tracker.log_pictures("Prediction/after", captions)
-    if eval_items:
-        results["after"] = score(model, processor, eval_items, recipe, "after", tracker)
-        evaluation.write_results(Path(args.output_dir), eval_items, results)
-        page = gallery.write_evaluation_page(Path(args.output_dir) / gallery.PAGE_FILE, eval_items, results)
-        print(f"the evaluation pictures with their captions before and after training: {page}")
-    tracker.finish()
-    print(
-        f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}"
-    )
-    print(f"adapter saved to {adapter_dir}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------------------- settings
@@ -522,6 +561,13 @@ def save(model, processor, settings: dict, result, marks, adapter_dir: Path, dev
     return adapter_dir
 
 
+def write_evaluation(output_dir: Path, items: list[dict], results: dict) -> None:
+    """The scores and captions before and after (files), and the page that shows them beside the pictures."""
+    evaluation.write_results(output_dir, items, results)
+    page = gallery.write_evaluation_page(output_dir / gallery.PAGE_FILE, items, results)
+    print(f"the evaluation pictures with their captions before and after training: {page}")
+
+
 def print_samples(items: list[dict], captions: dict[str, str], most: int = 4) -> None:
     """A few held-out pictures with their reference and generated captions (infer.py captions all of them)."""
     shown = [item for item in items if formats.image_of(item) in captions][:most]
@@ -532,9 +578,9 @@ def print_samples(items: list[dict], captions: dict[str, str], most: int = 4) ->
         print(f"... and {len(captions) - len(shown)} more held-out pictures: `python infer.py` captions them all")
 
 
-def score(model, processor, items: list[dict], recipe, when: str, tracker):
+def score(run: Prepared, items: list[dict], recipe, when: str, tracker):
     """(captions, scores) of the evaluation split, printed and logged."""
-    captions, scores = evaluation.evaluate(model, processor, items, recipe)
+    captions, scores = evaluation.evaluate(*run.captioner, items, recipe)
     print(evaluation.summary(when, scores))
     tracker.log(evaluation.metrics(when, scores))
     return captions, scores
