@@ -305,6 +305,7 @@ def check_arguments(script: str | Path, argv: list[str], prog: str | None = None
     path = Path(script)
     spec = importlib.util.spec_from_file_location(f"_checked_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     parse_settings(vars(module), list(argv), prog=prog or path.name, suggest=suggest)
 
