@@ -18,7 +18,7 @@ import torch
 from vlcap import cli, processes
 
 import train
-from helpers import QUICK, REPO, closed_port
+from helpers import QUICK, REPO, closed_port, needs_fast_paths
 from swanlab_files import only_run, read_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled"}
@@ -124,6 +124,7 @@ def test_two_processes_match_one(two_processes, one_process):
         torch.testing.assert_close(ddp[name], one[name], rtol=0, atol=1e-6)
 
 
+@needs_fast_paths
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_graphed_layers_under_ddp_match_one_process(common, one_process, tmp_path):
     """The fast path's decoder layers graphed in each process before DDP wraps the model (the CPU stand-in: the same

@@ -83,7 +83,6 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
         assert gap.max() > 1e-4 and gap.max() > 100 * agree.max(), (gap, agree)
 
 
-@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_gradient_accumulation_trains_as_one_batch(tiny_models, shapes_24, tmp_path, arch):
     """Batch 4 in one step, or 2 x 2 accumulated (with checkpointing, as --low-memory runs): the same losses and weights,
@@ -108,6 +107,7 @@ def test_gradient_accumulation_trains_as_one_batch(tiny_models, shapes_24, tmp_p
             torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-6)
 
 
+@needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, arch):
     tiny_model = tiny_models[arch]

@@ -10,9 +10,10 @@ import torch
 
 import cpu_graphs
 import train
-from helpers import QUICK
+from helpers import QUICK, needs_fast_paths
 
 
+@needs_fast_paths
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # autocast("cuda") on the CPU: off, as wanted
 def test_graphed_layers_accumulate_gradients_as_eager_ones(tiny_model, shapes_24, tmp_path, monkeypatch):
     """Batch 2 x 2 accumulation, 4 steps without dropout, eager and "graphed": the same weights to float rounding.

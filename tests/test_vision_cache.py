@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoProcessor, TrainerCallback
 from vlcap import fastpath, formats
 
 import train
-from helpers import QUICK
+from helpers import QUICK, needs_fast_paths
 
 
 class Losses(TrainerCallback):
@@ -52,6 +52,7 @@ def run(model_dir, data_json, out, *extra, steps=6):
     return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
 
 
+@needs_fast_paths
 def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(
     tiny_model, shapes_24, tmp_path, capsys, monkeypatch
 ):
@@ -159,6 +160,7 @@ def test_the_encoding_key_changes_with_what_the_features_depend_on(tiny_model, s
         os.utime(picture, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+@needs_fast_paths
 def test_a_cache_that_fits_nowhere_stops_before_the_model_loads(tiny_model, shapes_24, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
