@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 for folder in (REPO, REPO / "tools"):
@@ -98,6 +99,17 @@ def run_script(*args, env=None, cwd=REPO):
     script, *rest = args
     command = [sys.executable, str(REPO / script), *rest]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+class Losses(TrainerCallback):
+    """Keeps every logged training loss (`values`)."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.values.append(float(logs["loss"]))
 
 
 def one_error_line(result) -> str:

@@ -13,16 +13,7 @@ from transformers import TrainerCallback
 from vlcap import captioning, compat, formats, images
 
 import train
-from helpers import QUICK, load_captioner, needs_fast_paths
-
-
-class Losses(TrainerCallback):
-    def __init__(self):
-        self.values = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.values.append(logs["loss"])
+from helpers import QUICK, Losses, load_captioner, needs_fast_paths
 
 
 def train_losses(tiny_model, shapes_24, out, *extra) -> tuple[list[float], dict]:

@@ -6,21 +6,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor, TrainerCallback
+from transformers import AutoProcessor
 
 from vlcap import fastpath, qwen, training_data, vision_attention
 
 import train
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, for_family, needs_fast_paths
-
-
-class Losses(TrainerCallback):
-    def __init__(self):
-        self.values = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.values.append(float(logs["loss"]))
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, for_family, needs_fast_paths
 
 
 def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dict, dict]:

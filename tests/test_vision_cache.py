@@ -8,21 +8,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, TrainerCallback
+from transformers import AutoConfig, AutoProcessor
 
 from vlcap import fastpath, formats
 
 import train
-from helpers import QUICK, needs_fast_paths
-
-
-class Losses(TrainerCallback):
-    def __init__(self):
-        self.values = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.values.append(float(logs["loss"]))
+from helpers import QUICK, Losses, needs_fast_paths
 
 
 def run(model_dir, data_json, out, *extra, steps=6):
