@@ -18,6 +18,7 @@ local model folder (AutoConfig's model_type picks the family's model class).
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 from dataclasses import dataclass
@@ -213,6 +214,17 @@ class Family:
     video_pixels: tuple[int, int] | None = None  # video processor's own (min, max) pixels; None: the image limits
 
 
+# The tiny text model of both 14-pixel families: Qwen2-VL's layout at toy width (rope sections sum to head_dim / 2).
+QWEN2_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    max_position_embeddings=4096,
+)
+
 FAMILIES = {
     "qwen2_vl": Family(
         name="Qwen2-VL",
@@ -228,15 +240,7 @@ FAMILIES = {
         pixels={"tiny": (3136, 1003520), "full": (3136, 1003520)},
         # full: Qwen2-VL-2B-Instruct's config.json (../shared/qwen2-vl-2b-config.json).
         text={
-            "tiny": dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                max_position_embeddings=4096,
-            ),
+            "tiny": QWEN2_TINY_TEXT,
             "full": dict(
                 vocab_size=151936,
                 hidden_size=1536,
@@ -271,15 +275,7 @@ FAMILIES = {
         # full: Qwen2.5-VL-3B-Instruct's config.json, as copied in github.com/zhanggaojian/Qwen2.5-VL-3B-LLMQ_Samples,
         # models/Qwen2.5-VL-3B-Instruct/config.json (its generation_config.json: eos [151645, 151643], pad 151643).
         text={
-            "tiny": dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                max_position_embeddings=4096,
-            ),
+            "tiny": QWEN2_TINY_TEXT,
             "full": dict(
                 vocab_size=151936,
                 hidden_size=2048,
@@ -520,7 +516,7 @@ def build_config(family: Family, size: str, tokenizer):
     import transformers
 
     endoftext, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>"))
-    text = dict(family.text[size])
+    text = copy.deepcopy(family.text[size])  # transformers may fill in the rope dict: never the shared one
     text.setdefault("vocab_size", len(tokenizer))
     text.update(
         bos_token_id=endoftext,
