@@ -117,6 +117,26 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9  # kB on Linux
 
 
+def benchmark_flags(model_dir: Path, data_json: Path, out: Path) -> list[str]:
+    """train.py's flags common to every benchmark run: the stand-in, the data, a fresh output folder, no SwanLab, no
+    checkpoint but the last, and captions of the length the captioning figures use."""
+    return [
+        "--model-dir",
+        str(model_dir),
+        "--data-json",
+        str(data_json),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--swanlab-mode",
+        "disabled",
+        "--save-steps",
+        "100000",
+        "--sample-max-new-tokens",
+        "32",
+    ]
+
+
 def train_command(processes: int, flags: list[str]) -> list[str]:
     """train.py on one GPU, or under torchrun on `processes` GPUs of this machine."""
     if processes == 1:
@@ -150,22 +170,7 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
         out = Path(args.work) / f"out-{args.arch}-gpus-{slug}-{args.n}"
         cmd = train_command(
             processes,
-            [
-                "--model-dir",
-                str(model_dir),
-                "--data-json",
-                str(data_json),
-                "--output-dir",
-                str(out),
-                "--overwrite",
-                "--swanlab-mode",
-                "disabled",
-                "--save-steps",
-                "100000",
-                "--sample-max-new-tokens",
-                "32",
-                *flags,
-            ],
+            [*benchmark_flags(model_dir, data_json, out), *flags],
         )
         log = Path(args.work) / f"{args.arch}-gpus-{slug}-{args.n}.log"
         try:  # one failed run must not lose the others' figures
@@ -473,24 +478,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         out = work / f"out-{args.arch}-{name}-{args.n}"
-        cmd = [
-            sys.executable,
-            "train.py",
-            "--model-dir",
-            str(model_dir),
-            "--data-json",
-            str(data_json),
-            "--output-dir",
-            str(out),
-            "--overwrite",
-            "--swanlab-mode",
-            "disabled",
-            "--save-steps",
-            "100000",
-            "--sample-max-new-tokens",
-            "32",
-            *VARIANTS[name],
-        ]
+        cmd = [sys.executable, "train.py", *benchmark_flags(model_dir, data_json, out), *VARIANTS[name]]
         if args.max_steps > 0 and "--max-steps" not in VARIANTS[name]:
             cmd += ["--max-steps", str(args.max_steps)]
         cmd += shlex.split(args.train_args)
