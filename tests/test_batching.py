@@ -81,3 +81,20 @@ def test_cached_prompt_tokens_give_what_the_processor_gives(processor):
         assert torch.equal(cached["pixel_values"], full["pixel_values"])
         assert torch.equal(cached["image_grid_thw"], full["image_grid_thw"])
     assert len(prompts) == 2, "one entry per image size"
+
+
+def test_captioning_cuts_pictures_into_patches_where_the_model_is(processor):
+    """On a GPU, captioning hands the processor the model's device (its pictures are cut into patches there); the
+    argument reaches the image processor and changes nothing but where the patches are."""
+    from vlcap import captioning
+
+    assert captioning.picture_device(processor, torch.device("cpu")) == {}
+    assert captioning.picture_device(processor, torch.device("cuda")) == {"device": torch.device("cuda")}
+    pictures = [Image.new("RGB", (56, 56), c) for c in ("red", "blue")]
+    text = qwen.prompt_text(processor, "COCO Yes:")
+    kwargs = {"text": [text] * 2, "images": pictures, "padding": True, "padding_side": "left", "return_tensors": "pt"}
+    plain, placed = processor(**kwargs), processor(**kwargs, device="cpu")
+    assert set(plain) == set(placed)
+    for key in plain:
+        assert torch.equal(plain[key], placed[key]), key
+    assert placed["image_grid_thw"].device.type == "cpu"  # read on the CPU for the positions, never waited for

@@ -76,6 +76,29 @@ def test_fast_loop_equals_generate_on_padded_rows_that_end_at_different_tokens(f
 
 
 @needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fast_loop_equals_generate_with_lora_layers_unmerged(trained_family, pictures, arch):
+    """train.py captions the evaluation split with the LoRA layers in place (peft's wrappers, not folded into the
+    weights): the fast loop's step then calls them, and the captions are still generate's."""
+    from peft import PeftModel
+
+    from vlcap import formats
+
+    adapter = trained_family(arch)[0]
+    settings = formats.read_adapter_settings(adapter)
+    model = PeftModel.from_pretrained(qwen.load_model(settings.model_dir, "cpu"), str(adapter)).eval()
+    processor = qwen.load_processor(adapter)
+    inputs = processor_inputs(processor, pictures)
+    expected = generate_tokens(model, inputs)
+    assert torch.equal(fastdecode.greedy_tokens(model, inputs, NEW_TOKENS), expected)
+    base = processor_inputs(processor, pictures)
+    with model.disable_adapter():  # the adapter changes the captions: the test above would see a dropped q/k/v LoRA
+        fastdecode.release(model)
+        assert not torch.equal(generate_tokens(model, base), expected)
+    fastdecode.release(model)
+
+
+@needs_fast_paths
 def test_decoder_is_reused_for_a_batch_of_the_same_shape(captioner, pictures):  # noqa: F811
     model, processor, _ = captioner
     first, second = processor_inputs(processor, pictures[:3]), processor_inputs(processor, pictures[3:6][::-1])

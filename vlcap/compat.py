@@ -139,6 +139,18 @@ def _decode(model) -> str | None:
         return lacking
     kind, arch, modeling = family
     inner = getattr(modeling, arch.inner)
+    lacking = [f for f in ("rotate_half", "eager_attention_forward") if not hasattr(modeling, f)]
+    if lacking:
+        return f"modeling_{kind} has no {', '.join(lacking)}"
+    model_inner = _inner(model)
+    if model_inner is not None:  # what fastdecode.OneTokenStep reads of each decoder layer
+        layer = model_inner.language_model.layers[0]
+        attention = layer.self_attn
+        wanted = [(attention, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "config")]
+        wanted += [(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")]
+        lacking = [f"{type(owner).__name__}.{a}" for owner, a in wanted if not hasattr(owner, a)]
+        if lacking:
+            return f"no {', '.join(lacking)}"
     return (
         _needs(
             inner.forward,

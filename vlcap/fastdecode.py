@@ -21,8 +21,12 @@ settings this loop does not implement fall back to generate, and so does a trans
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, StaticCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlcap import compat
 from vlcap.qwen import base_model
@@ -66,6 +70,7 @@ class GreedyDecoder:
         self.graphs, self.graph = graphs and device.type == "cuda", None
         self.max_len = prompt_length + max_new_tokens
         self.cache = StaticCache(config=config, max_cache_len=self.max_len)
+        self.step = OneTokenStep(self.model.model.language_model, self.cache)
         eos = generation.eos_token_id if generation.eos_token_id is not None else config.text_config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
         pad = generation.pad_token_id
@@ -136,14 +141,8 @@ class GreedyDecoder:
 
     def _step(self) -> None:
         """One token for every row: what the CUDA graph holds."""
-        mask = self.keys_valid & (self.slots <= self.length)
-        hidden = self.model.model.language_model(
-            input_ids=self.token,
-            attention_mask=mask[:, None, None, :],
-            position_ids=self.position.view(1, -1, 1).expand(3, -1, 1),
-            cache=self.cache,
-            use_cache=True,
-        ).last_hidden_state
+        mask = (self.keys_valid & (self.slots <= self.length))[:, None, None, :]
+        hidden = self.step(self.token, self.position.view(1, -1, 1).expand(3, -1, 1), mask, self.length.view(1))
         self.position += 1
         self.length += 1
         self._choose(hidden[:, -1])
@@ -177,6 +176,77 @@ class GreedyDecoder:
                 self._step()  # recorded, not run
             return
         self.graph.replay()
+
+
+class OneTokenStep:
+    """The language model's forward for one new token per row, written for the decoding loop: the same modules, weights
+    and arithmetic as the family's own forward, in about half the GPU kernels (each of which the graph replays one by
+    one, which is what a token costs at these sizes: bench/caption_parts.py).
+
+    What differs from calling the language model: q, k and v come from one matrix product (their weights concatenated
+    once, ~6 MB a layer for the 2B model; with LoRA layers unmerged, from their own calls); RMSNorm is torch's fused `rms_norm` and the norm's weight (the family's
+    module computes the same in six kernels: in fp32, cast to the input's type, times the weight); the rotary embedding
+    turns queries and keys in one pass; the new key and value are written straight into the static cache at the
+    cache length. Positions, the cos/sin tables, the attention function (transformers' own, as configured) and the
+    MLP are the family's. tests/test_fastdecode.py checks the captions against `generate` token for token.
+    """
+
+    def __init__(self, language_model, cache):
+        self.model, self.cache = language_model, cache
+        self.attention = [layer.self_attn for layer in language_model.layers]
+        self.qkv = [_fused(a.q_proj, a.k_proj, a.v_proj) for a in self.attention]
+        first = self.attention[0]
+        self.heads, self.kv_heads = first.config.num_attention_heads, first.config.num_key_value_heads
+        self.head_dim = first.head_dim
+        module = sys.modules[type(first).__module__]
+        self.interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            first.config._attn_implementation, module.eager_attention_forward
+        )
+        self.rotate_half = module.rotate_half
+
+    def __call__(self, token, position_ids, mask, slot) -> torch.Tensor:
+        """Hidden states after the final norm (rows x 1 x hidden) for `token` (rows x 1) at `position_ids` (3 x rows x
+        1), attending to the cache slots `mask` (rows x 1 x 1 x slots) allows; its key and value go to `slot`."""
+        lm = self.model
+        hidden = lm.embed_tokens(token)
+        cos, sin = lm.rotary_emb(hidden, position_ids)
+        cos, sin = cos[:, None], sin[:, None]  # rows x 1 (heads) x 1 x head_dim
+        rows, heads, kv, dim = hidden.shape[0], self.heads, self.kv_heads, self.head_dim
+        for i, layer in enumerate(lm.layers):
+            attention = self.attention[i]
+            x = _rms_norm(layer.input_layernorm, hidden)
+            qkv = self.qkv[i](x).view(rows, 1, heads + 2 * kv, dim).transpose(1, 2)  # rows x heads x 1 x dim
+            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
+                q, k = _rms_norm(attention.q_norm, qkv[:, :heads]), _rms_norm(attention.k_norm, qkv[:, heads:-kv])
+                qk = torch.cat([q, k], dim=1)
+            else:
+                qk = qkv[:, :-kv]
+            qk = (qk * cos) + (self.rotate_half(qk) * sin)
+            keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
+            keys.index_copy_(2, slot, qk[:, heads:])
+            values.index_copy_(2, slot, qkv[:, -kv:])
+            out, _ = self.interface(
+                attention, qk[:, :heads], keys, values, mask, dropout=0.0, scaling=attention.scaling
+            )
+            hidden = hidden + attention.o_proj(out.reshape(rows, 1, -1))
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        return _rms_norm(lm.norm, hidden)
+
+
+def _fused(*projections):
+    """x -> the projections' outputs side by side: one matrix product when they are plain linear layers (a merged or
+    base model), else each projection's own call (peft's LoRA layers, as train.py captions with after training)."""
+    if all(type(p) is torch.nn.Linear for p in projections):
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if projections[0].bias is not None else None
+        return lambda x: F.linear(x, weight, bias)
+    return lambda x: torch.cat([p(x) for p in projections], dim=-1)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm module's output (normalised in fp32, cast back, times the weight), in two kernels."""
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
