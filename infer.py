@@ -125,4 +125,4 @@ def merge_adapter(model, processor, adapter: Path, out: str) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cli.run(main)
+    cli.run(main, skip_teardown=True)

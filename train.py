@@ -207,7 +207,10 @@ def train(trainer, args, resume_from: str | None, run: Prepared, tracker):
         if not processes.lost_peer(e):
             raise
         tracker.finish(aborted=True)
-        raise cli.UserError(processes.stopped("lost the connection to another process of this run")) from None
+        line = processes.stopped("lost the connection to another process of this run")
+        if line is None:  # torchrun's stop came first and was said: the process is ending
+            raise SystemExit(2) from None
+        raise cli.UserError(line) from None
 
 
 # ------------------------------------------------------------------------------------------------------------- settings
@@ -593,4 +596,5 @@ if __name__ == "__main__":
         interrupted=lambda: (
             "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume")
         ),
+        skip_teardown=True,
     )

@@ -168,9 +168,10 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
         flags = [sizes.get(f, f) for f in flags]
         slug = shown(name).replace(" ", "-") + "-" + "-".join(flags).replace("--", "")
         out = Path(args.work) / f"out-{args.arch}-gpus-{slug}-{args.n}"
+        steps = ["--max-steps", str(args.max_steps)] if args.max_steps > 0 and "--max-steps" not in flags else []
         cmd = train_command(
             processes,
-            [*benchmark_flags(model_dir, data_json, out), *flags],
+            [*benchmark_flags(model_dir, data_json, out), *flags, *steps, *shlex.split(args.train_args)],
         )
         log = Path(args.work) / f"{args.arch}-gpus-{slug}-{args.n}.log"
         try:  # one failed run must not lose the others' figures

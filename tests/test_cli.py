@@ -400,3 +400,27 @@ def test_ctrl_c_prints_the_scripts_own_line(capsys, monkeypatch):
 def test_rerun_command_adds_a_flag_only_once(monkeypatch):
     monkeypatch.setattr(sys, "orig_argv", ["python", "train.py", "--resume"])
     assert cli.rerun_command("--resume") == "python train.py --resume"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "said"),
+    [("return 3", 3, ""), ("raise cli.UserError('no such folder')", 2, "error: no such folder")],
+)
+def test_leaving_without_the_teardown_still_runs_atexit_and_flushes(tmp_path, body, status, said):
+    """train.py and infer.py leave without the interpreter's teardown (cli.run(..., skip_teardown=True)): what was
+    printed, unflushed, still arrives, the atexit handlers still run, and the exit status is main's."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from vlcap import cli\n"
+        "atexit.register(print, 'atexit ran')\n"
+        "def main():\n"
+        "    print('unflushed', end='')\n"
+        f"    {body}\n"
+        "cli.run(main, skip_teardown=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == status
+    assert done.stdout == "unflushedatexit ran\n"
+    assert done.stderr.strip() == said

@@ -273,3 +273,32 @@ def _start(rank: int, tmp_path: Path) -> None:
         except cli.UserError as e:
             (tmp_path / f"{case}-{rank}.txt").write_text(str(e))
         assert not dist.is_initialized()  # closed by both, neither waits for the other
+
+
+def test_torchrun_stop_is_said_in_one_line_while_the_main_thread_is_blocked_in_a_library(tmp_path):
+    """With NCCL, a process whose partner died waits inside CUDA, where no Python signal handler runs (on 2 GPUs it was
+    killed 30 s after torchrun's SIGTERM, without a word). Here the main thread waits in a C call that signals do not
+    interrupt (locking a mutex it holds): torchrun's SIGTERM still gets the one line and the exit."""
+    script = tmp_path / "blocked.py"
+    script.write_text(
+        "import ctypes, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from vlcap import processes\n"
+        "processes.stop_with_one_line()\n"
+        "libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)\n"
+        "libc.pthread_mutex_init(mutex, None)\n"
+        "libc.pthread_mutex_lock(mutex)\n"
+        "print('blocked', flush=True)\n"
+        "libc.pthread_mutex_lock(mutex)  # the second lock waits forever\n"
+    )
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "blocked\n"
+    time.sleep(0.5)  # inside pthread_join
+    run.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    status = run.wait(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert status == 2
+    lines = run.stderr.read().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by torchrun"), lines
+    assert lines[0].endswith(f"{script} --resume"), lines

@@ -16,6 +16,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from vlcap.cli import UserError
@@ -52,23 +53,36 @@ def rerun_command(*extra: str) -> str:
 
 
 def stop_with_one_line() -> None:
-    """When one process fails, torchrun stops the others of its machine with SIGTERM: each says so in one line (and how
-    to continue) instead of dying silently or with a traceback. Processes of other machines learn it from the process
-    group: gloo raises the lost connection in the collective they wait in at once (lost_peer); with NCCL, its watchdog
-    ends the process when the transport reports the lost peer, at the latest at the collective timeout (transformers'
-    ddp_timeout, 30 minutes; not measured here). A process blocked in CUDA when SIGTERM comes cannot run this handler:
-    torchrun kills it 30 s later."""
+    """When one process fails, torchrun stops the others of its machine with SIGTERM (and SIGKILL 30 s later): each says
+    so in one line (and how to continue) instead of dying silently or with a traceback. A thread of its own waits for
+    the signal, because the main thread is then often blocked inside CUDA, where no Python signal handler runs: with
+    NCCL, the collective that waits for the dead process never returns (measured on 2 H200s: killed by torchrun 31 s
+    after the other died, without a word, before this thread). The thread prints the line and ends the process at once;
+    a checkpoint it cuts short is skipped by --resume. Processes of other machines learn it from the process group:
+    gloo raises the lost connection in the collective they wait in at once (lost_peer); with NCCL, its watchdog ends
+    the process when the transport reports the lost peer, at the latest at the collective timeout (transformers'
+    ddp_timeout, 30 minutes; not measured here)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for this thread and those it starts: the waiter's
 
-    def stopped_by_torchrun(signum, frame):
-        raise UserError(stopped("stopped by torchrun, which stops every process of a run when one fails"))
+    def wait_for_torchrun() -> None:
+        signal.sigwait({signal.SIGTERM})
+        line = stopped("stopped by torchrun, which stops every process of a run when one fails")
+        if line is None:  # the main thread is saying why already, and leaving
+            return
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        os._exit(2)  # as a UserError leaves (vlcap.cli.run)
 
-    signal.signal(signal.SIGTERM, stopped_by_torchrun)
+    threading.Thread(target=wait_for_torchrun, name="torchrun-stop", daemon=True).start()
 
 
-def stopped(why: str) -> str:
-    """The one line a process prints when the run lost another process; from here on it leaves on its own (torchrun's
-    SIGTERM, which may follow, would interrupt the line or the exit)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_stopping = threading.Lock()  # held by whichever says first that the run lost a process: one line, never two
+
+
+def stopped(why: str) -> str | None:
+    """The one line a process prints when the run lost another process, or None if it has been said already (the
+    main thread's error and torchrun's SIGTERM can come together)."""
+    if not _stopping.acquire(blocking=False):
+        return None
     _end_progress_bars()
     return (
         f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: "
