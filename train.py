@@ -69,15 +69,16 @@ SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or is
 
 
 # ------------------------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
-    """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them)."""
+def main(argv: list[str] | None = None, callbacks: list | None = None, marks: timing.Marks | None = None) -> int:
+    """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them); `marks`, the
+    run's timing marks so far (run as a script: the process's start)."""
     args = read_settings(argv)
     is_main = processes.is_main()  # under torchrun, process 0 of all machines alone writes files, logs and captions
     if processes.count() > 1:
         processes.stop_with_one_line()  # when another process fails
     resume_from = check_output_dir(args, is_main)
     swanlab_mode = tracking.choose_mode(args.swanlab_mode, args.swanlab_require_cloud) if is_main else "disabled"
-    marks = timing.Marks()
+    marks = marks or timing.Marks()
     marks("imports")
     global compat, evaluation, fastpath, qwen, training_data  # torch and transformers load once the settings are right
     from vlcap import compat, evaluation, fastpath, qwen, training_data
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         tracker.log_pictures(
             "Prediction/before", evaluation.caption_conversations(*run.captioner, run.test_items, recipe)
         )
+    marks("scored_before")
 
     run.model, graphs = add_lora(run.model, args, run.device, run.pad_to, marks)
     settings = run_settings(args, run.model_dir, run.model, len(run.train_items), run.features is not None, graphs)
@@ -111,16 +113,22 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
         settings["peak_gpu_memory_gb_by_process"] = peaks
 
     adapter_dir = save(run.model, run.processor, settings, result, marks, Path(args.output_dir) / "adapter", run.device)
+    marks("saved")
     captions = evaluation.caption_conversations(*run.captioner, run.test_items, recipe)
     print_samples(run.test_items, captions)
     tracker.log_pictures("Prediction/after", captions)
+    marks("sampled")
     if run.eval_items:
         results["after"] = score(run, run.eval_items, recipe, "after", tracker)
         write_evaluation(Path(args.output_dir), run.eval_items, results)
     tracker.finish()
+    marks("end")
+    settings["seconds"]["run"] = marks.parts(timing.TRAIN_RUN)
+    formats.write_train_settings(adapter_dir, settings)  # again, with where the whole run's time went
     print(
         f"trained {result.global_step} steps in {settings['seconds']['train']:.1f} s, final loss {result.training_loss:.4f}"
     )
+    print(timing.summary(settings["seconds"]["run"]))
     print(f"adapter saved to {adapter_dir}")
     return 0
 
@@ -591,8 +599,10 @@ def score(run: Prepared, items: list[dict], recipe, when: str, tracker):
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = timing.Marks()
+    started.mark_process_start()
     cli.run(
-        main,
+        lambda: main(marks=started),
         interrupted=lambda: (
             "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume")
         ),

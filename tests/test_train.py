@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, TrainerCallback
 
-from vlcap import captioning, formats, images
+from vlcap import captioning, formats, images, timing
 
 import train
 from helpers import QUICK, REPO, load_captioner, run_script
@@ -88,6 +88,10 @@ def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shape
             str(tmp_path / "out"),
             "--max-steps",
             "1",
+            "--eval-json",
+            str(shapes_24),
+            "--eval-size",
+            "4",
             *QUICK,
         ],
         capture_output=True,
@@ -99,8 +103,16 @@ def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shape
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
-    assert only_run(tmp_path / "swanlog")
+    assert only_run(tmp_path / "swanlog")  # written although the process leaves without the interpreter's teardown
     assert result.stdout.strip().splitlines()[-1] == f"adapter saved to {tmp_path / 'out' / 'adapter'}"
+
+    # Where the run's time went, from the process's start to its last line: every part, adding up to the whole.
+    settings = json.loads((tmp_path / "out" / "adapter" / "train_settings.json").read_text())
+    parts = settings["seconds"]["run"]
+    assert list(parts) == [label for label, _, _ in timing.TRAIN_RUN]
+    assert parts["in all"] > 0 and abs(sum(parts.values()) - 2 * parts["in all"]) < 0.06, parts
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("time: ")]
+    assert line.startswith(f"time: {parts['in all']:.1f} s in all: ") and "imports " in line
 
 
 def test_learns_colour_and_shape_from_the_pictures(trained, shapes_132):
