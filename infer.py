@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from vlcap import cli, formats, gallery, images, memory
+from vlcap import cli, formats, gallery, images, memory, timing
 
 ADAPTER: str | None = None  # adapter folder train.py saved (default: the newest under output/)
 NO_ADAPTER: bool = False  # caption with the base model alone, e.g. to compare against the fine-tuned one
@@ -36,7 +36,10 @@ FAST_DECODE: bool = True  # greedy search by vlcap/fastdecode.py (CUDA graphs); 
 PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16), bf16, fp16 or fp32
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> int:
+    """Caption, score, write. `marks`: the run's timing marks so far (run as a script: the process's start)."""
+    marks = marks or timing.Marks()
+    marks("start")
     args = cli.parse_settings(
         globals(), argv, lambda p: p.add_argument("images", nargs="*", help="image files or folders to caption")
     )
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.html:
         gallery.check_page_path(args.html)
 
+    marks("imports")
     from vlcap import captioning, qwen  # torch and transformers load once the settings are right
 
     device = qwen.resolve_device(args.device)
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"precision: {precision.reason}")
     model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device, precision.dtype)
     image_size = qwen.resolve_image_size(processor, image_size)  # a multiple of this model's patches
+    marks("loaded")
     if args.merge:
         return merge_adapter(model, processor, adapter, args.merge)
 
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         captions, failed = captioning.caption_paths(
             model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write, args.fast_decode
         )
+    marks("captioned")
     summary = f"captioned {len(captions)} of {len(paths)} images -> {out}"
     scores = cider = None
     if args.score and captions:
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             f"; web page {gallery.write_captions_page(args.html, paths, captions, references, scores, cider, title)}"
         )
     print(summary + (f"; {len(failed)} failed (see warnings above)" if failed else ""))
+    marks("end")
+    print(timing.summary(marks.parts(timing.INFER_RUN)))
     return 1 if failed else 0
 
 
@@ -125,4 +133,6 @@ def merge_adapter(model, processor, adapter: Path, out: str) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cli.run(main, skip_teardown=True)
+    started = timing.Marks()
+    started.mark_process_start()
+    cli.run(lambda: main(marks=started), skip_teardown=True)

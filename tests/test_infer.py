@@ -86,6 +86,8 @@ def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, ca
     expected = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=64)
     assert [r["caption"] for r in records] == expected
     assert f"captioned {len(odd_sized_pictures)} of {len(odd_sized_pictures) + 2} images" in result.stdout
+    last = result.stdout.splitlines()[-1]  # where the time went, from the process's start
+    assert last.startswith("time: ") and " s in all: " in last and "captioning " in last, last
 
 
 def test_default_adapter_and_split_are_the_latest_training_run(trained, tmp_path):

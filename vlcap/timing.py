@@ -79,6 +79,16 @@ TRAIN_RUN = [
 ]
 
 
+# Where infer.py's time goes (its "time:" line).
+INFER_RUN = [
+    ("python start-up", "process", "start"),
+    ("loading torch, transformers and the model", "imports", "loaded"),
+    ("captioning", "loaded", "captioned"),
+    ("scoring and pages", "captioned", "end"),
+    ("in all", "process", "end"),
+]
+
+
 def summary(parts: dict[str, float]) -> str:
     """The line "time: 26.3 s in all: imports 8.4 s, preparation 4.0 s, ..." (parts under 0.05 s left out)."""
     shown = [f"{label} {s:.1f} s" for label, s in parts.items() if label != "in all" and s >= 0.05]
