@@ -24,7 +24,7 @@ NO_ADAPTER: bool = False  # caption with the base model alone, e.g. to compare a
 MODEL_DIR: str | None = None  # base model folder or ModelScope id (default: the one the adapter was trained from)
 JSON: str | None = None  # data_vl-style JSON whose pictures to caption (default: the adapter's held-out split)
 OUTPUT: str = "captions.jsonl"  # captions written here, one JSON object per image
-BATCH_SIZE: int = 32  # images per generate call
+BATCH_SIZE: int = 64  # images captioned at a time
 MAX_NEW_TOKENS: int = 64  # longest caption, in tokens
 PROMPT: str | None = None  # user prompt (default: the adapter's; "COCO Yes:" without an adapter)
 IMAGE_SIZE: int | None = None  # pictures resized to N x N, 0 = own size (default: the adapter's; else 280/288)

@@ -98,3 +98,7 @@ def test_captioning_cuts_pictures_into_patches_where_the_model_is(processor):
     for key in plain:
         assert torch.equal(plain[key], placed[key]), key
     assert placed["image_grid_thw"].device.type == "cpu"  # read on the CPU for the positions, never waited for
+    # caption_paths hands the processor tensors its loading threads laid out: the same patches as from the pictures.
+    laid_out = processor(**{**kwargs, "images": [captioning.channels_first(p) for p in pictures]})
+    for key in plain:
+        assert torch.equal(plain[key], laid_out[key]), key

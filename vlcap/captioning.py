@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy
 import torch
 from tqdm import tqdm
 
@@ -40,7 +41,8 @@ class Recipe:
 def caption_images(
     model, processor, pictures: list, prompt: str, batch_size: int = 32, max_new_tokens: int = 64, fast: bool = True
 ) -> list[str]:
-    """Greedy captions for PIL pictures, batch_size at a time. fast=False: transformers' generate, always."""
+    """Greedy captions for pictures (PIL, or channels_first tensors), batch_size at a time. fast=False: transformers'
+    generate, always."""
     text = prompt_text(processor, prompt)
     fast = fast and not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
     device = next(model.parameters()).device
@@ -76,6 +78,12 @@ def picture_device(processor, device: torch.device) -> dict:
     return {"device": device} if device.type == "cuda" and takes_device else {}
 
 
+def channels_first(picture) -> torch.Tensor:
+    """An RGB picture as the image processor lays it out before anything else (channels x height x width, 8 bits,
+    contiguous): given this, the processor has nothing left to do on the CPU."""
+    return torch.from_numpy(numpy.asarray(picture)).permute(2, 0, 1).contiguous()
+
+
 def caption_paths(
     model,
     processor,
@@ -93,12 +101,13 @@ def caption_paths(
 
     def load(path):
         try:
-            return images.load(path, image_size)
+            return channels_first(images.load(path, image_size))
         except images.Unusable as e:
             return e
 
-    # Pictures are decoded and resized by a few threads (Pillow lets go of the GIL), the next batch's while this one is
-    # captioned: one thread took ~5 ms a picture, as long as the GPU takes to caption it.
+    # Pictures are decoded, resized and laid out as the processor takes them by a few threads (Pillow and torch let go
+    # of the GIL), the next batch's while this one is captioned: on the main thread that took ~5 ms a picture, about
+    # as long as the GPU takes to caption it.
     with (
         ThreadPoolExecutor(LOADING_THREADS) as pool,
         tqdm(total=len(paths), desc="captioning", unit="img", disable=len(paths) <= batch_size) as bar,
