@@ -253,57 +253,42 @@ def multi_gpu(args, model_dir: Path, data_json: Path) -> list[str]:
 
 
 def prepare(work: Path, n: int, arch: str = "qwen2_vl", size: tuple[int, int] = (640, 480)) -> tuple[Path, Path]:
+    """The stand-in model folder and a data_vl.json of n training pictures (made once, then reused)."""
     model, data = (
         work / f"model-{arch}",
         work / (f"data-{n}" if size == (640, 480) else f"data-{n}-{size[0]}x{size[1]}"),
     )
     work.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
     if not (model / "config.json").exists():
-        build = [py, "tools/make_offline_model.py", "--arch", arch, "--size", "full", "--out", str(model)]
+        build = [sys.executable, "tools/make_offline_model.py", "--arch", arch, "--size", "full", "--out", str(model)]
         print(f"building the {arch} stand-in: {run(build, work / f'model-{arch}.log'):.0f} s")
-    if not (data / "data_vl.json").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        steps = [
-            [
-                py,
-                "tools/make_coco_folder.py",
-                "--out",
-                str(data / "coco"),
-                "--n",
-                str(n),
-                "--width",
-                str(size[0]),
-                "--height",
-                str(size[1]),
-            ],
-            [
-                py,
-                "data2csv.py",
-                "--source",
-                str(data / "coco"),
-                "--n",
-                str(n),
-                "--image-dir",
-                str(data / "images"),
-                "--csv",
-                str(data / "data.csv"),
-                "--workers",
-                "16",
-            ],
-            [
-                py,
-                "csv2json.py",
-                "--csv",
-                str(data / "data.csv"),
-                "--json",
-                str(data / "data_vl.json"),
-                "--workers",
-                "16",
-            ],
-        ]
-        print(f"{n} pictures: {sum(run(cmd, data / 'prepare.log') for cmd in steps):.0f} s")
-    return model, data / "data_vl.json"
+    return model, make_split(data, n, "train", size)
+
+
+def prepare_eval(work: Path, n: int = 100) -> Path:
+    """A COCO-validation-like split of n pictures with references (data_vl_eval.json), made once, then reused."""
+    return make_split(work / f"eval-{n}", n, "validation")
+
+
+def make_split(data: Path, n: int, split: str, size: tuple[int, int] = (640, 480)) -> Path:
+    """n generated pictures of a COCO 2014 split turned into conversations by the pipeline's own scripts (a COCO
+    folder -> data2csv.py -> csv2json.py), as a user makes them; the JSON's path."""
+    validation = split == "validation"
+    json_path = data / ("data_vl_eval.json" if validation else "data_vl.json")
+    if json_path.exists():
+        return json_path
+    data.mkdir(parents=True, exist_ok=True)
+    py, coco = sys.executable, str(data / "coco")
+    picture_split, seed = ("val2014", "1") if validation else ("train2014", "0")
+    steps = [
+        [py, "tools/make_coco_folder.py", "--out", coco, "--n", str(n), "--split", picture_split, "--seed", seed]
+        + ["--width", str(size[0]), "--height", str(size[1])],
+        [py, "data2csv.py", "--source", coco, "--split", split, "--n", str(n), "--image-dir", str(data / "images")]
+        + ["--csv", str(data / "data.csv"), "--workers", "16"],
+        [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(json_path), "--workers", "16"],
+    ]
+    print(f"{n} {split} pictures: {sum(run(cmd, data / 'prepare.log') for cmd in steps):.0f} s")
+    return json_path
 
 
 FULL_SPLIT = 82_783  # train2014's pictures

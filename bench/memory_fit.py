@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import prepare  # noqa: E402  (bench/bench.py: the standard library only, at import)
+from bench import prepare, prepare_eval  # noqa: E402  (bench/bench.py: the standard library only, at import)
 
 # name: (what it imitates, environment, train.py flags beyond the job's). "80gb" is the reference for the loss curves.
 RUNS = {
@@ -44,61 +44,6 @@ RUNS = {
         ["--batch-size", "16", "--no-gradient-checkpointing"],
     ),
 }
-
-
-def prepare_eval(work: Path, n: int = 100) -> Path:
-    """A COCO-validation-like split of n pictures with references, made by the pipeline's own scripts."""
-    data = work / f"eval-{n}"
-    if not (data / "data_vl_eval.json").exists():
-        data.mkdir(parents=True, exist_ok=True)
-        py = sys.executable
-        for cmd in (
-            [
-                py,
-                "tools/make_coco_folder.py",
-                "--out",
-                str(data / "coco"),
-                "--n",
-                str(n),
-                "--split",
-                "val2014",
-                "--width",
-                "640",
-                "--height",
-                "480",
-                "--seed",
-                "1",
-            ],
-            [
-                py,
-                "data2csv.py",
-                "--source",
-                str(data / "coco"),
-                "--split",
-                "validation",
-                "--n",
-                str(n),
-                "--image-dir",
-                str(data / "images"),
-                "--csv",
-                str(data / "data.csv"),
-                "--workers",
-                "16",
-            ],
-            [
-                py,
-                "csv2json.py",
-                "--csv",
-                str(data / "data.csv"),
-                "--json",
-                str(data / "data_vl_eval.json"),
-                "--workers",
-                "16",
-            ],
-        ):
-            with (data / "prepare.log").open("a") as log:
-                subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return data / "data_vl_eval.json"
 
 
 def losses(out: Path) -> list[float]:

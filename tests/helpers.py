@@ -93,6 +93,16 @@ QUICK = [
 ]
 
 
+def train_args(model, data, out, *extra) -> list[str]:
+    """train.py's flags for a model folder, a data_vl.json and an output folder, then `extra`."""
+    return ["--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out), *extra]
+
+
+def train_command(model, data, out, *extra) -> list[str]:
+    """run_script's arguments that run train.py with train_args."""
+    return ["train.py", *train_args(model, data, out, *extra)]
+
+
 def run_script(*args, env=None, cwd=REPO):
     """Run one of the repository's scripts as a user does: a fresh Python process (in the repository root by default)."""
     env = {**os.environ, **(env or {})}

@@ -19,7 +19,16 @@ from vlcap import captioning, cli, compat, fastpath, formats, images, qwen, trai
 
 import infer
 import train
-from helpers import FAMILIES, FAST_PATHS, QUICK, TEST_IMAGE_SIZE, for_family, load_captioner, needs_fast_paths
+from helpers import (
+    FAMILIES,
+    FAST_PATHS,
+    QUICK,
+    TEST_IMAGE_SIZE,
+    for_family,
+    load_captioner,
+    needs_fast_paths,
+    train_args,
+)
 
 UNIT = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32}  # pixels per image token side: patch 14 or 16, merged 2x2
 NEWER = ["qwen2_5_vl", "qwen3_vl"]  # the families added to Qwen2-VL's pipeline
@@ -78,12 +87,7 @@ def test_lora_goes_on_the_language_models_projections_and_a_wrong_name_is_an_err
     with pytest.raises(cli.UserError, match=wrong):  # before the model loads or any picture is encoded
         train.main(
             [
-                "--model-dir",
-                str(tiny_models[arch]),
-                "--data-json",
-                str(shapes_24),
-                "--output-dir",
-                str(tmp_path / "o"),
+                *train_args(tiny_models[arch], shapes_24, tmp_path / "o"),
                 "--lora-targets",
                 "q_proj,qkv,gate",
                 *for_family(QUICK, arch),
@@ -160,12 +164,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_models, shapes_24, tmp_path, a
 
     def common(out):
         return [
-            "--model-dir",
-            str(tiny_models[arch]),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(out),
+            *train_args(tiny_models[arch], shapes_24, out),
             "--max-steps",
             "6",
             "--save-steps",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlcap import formats
 
-from helpers import QUICK, run_script
+from helpers import QUICK, run_script, train_args, train_command
 
 
 def one_error_line(result) -> str:
@@ -18,28 +18,24 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def train_args(model, data, out):
-    return ["train.py", "--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out)]
-
-
 def test_missing_and_malformed_data_json(tiny_model, tmp_path):
-    line = one_error_line(run_script(*train_args(tiny_model, tmp_path / "nope.json", tmp_path / "o"), *QUICK))
+    line = one_error_line(run_script(*train_command(tiny_model, tmp_path / "nope.json", tmp_path / "o"), *QUICK))
     assert "nope.json does not exist" in line and "csv2json.py" in line
     (tmp_path / "bad.json").write_text('[{"id": "identity_1", "conversations": [')
     assert "not valid JSON" in one_error_line(
-        run_script(*train_args(tiny_model, tmp_path / "bad.json", tmp_path / "o"), *QUICK)
+        run_script(*train_command(tiny_model, tmp_path / "bad.json", tmp_path / "o"), *QUICK)
     )
     (tmp_path / "shape.json").write_text(
         json.dumps([{"id": "identity_1", "conversations": [{"from": "user", "value": "hi"}]}])
     )
     assert "item 1" in one_error_line(
-        run_script(*train_args(tiny_model, tmp_path / "shape.json", tmp_path / "o"), *QUICK)
+        run_script(*train_command(tiny_model, tmp_path / "shape.json", tmp_path / "o"), *QUICK)
     )
 
 
 def test_no_cuda_without_device_cpu(tiny_model, shapes_24, tmp_path):
     env = {"CUDA_VISIBLE_DEVICES": ""}
-    line = one_error_line(run_script(*train_args(tiny_model, shapes_24, tmp_path / "o"), env=env))
+    line = one_error_line(run_script(*train_command(tiny_model, shapes_24, tmp_path / "o"), env=env))
     assert "--device cpu" in line
     assert "--device cpu" in one_error_line(
         run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model), "x.jpg", env=env)
@@ -47,11 +43,11 @@ def test_no_cuda_without_device_cpu(tiny_model, shapes_24, tmp_path):
 
 
 def test_bad_settings_values(tiny_model, shapes_24, tmp_path):
-    args = train_args(tiny_model, shapes_24, tmp_path / "o")
+    args = train_command(tiny_model, shapes_24, tmp_path / "o")
     assert "multiple of 28" in one_error_line(run_script(*args, *QUICK, "--image-size", "100"))
     assert "--max-length" in one_error_line(run_script(*args, *QUICK, "--max-length", "8"))
     assert "does not exist" in one_error_line(
-        run_script(*train_args(tmp_path / "no-model", shapes_24, tmp_path / "o"), *QUICK)
+        run_script(*train_command(tmp_path / "no-model", shapes_24, tmp_path / "o"), *QUICK)
     )
     assert "test-size" in one_error_line(run_script(*args, *QUICK, "--test-size", "100"))
 
@@ -74,7 +70,7 @@ def test_missing_corrupt_empty_and_odd_mode_images_in_training(tiny_model, shape
     data.write_text(json.dumps(items))
 
     result = run_script(
-        *train_args(tiny_model, data, tmp_path / "o"), *QUICK, "--max-steps", "3", "--swanlab-mode", "disabled"
+        *train_command(tiny_model, data, tmp_path / "o"), *QUICK, "--max-steps", "3", "--swanlab-mode", "disabled"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -122,7 +118,7 @@ def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_2
             "TMPDIR": str(home / "tmp"),
         }
         result = run_script(
-            *train_args("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK, env=env, cwd=tmp_path
+            *train_command("Qwen/Qwen2-VL-2B-Instruct", shapes_24, tmp_path / "o"), *QUICK, env=env, cwd=tmp_path
         )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not download Qwen/Qwen2-VL-2B-Instruct")
@@ -130,7 +126,7 @@ def test_unreachable_modelscope_names_the_local_alternative(tiny_model, shapes_2
 
 
 def test_more_mistakes_get_one_line(tiny_model, shapes_24, tmp_path):
-    args = train_args(tiny_model, shapes_24, tmp_path / "o")
+    args = train_command(tiny_model, shapes_24, tmp_path / "o")
     assert "--eval-batch-size must be at least 1" in one_error_line(run_script(*args, *QUICK, "--eval-batch-size", "0"))
     assert "--workers must be at least 0" in one_error_line(run_script(*args, *QUICK, "--workers", "-1"))
     assert "--save-steps" in one_error_line(run_script(*args, *QUICK, "--save-steps", "0"))
@@ -161,7 +157,7 @@ def test_overwrite_removes_the_earlier_runs_checkpoints(tiny_model, shapes_24, t
     (out / "checkpoint-300" / "trainer_state.json").write_text("{}")
     train.main(
         [
-            *train_args(tiny_model, shapes_24, out)[1:],
+            *train_args(tiny_model, shapes_24, out),
             *QUICK,
             "--max-steps",
             "2",
@@ -182,7 +178,7 @@ def test_truncated_held_out_picture_is_skipped_not_fatal(tiny_model, shapes_24, 
     items[-1]["conversations"][0]["value"] = f"COCO Yes: <|vision_start|>{truncated}<|vision_end|>"
     (tmp_path / "d.json").write_text(json.dumps(items))
     result = run_script(
-        *train_args(tiny_model, tmp_path / "d.json", tmp_path / "o"),
+        *train_command(tiny_model, tmp_path / "d.json", tmp_path / "o"),
         *QUICK,
         "--max-steps",
         "1",

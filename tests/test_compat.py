@@ -13,19 +13,14 @@ from transformers import TrainerCallback
 from vlcap import captioning, compat, formats, images
 
 import train
-from helpers import QUICK, Losses, load_captioner, needs_fast_paths
+from helpers import QUICK, Losses, load_captioner, needs_fast_paths, train_args
 
 
 def train_losses(tiny_model, shapes_24, out, *extra) -> tuple[list[float], dict]:
     losses = Losses()
     train.main(
         [
-            "--model-dir",
-            str(tiny_model),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(out),
+            *train_args(tiny_model, shapes_24, out),
             "--max-steps",
             "4",
             "--lora-dropout",
@@ -102,12 +97,7 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_releases
 
     train.main(
         [
-            "--model-dir",
-            str(tiny_model),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(tmp_path / "out"),
+            *train_args(tiny_model, shapes_24, tmp_path / "out"),
             "--max-steps",
             "2",
             "--swanlab-mode",

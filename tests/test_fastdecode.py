@@ -138,17 +138,17 @@ def test_a_family_whose_internals_differ_is_captioned_by_generate(family_caption
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
     model, processor, _ = family_captioner("qwen2_5_vl")
-    forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
+    rope_index = modeling_qwen2_5_vl.Qwen2_5_VLModel.get_rope_index
 
     def without_token_types(self, *args, **kwargs):  # as if a release had renamed mm_token_type_ids
-        return forward(self, *args, **kwargs)
+        return rope_index(self, *args, **kwargs)
 
-    signature = inspect.signature(forward)
+    signature = inspect.signature(rope_index)
     without_token_types.__signature__ = signature.replace(
         parameters=[p for name, p in signature.parameters.items() if name != "mm_token_type_ids"]
     )
-    without_token_types.__qualname__ = forward.__qualname__
-    monkeypatch.setattr(modeling_qwen2_5_vl.Qwen2_5_VLModel, "forward", without_token_types)
+    without_token_types.__qualname__ = rope_index.__qualname__
+    monkeypatch.setattr(modeling_qwen2_5_vl.Qwen2_5_VLModel, "get_rope_index", without_token_types)
     monkeypatch.setattr(compat, "_said", set())
     fastdecode.release(model)
     inputs = processor_inputs(processor, pictures)
@@ -157,7 +157,7 @@ def test_a_family_whose_internals_differ_is_captioned_by_generate(family_caption
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("note: fast captioning off")] == [
         f"note: fast captioning off, using the plain path instead: transformers {transformers.__version__} lacks what it relies on "
-        "(Qwen2_5_VLModel.forward has no mm_token_type_ids)."
+        "(Qwen2_5_VLModel.get_rope_index has no mm_token_type_ids)."
     ], err[-2000:]
 
 

@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 from vlcap import fastpath, qwen, training_data, vision_attention
 
 import train
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, for_family, needs_fast_paths
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, for_family, needs_fast_paths, train_args
 
 
 def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dict, dict]:
@@ -21,12 +21,7 @@ def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dic
     losses = Losses()
     train.main(
         [
-            "--model-dir",
-            str(model_dir),
-            "--data-json",
-            str(data_json),
-            "--output-dir",
-            str(out),
+            *train_args(model_dir, data_json, out),
             "--max-steps",
             "6",
             "--lora-dropout",

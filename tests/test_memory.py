@@ -320,16 +320,11 @@ def test_train_records_which_settings_the_user_gave():
 
 
 def test_fp16_training_on_the_cpu_is_refused_in_one_line(tiny_model, shapes_24, tmp_path):
-    from helpers import QUICK, run_script
+    from helpers import QUICK, run_script, train_args
 
     done = run_script(
         "train.py",
-        "--model-dir",
-        str(tiny_model),
-        "--data-json",
-        str(shapes_24),
-        "--output-dir",
-        str(tmp_path / "out"),
+        *train_args(tiny_model, shapes_24, tmp_path / "out"),
         *QUICK,
         "--precision",
         "fp16",

@@ -16,12 +16,8 @@ import torch
 
 from vlcap import captioning, formats, images
 
-from helpers import QUICK, REPO, closed_port, load_captioner, one_error_line, run_script
+from helpers import QUICK, REPO, closed_port, load_captioner, one_error_line, run_script, train_args, train_command
 from swanlab_files import only_run, read_run
-
-
-def train_args(model, data, out):
-    return ["train.py", "--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out)]
 
 
 # ----------------------------------------------------------------------------------------------- nothing lost, nothing late
@@ -32,18 +28,18 @@ def test_a_run_that_fails_early_leaves_the_split_files_as_they_were(tiny_model, 
     train_json.write_text("earlier train split")
     test_json.write_text("earlier test split")
     for mistake in (["--model-dir", str(tmp_path / "no-model")], ["--max-length", "8"], ["--test-size", "100"]):
-        args = train_args(tiny_model, data, tmp_path / "out")
+        args = train_command(tiny_model, data, tmp_path / "out")
         one_error_line(run_script(*args, *QUICK, *mistake))
         assert train_json.read_text() == "earlier train split" and test_json.read_text() == "earlier test split"
     assert not (tmp_path / "out").exists()
 
 
 def test_numbers_and_paths_are_checked_before_anything_loads(tiny_model, shapes_24, tmp_path):
-    args = train_args(tiny_model, shapes_24, tmp_path / "out")
+    args = train_command(tiny_model, shapes_24, tmp_path / "out")
     for rate in ("-1", "0"):
         assert "--learning-rate" in one_error_line(run_script(*args, *QUICK, "--learning-rate", rate))
     (tmp_path / "a-file").write_text("")
-    line = one_error_line(run_script(*train_args(tiny_model, shapes_24, tmp_path / "a-file"), *QUICK))
+    line = one_error_line(run_script(*train_command(tiny_model, shapes_24, tmp_path / "a-file"), *QUICK))
     assert "--output-dir" in line and "is a file" in line
 
 
@@ -58,7 +54,7 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
 ):
     out = tmp_path / "out"
     args = [
-        *train_args(tiny_model, shapes_24, out)[1:],
+        *train_args(tiny_model, shapes_24, out),
         *QUICK,
         "--max-steps",
         "100000",
@@ -115,7 +111,7 @@ def test_an_unreachable_swanlab_cloud_logs_offline_or_stops_when_cloud_is_requir
         SWANLAB_API_HOST=f"http://127.0.0.1:{closed_port()}",
         SWANLAB_LOG_DIR=str(tmp_path / "swanlog"),
     )
-    args = [*train_args(tiny_model, shapes_24, tmp_path / "out"), *QUICK, "--max-steps", "1"]
+    args = [*train_command(tiny_model, shapes_24, tmp_path / "out"), *QUICK, "--max-steps", "1"]
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, str(REPO / args[0]), *args[1:]],
@@ -195,7 +191,7 @@ def test_learning_rate_decays_linearly_to_zero(tiny_model, shapes_24, tmp_path):
     out = tmp_path / "out"
     train.main(
         [
-            *train_args(tiny_model, shapes_24, out)[1:],
+            *train_args(tiny_model, shapes_24, out),
             *QUICK,
             "--max-steps",
             "6",
@@ -264,7 +260,7 @@ def test_train_logs_the_held_out_pictures_with_the_captions_it_printed(tiny_mode
     with redirect_stdout(printed):
         train.main(
             [
-                *train_args(tiny_model, shapes_24, tmp_path / "out")[1:],
+                *train_args(tiny_model, shapes_24, tmp_path / "out"),
                 *QUICK,
                 "--max-steps",
                 "2",

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, TrainerCallback
 from vlcap import captioning, formats, images, timing
 
 import train
-from helpers import QUICK, REPO, load_captioner, run_script
+from helpers import QUICK, REPO, load_captioner, run_script, train_args
 from swanlab_files import only_run, read_run
 
 
@@ -33,12 +33,7 @@ def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_p
     out = tmp_path / "out"
     train.main(
         [
-            "--model-dir",
-            str(tiny_model),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(out),
+            *train_args(tiny_model, shapes_24, out),
             "--max-steps",
             "4",
             "--swanlab-mode",
@@ -80,12 +75,7 @@ def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shape
         [
             sys.executable,
             str(REPO / "train.py"),
-            "--model-dir",
-            str(tiny_model),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(tmp_path / "out"),
+            *train_args(tiny_model, shapes_24, tmp_path / "out"),
             "--max-steps",
             "1",
             "--eval-json",
@@ -144,12 +134,7 @@ def test_resume_continues_from_the_last_checkpoint_and_matches_an_uninterrupted_
 
     def common(out):
         return [
-            "--model-dir",
-            str(tiny_model),
-            "--data-json",
-            str(shapes_24),
-            "--output-dir",
-            str(out),
+            *train_args(tiny_model, shapes_24, out),
             "--max-steps",
             "6",
             "--save-steps",

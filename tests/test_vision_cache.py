@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoProcessor
 from vlcap import fastpath, formats
 
 import train
-from helpers import QUICK, Losses, needs_fast_paths
+from helpers import QUICK, Losses, needs_fast_paths, train_args
 
 
 def run(model_dir, data_json, out, *extra, steps=6):
@@ -23,12 +23,7 @@ def run(model_dir, data_json, out, *extra, steps=6):
     losses = Losses()
     train.main(
         [
-            "--model-dir",
-            str(model_dir),
-            "--data-json",
-            str(data_json),
-            "--output-dir",
-            str(out),
+            *train_args(model_dir, data_json, out),
             "--max-steps",
             str(steps),
             "--lora-dropout",

@@ -81,7 +81,7 @@ def picture_device(processor, device: torch.device) -> dict:
 def channels_first(picture) -> torch.Tensor:
     """An RGB picture as the image processor lays it out before anything else (channels x height x width, 8 bits,
     contiguous): given this, the processor has nothing left to do on the CPU."""
-    return torch.from_numpy(numpy.asarray(picture)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(numpy.array(picture)).permute(2, 0, 1).contiguous()
 
 
 def caption_paths(

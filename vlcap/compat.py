@@ -6,8 +6,8 @@
 
 The fast training path (vlcap/fastpath.py), the fast captioning loop (vlcap/fastdecode.py) and the batched vision attention
 (vlcap/vision_attention.py) lean on transformers internals that are not public API and change between releases: the
-causal-mask builder's keywords, `get_rope_index`, the decoder layer's call, the vision attention's attributes, the static
-cache, and for Qwen3-VL the language model's DeepStack arguments. Each family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; see
+causal-mask builder's keywords, `get_rope_index`, the decoder layer's call and modules, the vision attention's attributes,
+and for Qwen3-VL the language model's DeepStack arguments. Each family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; see
 vlcap/qwen.py's ARCHITECTURES) has classes of its own, so given a model or its config the checks read that family's
 classes; without one, only what every family shares. Each accelerator runs only where the installed transformers is a
 version it was tested with AND those internals are there; otherwise train.py and infer.py take the plain path (Trainer
@@ -131,46 +131,27 @@ def _training(model) -> str | None:
 
 
 def _decode(model) -> str | None:
-    from transformers import StaticCache
-
-    lacking = _needs(StaticCache.__init__, "config", "max_cache_len")
     family = _family(model)
-    if lacking or not family:
-        return lacking
+    if not family:
+        return None
     kind, arch, modeling = family
     inner = getattr(modeling, arch.inner)
     lacking = [f for f in ("rotate_half", "eager_attention_forward") if not hasattr(modeling, f)]
     if lacking:
         return f"modeling_{kind} has no {', '.join(lacking)}"
     model_inner = _inner(model)
-    if model_inner is not None:  # what fastdecode.OneTokenStep reads of each decoder layer
-        layer = model_inner.language_model.layers[0]
+    if model_inner is not None:  # what fastdecode.LanguageModelStep reads of the language model and its layers
+        language_model = model_inner.language_model
+        layer = language_model.layers[0]
         attention = layer.self_attn
-        wanted = [(attention, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "config")]
+        wanted = [(language_model, a) for a in ("embed_tokens", "rotary_emb", "norm", "layers")]
+        wanted += [(attention, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim", "config")]
         wanted += [(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")]
         lacking = [f"{type(owner).__name__}.{a}" for owner, a in wanted if not hasattr(owner, a)]
         if lacking:
             return f"no {', '.join(lacking)}"
-    return (
-        _needs(
-            inner.forward,
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-            "cache",
-            "pixel_values",
-            "image_grid_thw",
-            "mm_token_type_ids",
-        )
-        or _needs(
-            getattr(modeling, arch.text_model).forward,
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-            "cache",
-            "use_cache",
-        )
-        or _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+    return _needs(inner.get_rope_index, "input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask") or _needs(
+        inner.get_image_features, "pixel_values", "image_grid_thw"
     )
 
 

@@ -1,22 +1,23 @@
-"""Greedy captioning with a static KV cache and, on the GPU, one CUDA graph per new token.
+"""Greedy captioning with a key/value cache of fixed size and, on the GPU, CUDA graphs for the prompt and every new token.
 
     new_tokens = fastdecode.greedy_tokens(model, processor_inputs, max_new_tokens=32)   # CPU tensors in
 
 transformers' `generate` is CPU-bound for short captions: every new token runs its logits processors, stopping criteria,
 cache and mask bookkeeping and every decoder layer's small kernels one launch at a time (bench/RESULTS.md has the figures).
-Here the prompt, pictures included, runs once through the model's own forward into a transformers `StaticCache`; every
-later token is one replay of a CUDA graph of the language model's forward, the LM head and the greedy choice. Everything
-the step reads (the last token, its M-RoPE position, the cache length, which rows have finished) lives on the GPU and is
-advanced inside the graph, so the CPU only launches replays and asks, every few tokens, whether every caption has ended.
-On the CPU the same step runs eagerly.
+Here the pictures go through the vision tower, their features take the image tokens' places, and the prompt runs once
+through the language model into the cache (`LanguageModelStep`, one CUDA graph replay on the GPU for every batch of a
+shape after the first); every later token is one replay of a CUDA graph of the language model's step, the LM head and
+the greedy choice. Everything the step reads (the last token, its M-RoPE position, the cache length, which rows have
+finished) lives on the GPU and is advanced inside the graph, so the CPU only launches replays and asks, every few
+tokens, whether every caption has ended. On the CPU the same steps run eagerly.
 
-The mathematics is generate's greedy search: the same positions, the same attention (the cache's unused slots are
-masked out: a 4-D mask, which every family's language model takes as it is), the model's repetition penalty if it has
-one, and the same stop tokens. The prompt runs through the family's own forward, so Qwen3-VL's DeepStack features reach
-the image tokens as in generate; the tokens after it are text, which none of the families treats specially.
-tests/test_fastdecode.py compares the captions with `model.generate` token for token, for each family. Generation
-settings this loop does not implement fall back to generate, and so does a transformers release whose internals differ
-(vlcap/compat.py checks: captioning.py asks, and `greedy_tokens` asks again for the model's own family).
+The mathematics is generate's greedy search: the same positions (transformers' `get_rope_index`), the same image
+features in the same places (Qwen3-VL's DeepStack features added after the early layers, as its forward adds them), the
+same attention (the cache's unused slots masked out), the model's repetition penalty if it has one, and the same stop
+tokens. tests/test_fastdecode.py compares the captions with `model.generate` token for token, for each family, with
+LoRA merged and unmerged. Generation settings this loop does not implement fall back to generate, and so does a
+transformers release whose internals differ (vlcap/compat.py checks: captioning.py asks, and `greedy_tokens` asks again
+for the model's own family).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, StaticCache
+from transformers import GenerationConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlcap import compat
@@ -69,8 +70,9 @@ class GreedyDecoder:
         self.shape = (batch, prompt_length, max_new_tokens)
         self.graphs, self.graph = graphs and device.type == "cuda", None
         self.max_len = prompt_length + max_new_tokens
-        self.cache = StaticCache(config=config, max_cache_len=self.max_len)
-        self.step = OneTokenStep(self.model.model.language_model, self.cache)
+        self.step = LanguageModelStep(self.model.model.language_model, batch, self.max_len)
+        self.image_token = config.image_token_id
+        self.prompt_graph, self.prompt_inputs = None, None  # the prompt's pass as a CUDA graph, and its inputs
         eos = generation.eos_token_id if generation.eos_token_id is not None else config.text_config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
         pad = generation.pad_token_id
@@ -102,19 +104,22 @@ class GreedyDecoder:
         return self.out.clone()
 
     def _prefill(self, inputs: dict) -> None:
-        """The prompt through the model's forward (vision tower included) into the cache; chooses the first token."""
-        # M-RoPE positions from the CPU copies (transformers' get_rope_index: on GPU tensors it waits on the GPU per row),
-        # then everything to the GPU in one go without waiting.
+        """The prompt through the model (vision tower, then the language model) into the cache; chooses the first
+        token. The language model's pass is one CUDA graph replay on the GPU, captured on the first batch of a shape."""
+        # M-RoPE positions and the image tokens' places from the CPU copies (transformers' get_rope_index: on GPU
+        # tensors it waits on the GPU per row), then everything to the GPU in one go without waiting.
         positions, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
             inputs["mm_token_type_ids"],
             image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs["attention_mask"],
         )
-        inputs = {key: _to(value, self.slots.device) for key, value in {**inputs, "position_ids": positions}.items()}
-        input_ids, attention = inputs["input_ids"], inputs["attention_mask"].bool()
+        places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
+        device = self.slots.device
+        inputs = {key: _to(value, device) for key, value in {**inputs, "position_ids": positions}.items()}
+        input_ids, attention, places = inputs["input_ids"], inputs["attention_mask"].bool(), _to(places, device)
         n = input_ids.shape[1]
-        self.cache.reset()
+        self.step.reset()
         self.keys_valid.fill_(True)
         self.keys_valid[:, :n] = attention
         self.seen.copy_(input_ids[:, :1].expand_as(self.seen))  # unused slots repeat a prompt token: no extra penalty
@@ -125,24 +130,43 @@ class GreedyDecoder:
         self.length.fill_(n)
         self.position.copy_(inputs["position_ids"].amax(dim=(0, 2)) + 1)
         # Causal over the real tokens; a padding position sees itself only (a row with no key would be NaN).
-        query = torch.arange(n, device=self.slots.device)[:, None]
+        query = torch.arange(n, device=device)[:, None]
         mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
-        hidden = self.model.model(
-            input_ids=input_ids,
-            attention_mask=mask[:, None],
-            position_ids=inputs["position_ids"],
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            cache=self.cache,
-            use_cache=True,
-        ).last_hidden_state
+        # The pictures through the vision tower (Qwen3-VL: with the DeepStack features for the early layers), in the
+        # order their image tokens come, as the family's forward places them.
+        visual = self.model.model.visual
+        out = self.model.model.get_image_features(
+            inputs["pixel_values"].to(visual.dtype), inputs["image_grid_thw"], return_dict=True
+        )
+        levels = [
+            torch.cat(out.pooler_output),
+            *(
+                torch.cat(list(d)) if isinstance(d, (list, tuple)) else d
+                for d in (getattr(out, "deepstack_features", None) or ())
+            ),
+        ]
+        embeds = self.step.model.embed_tokens(input_ids)
+        embeds = embeds.flatten(0, 1).index_copy(0, places, levels[0].to(embeds.dtype)).view_as(embeds)
+        prompt = (embeds, inputs["position_ids"], mask[:, None], places, *levels[1:])
+        if not self.graphs:
+            return self._prompt(*prompt)
+        if self.prompt_graph is None or [t.shape for t in prompt] != [t.shape for t in self.prompt_inputs]:
+            self.prompt_inputs = [t.clone() for t in prompt]
+            self.prompt_graph = _captured(lambda: self._prompt(*self.prompt_inputs))  # ran once while captured
+            return
+        for static, given in zip(self.prompt_inputs, prompt):
+            static.copy_(given)
+        self.prompt_graph.replay()
+
+    def _prompt(self, embeds, position_ids, mask, places, *deepstack) -> None:
+        hidden = self.step(embeds, position_ids, mask, self.slots[: embeds.shape[1]], places, deepstack)
         self._choose(hidden[:, -1])
 
     def _step(self) -> None:
         """One token for every row: what the CUDA graph holds."""
         mask = (self.keys_valid & (self.slots <= self.length))[:, None, None, :]
-        hidden = self.step(self.token, self.position.view(1, -1, 1).expand(3, -1, 1), mask, self.length.view(1))
+        embeds = self.step.model.embed_tokens(self.token)
+        hidden = self.step(embeds, self.position.view(1, -1, 1).expand(3, -1, 1), mask, self.length.view(1))
         self.position += 1
         self.length += 1
         self._choose(hidden[:, -1])
@@ -165,34 +189,43 @@ class GreedyDecoder:
         if not self.graphs:
             return self._step()
         if self.graph is None:
-            # The first step runs for real on a side stream (warming up what capture needs), then is captured.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step()  # recorded, not run
+            self.graph = _captured(self._step)  # the first step runs for real while it is captured
             return
         self.graph.replay()
 
 
-class OneTokenStep:
-    """The language model's forward for one new token per row, written for the decoding loop: the same modules, weights
-    and arithmetic as the family's own forward, in about half the GPU kernels (each of which the graph replays one by
-    one, which is what a token costs at these sizes: bench/caption_parts.py).
+def _captured(work) -> torch.cuda.CUDAGraph:
+    """`work` run once for real on a side stream (warming up what capture needs), then captured as a CUDA graph whose
+    replays redo it on the tensors it used."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        work()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()  # recorded, not run
+    return graph
+
+
+class LanguageModelStep:
+    """The language model's forward for the decoding loop, over the prompt (its tokens' embeddings, pictures in place)
+    or over one new token a row: the same modules, weights and arithmetic as the family's own forward, in about half
+    the GPU kernels (each of which a CUDA graph replays one by one, which is what a token costs at these sizes:
+    bench/caption_parts.py), and writing into a key/value cache of its own.
 
     What differs from calling the language model: q, k and v come from one matrix product (their weights concatenated
-    once, ~6 MB a layer for the 2B model; with LoRA layers unmerged, from their own calls); RMSNorm is torch's fused `rms_norm` and the norm's weight (the family's
-    module computes the same in six kernels: in fp32, cast to the input's type, times the weight); the rotary embedding
-    turns queries and keys in one pass; the new key and value are written straight into the static cache at the
-    cache length. Positions, the cos/sin tables, the attention function (transformers' own, as configured) and the
-    MLP are the family's. tests/test_fastdecode.py checks the captions against `generate` token for token.
+    once, ~6 MB a layer for the 2B model; with LoRA layers unmerged, from their own calls); RMSNorm is torch's fused
+    `rms_norm` and the norm's weight (the family's module computes the same in six kernels: in fp32, cast to the input's
+    type, times the weight); the rotary embedding turns queries and keys in one pass; keys and values are written
+    straight into the cache at their slots; Qwen3-VL's DeepStack features are added at the image tokens' places by
+    index (the family's forward selects them by a boolean mask, which waits on the GPU). Positions, the cos/sin tables,
+    the attention function (transformers' own, as configured) and the MLP are the family's. tests/test_fastdecode.py
+    checks the captions against `generate` token for token.
     """
 
-    def __init__(self, language_model, cache):
-        self.model, self.cache = language_model, cache
+    def __init__(self, language_model, batch: int, max_len: int):
+        self.model = language_model
         self.attention = [layer.self_attn for layer in language_model.layers]
         self.qkv = [_fused(a.q_proj, a.k_proj, a.v_proj) for a in self.attention]
         first = self.attention[0]
@@ -203,33 +236,43 @@ class OneTokenStep:
             first.config._attn_implementation, module.eager_attention_forward
         )
         self.rotate_half = module.rotate_half
+        weight = language_model.embed_tokens.weight
+        size = (batch, self.kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(size, dtype=weight.dtype, device=weight.device) for _ in self.attention]
+        self.values = [torch.zeros_like(k) for k in self.keys]
 
-    def __call__(self, token, position_ids, mask, slot) -> torch.Tensor:
-        """Hidden states after the final norm (rows x 1 x hidden) for `token` (rows x 1) at `position_ids` (3 x rows x
-        1), attending to the cache slots `mask` (rows x 1 x 1 x slots) allows; its key and value go to `slot`."""
+    def reset(self) -> None:
+        for cache in (*self.keys, *self.values):
+            cache.zero_()
+
+    def __call__(self, hidden, position_ids, mask, slots, places=None, deepstack=()) -> torch.Tensor:
+        """Hidden states after the final norm (rows x tokens x hidden) for the input embeddings `hidden` at
+        `position_ids` (3 x rows x tokens), attending to the cache slots `mask` (rows x 1 x tokens x slots) allows;
+        their keys and values go to `slots` (one a token). `deepstack`: features added after the first layers at
+        `places` (flat indices of the image tokens)."""
         lm = self.model
-        hidden = lm.embed_tokens(token)
         cos, sin = lm.rotary_emb(hidden, position_ids)
-        cos, sin = cos[:, None], sin[:, None]  # rows x 1 (heads) x 1 x head_dim
-        rows, heads, kv, dim = hidden.shape[0], self.heads, self.kv_heads, self.head_dim
+        cos, sin = cos[:, None], sin[:, None]  # rows x 1 (heads) x tokens x head_dim
+        (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(lm.layers):
             attention = self.attention[i]
             x = _rms_norm(layer.input_layernorm, hidden)
-            qkv = self.qkv[i](x).view(rows, 1, heads + 2 * kv, dim).transpose(1, 2)  # rows x heads x 1 x dim
+            qkv = self.qkv[i](x).view(rows, tokens, heads + 2 * kv, dim).transpose(1, 2)  # rows x heads x tokens x dim
             if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
                 q, k = _rms_norm(attention.q_norm, qkv[:, :heads]), _rms_norm(attention.k_norm, qkv[:, heads:-kv])
                 qk = torch.cat([q, k], dim=1)
             else:
                 qk = qkv[:, :-kv]
             qk = (qk * cos) + (self.rotate_half(qk) * sin)
-            keys, values = self.cache.layers[i].keys, self.cache.layers[i].values
-            keys.index_copy_(2, slot, qk[:, heads:])
-            values.index_copy_(2, slot, qkv[:, -kv:])
+            self.keys[i].index_copy_(2, slots, qk[:, heads:])
+            self.values[i].index_copy_(2, slots, qkv[:, -kv:])
             out, _ = self.interface(
-                attention, qk[:, :heads], keys, values, mask, dropout=0.0, scaling=attention.scaling
+                attention, qk[:, :heads], self.keys[i], self.values[i], mask, dropout=0.0, scaling=attention.scaling
             )
-            hidden = hidden + attention.o_proj(out.reshape(rows, 1, -1))
+            hidden = hidden + attention.o_proj(out.reshape(rows, tokens, -1))
             hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+            if i < len(deepstack):
+                hidden = hidden.flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype)).view_as(hidden)
         return _rms_norm(lm.norm, hidden)
 
 
