@@ -138,13 +138,7 @@ class GreedyDecoder:
         out = self.model.model.get_image_features(
             inputs["pixel_values"].to(visual.dtype), inputs["image_grid_thw"], return_dict=True
         )
-        levels = [
-            torch.cat(out.pooler_output),
-            *(
-                torch.cat(list(d)) if isinstance(d, (list, tuple)) else d
-                for d in (getattr(out, "deepstack_features", None) or ())
-            ),
-        ]
+        levels = [_joined(out.pooler_output), *map(_joined, getattr(out, "deepstack_features", None) or ())]
         embeds = self.step.model.embed_tokens(input_ids)
         embeds = embeds.flatten(0, 1).index_copy(0, places, levels[0].to(embeds.dtype)).view_as(embeds)
         prompt = (embeds, inputs["position_ids"], mask[:, None], places, *levels[1:])
@@ -192,6 +186,11 @@ class GreedyDecoder:
             self.graph = _captured(self._step)  # the first step runs for real while it is captured
             return
         self.graph.replay()
+
+
+def _joined(per_picture) -> torch.Tensor:
+    """Every picture's feature rows in one tensor (the vision tower gives them as a tuple, one per picture)."""
+    return torch.cat(list(per_picture)) if isinstance(per_picture, (list, tuple)) else per_picture
 
 
 def _captured(work) -> torch.cuda.CUDAGraph:
