@@ -597,14 +597,19 @@ def score(run: Prepared, items: list[dict], recipe, when: str, tracker):
     return captions, scores
 
 
+def interrupted_line() -> str:
+    """What Ctrl-C prints. Under torchrun, Ctrl-C reaches every process and torchrun, whose SIGTERM then follows: this
+    line is the process's one (processes.say_once), so the SIGTERM adds none."""
+    processes.say_once()
+    return "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume")
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = timing.Marks()
     started.mark_process_start()
     cli.run(
         lambda: main(marks=started),
-        interrupted=lambda: (
-            "interrupted; continue from the last checkpoint with: " + processes.rerun_command("--resume")
-        ),
+        interrupted=interrupted_line,
         skip_teardown=True,
     )

@@ -302,3 +302,26 @@ def test_torchrun_stop_is_said_in_one_line_while_the_main_thread_is_blocked_in_a
     lines = run.stderr.read().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: stopped by torchrun"), lines
     assert lines[0].endswith(f"{script} --resume"), lines
+
+
+def test_after_ctrl_c_torchrun_stop_adds_no_second_line(tmp_path):
+    """Ctrl-C reaches every process and torchrun, which then sends SIGTERM: the process that is already saying
+    "interrupted ..." (train.py claims the line) prints nothing more for the SIGTERM and leaves as it was leaving."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from vlcap import processes\n"
+        "processes.stop_with_one_line()\n"
+        "processes.say_once()  # as train.py does on Ctrl-C (interrupted_line)\n"
+        "print('interrupted', flush=True)\n"
+        "time.sleep(2)  # torchrun's SIGTERM arrives meanwhile\n"
+        "print('left on its own', flush=True)\n"
+        "sys.exit(130)\n"
+    )
+    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline() == "interrupted\n"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 130
+    assert run.stdout.read() == "left on its own\n"
+    assert run.stderr.read() == ""

@@ -78,10 +78,15 @@ def stop_with_one_line() -> None:
 _stopping = threading.Lock()  # held by whichever says first that the run lost a process: one line, never two
 
 
+def say_once() -> bool:
+    """True for the first caller only: the process's one line about why it stops is that caller's to print (the
+    main thread's error or Ctrl-C, and torchrun's SIGTERM, can come together)."""
+    return _stopping.acquire(blocking=False)
+
+
 def stopped(why: str) -> str | None:
-    """The one line a process prints when the run lost another process, or None if it has been said already (the
-    main thread's error and torchrun's SIGTERM can come together)."""
-    if not _stopping.acquire(blocking=False):
+    """The one line a process prints when the run lost another process, or None if a line has been said already."""
+    if not say_once():
         return None
     _end_progress_bars()
     return (
