@@ -4,6 +4,7 @@ a GPU (tests/cpu_graphs.py); and when one process dies, the others stop with one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -291,15 +292,15 @@ def test_torchrun_stop_is_said_in_one_line_while_the_main_thread_is_blocked_in_a
         "print('blocked', flush=True)\n"
         "libc.pthread_mutex_lock(mutex)  # the second lock waits forever\n"
     )
-    run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert run.stdout.readline() == "blocked\n"
-    time.sleep(0.5)  # inside pthread_join
-    run.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    status = run.wait(timeout=30)
-    assert time.monotonic() - sent < 5
-    assert status == 2
-    lines = run.stderr.read().splitlines()
+    with _running(script) as run:
+        assert run.stdout.readline() == "blocked\n"
+        time.sleep(0.5)  # inside the second lock
+        run.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        status = run.wait(timeout=30)
+        assert time.monotonic() - sent < 5
+        assert status == 2
+        lines = run.stderr.read().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: stopped by torchrun"), lines
     assert lines[0].endswith(f"{script} --resume"), lines
 
@@ -319,9 +320,22 @@ def test_after_ctrl_c_torchrun_stop_adds_no_second_line(tmp_path):
         "print('left on its own', flush=True)\n"
         "sys.exit(130)\n"
     )
+    with _running(script) as run:
+        assert run.stdout.readline() == "interrupted\n"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 130
+        assert run.stdout.read() == "left on its own\n"
+        assert run.stderr.read() == ""
+
+
+@contextlib.contextmanager
+def _running(script: Path):
+    """The script in a Python process of its own, killed at the end whatever happened (a failed test leaves none)."""
     run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert run.stdout.readline() == "interrupted\n"
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=30) == 130
-    assert run.stdout.read() == "left on its own\n"
-    assert run.stderr.read() == ""
+    try:
+        yield run
+    finally:
+        run.kill()
+        run.wait()
+        run.stdout.close()
+        run.stderr.close()
