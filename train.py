@@ -72,13 +72,14 @@ SWANLAB_REQUIRE_CLOUD: bool = False  # stop when the cloud rejects the key or is
 def main(argv: list[str] | None = None, callbacks: list | None = None, marks: timing.Marks | None = None) -> int:
     """Train and save the adapter. `callbacks` are extra transformers TrainerCallbacks (tests use them); `marks`, the
     run's timing marks so far (run as a script: the process's start)."""
+    marks = marks or timing.Marks()
+    marks("main")
     args = read_settings(argv)
     is_main = processes.is_main()  # under torchrun, process 0 of all machines alone writes files, logs and captions
     if processes.count() > 1:
         processes.stop_with_one_line()  # when another process fails
     resume_from = check_output_dir(args, is_main)
     swanlab_mode = tracking.choose_mode(args.swanlab_mode, args.swanlab_require_cloud) if is_main else "disabled"
-    marks = marks or timing.Marks()
     marks("imports")
     global compat, evaluation, fastpath, qwen, training_data  # torch and transformers load once the settings are right
     from vlcap import compat, evaluation, fastpath, qwen, training_data

@@ -398,6 +398,7 @@ def run(
 
 
 def _leave_now(status: int) -> None:
+    """Exit with `status` as sys.exit would, less the interpreter's teardown."""
     import atexit
     import os
 

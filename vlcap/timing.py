@@ -66,7 +66,8 @@ def since_process_start() -> float | None:
 
 # Where train.py's time goes (train_settings.json's seconds.run, and its "time:" line): (label, from mark, to mark).
 TRAIN_RUN = [
-    ("python start-up", "process", "imports"),
+    ("python start-up", "process", "main"),
+    ("settings", "main", "imports"),  # read and checked; SwanLab's login checked (cloud mode)
     ("imports", "imports", "start"),
     ("preparation", "start", "prepared"),
     ("evaluation before", "prepared", "scored_before"),
@@ -82,6 +83,7 @@ TRAIN_RUN = [
 # Where infer.py's time goes (its "time:" line).
 INFER_RUN = [
     ("python start-up", "process", "start"),
+    ("settings", "start", "imports"),
     ("loading torch, transformers and the model", "imports", "loaded"),
     ("captioning", "loaded", "captioned"),
     ("scoring and pages", "captioned", "end"),
