@@ -111,6 +111,42 @@ def run_script(*args, env=None, cwd=REPO):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+class CrashAt(TrainerCallback):
+    """Stops training as Ctrl-C would (KeyboardInterrupt) once `step` optimizer steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def resumable_args(model, data, out, recipe: list[str]) -> list[str]:
+    """The resume tests' run: 6 steps, a checkpoint every 2, no SwanLab, with the recipe's flags."""
+    return [
+        *train_args(model, data, out),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "2",
+        "--swanlab-mode",
+        "disabled",
+        *recipe,
+    ]
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """Two adapter folders hold the same LoRA weights (to float rounding)."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6)
+
+
 class Losses(TrainerCallback):
     """Keeps every logged training loss (`values`)."""
 

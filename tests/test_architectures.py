@@ -13,7 +13,6 @@ import torch
 import transformers
 from PIL import Image
 from test_fastpath import train_run
-from transformers import TrainerCallback
 
 from vlcap import captioning, cli, compat, fastpath, formats, images, qwen, training_data
 
@@ -24,9 +23,12 @@ from helpers import (
     FAST_PATHS,
     QUICK,
     TEST_IMAGE_SIZE,
+    CrashAt,
+    assert_same_adapter,
     for_family,
     load_captioner,
     needs_fast_paths,
+    resumable_args,
     train_args,
 )
 
@@ -155,36 +157,16 @@ def test_learns_colour_and_shape_from_the_pictures(trained_family, tiny_models, 
 
 @pytest.mark.parametrize("arch", NEWER)  # Qwen2-VL's: tests/test_train.py
 def test_resume_matches_an_uninterrupted_run(tiny_models, shapes_24, tmp_path, arch):
-    from safetensors.torch import load_file
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-
     def common(out):
-        return [
-            *train_args(tiny_models[arch], shapes_24, out),
-            "--max-steps",
-            "6",
-            "--save-steps",
-            "2",
-            "--swanlab-mode",
-            "disabled",
-            *for_family(QUICK, arch),
-        ]
+        return resumable_args(tiny_models[arch], shapes_24, out, for_family(QUICK, arch))
 
     train.main(common(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):
-        train.main(common(tmp_path / "b"), callbacks=[Crash()])
+        train.main(common(tmp_path / "b"), callbacks=[CrashAt(3)])
     train.main([*common(tmp_path / "b"), "--resume"])
     state = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5, 6]
-    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert_same_adapter(tmp_path / "a" / "adapter", tmp_path / "b" / "adapter")
 
 
 @pytest.mark.parametrize("arch", NEWER)  # Qwen2-VL's: tests/test_infer.py
