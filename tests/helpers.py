@@ -103,12 +103,22 @@ def train_command(model, data, out, *extra) -> list[str]:
     return ["train.py", *train_args(model, data, out, *extra)]
 
 
-def run_script(*args, env=None, cwd=REPO):
-    """Run one of the repository's scripts as a user does: a fresh Python process (in the repository root by default)."""
-    env = {**os.environ, **(env or {})}
+def run_script(*args, env=None, cwd=REPO, timeout=600):
+    """Run one of the repository's scripts as a user does: a fresh Python process (in the repository root by default),
+    with no input to read. `env`: variables set on top of this process's; a value of None unsets one."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     script, *rest = args
     command = [sys.executable, str(REPO / script), *rest]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def new_swanlab_user(home: Path, **more: str) -> dict:
+    """run_script's env for someone who never set SwanLab up: no SWANLAB_ variable, a HOME of their own (where a login
+    would be kept) and the offline logs in home/swanlog; `more` on top."""
+    unset = {k: None for k in os.environ if k.startswith("SWANLAB_")}
+    return {**unset, "HOME": str(home), "SWANLAB_LOG_DIR": str(home / "swanlog"), **more}
 
 
 class CrashAt(TrainerCallback):

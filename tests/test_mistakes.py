@@ -16,7 +16,17 @@ import torch
 
 from vlcap import captioning, formats, images
 
-from helpers import QUICK, REPO, closed_port, load_captioner, one_error_line, run_script, train_args, train_command
+from helpers import (
+    QUICK,
+    REPO,
+    closed_port,
+    load_captioner,
+    new_swanlab_user,
+    one_error_line,
+    run_script,
+    train_args,
+    train_command,
+)
 from swanlab_files import only_run, read_run
 
 
@@ -104,45 +114,19 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
 
 
 def test_an_unreachable_swanlab_cloud_logs_offline_or_stops_when_cloud_is_required(tiny_model, shapes_24, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
-    env.update(
-        HOME=str(tmp_path),
-        SWANLAB_API_KEY="not-a-real-key",
-        SWANLAB_API_HOST=f"http://127.0.0.1:{closed_port()}",
-        SWANLAB_LOG_DIR=str(tmp_path / "swanlog"),
+    env = new_swanlab_user(
+        tmp_path, SWANLAB_API_KEY="not-a-real-key", SWANLAB_API_HOST=f"http://127.0.0.1:{closed_port()}"
     )
     args = [*train_command(tiny_model, shapes_24, tmp_path / "out"), *QUICK, "--max-steps", "1"]
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(REPO / args[0]), *args[1:]],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_script(*args, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
     assert only_run(tmp_path / "swanlog")
     assert time.monotonic() - started < 120
 
-    required = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / args[0]),
-            *args[1:],
-            "--swanlab-require-cloud",
-            "--output-dir",
-            str(tmp_path / "out2"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    out2 = ["--swanlab-require-cloud", "--output-dir", str(tmp_path / "out2")]
+    required = run_script(*args, *out2, env=env, cwd=tmp_path, timeout=300)
     assert "SwanLab cloud is required" in one_error_line(required)
     assert not (tmp_path / "out2").exists()
 

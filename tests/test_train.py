@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,17 @@ from transformers import AutoProcessor, TrainerCallback
 from vlcap import captioning, formats, images, timing
 
 import train
-from helpers import QUICK, REPO, CrashAt, assert_same_adapter, load_captioner, resumable_args, run_script, train_args
+from helpers import (
+    QUICK,
+    CrashAt,
+    assert_same_adapter,
+    load_captioner,
+    new_swanlab_user,
+    resumable_args,
+    run_script,
+    train_args,
+    train_command,
+)
 from swanlab_files import only_run, read_run
 
 
@@ -69,27 +76,17 @@ def test_saves_adapter_settings_and_logs_to_swanlab(tiny_model, shapes_24, tmp_p
 
 
 def test_without_key_or_mode_goes_offline_and_says_how_to_sync(tiny_model, shapes_24, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
-    env.update(HOME=str(tmp_path), SWANLAB_LOG_DIR=str(tmp_path / "swanlog"))
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            *train_args(tiny_model, shapes_24, tmp_path / "out"),
-            "--max-steps",
-            "1",
-            "--eval-json",
-            str(shapes_24),
-            "--eval-size",
-            "4",
-            *QUICK,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    result = run_script(
+        *train_command(tiny_model, shapes_24, tmp_path / "out"),
+        "--max-steps",
+        "1",
+        "--eval-json",
+        str(shapes_24),
+        "--eval-size",
+        "4",
+        *QUICK,
+        env=new_swanlab_user(tmp_path),
         cwd=tmp_path,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logs offline" in result.stdout and "swanlab sync" in result.stdout
