@@ -117,9 +117,10 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss * 1024 / 1e9  # kB on Linux
 
 
-def benchmark_flags(model_dir: Path, data_json: Path, out: Path) -> list[str]:
+def benchmark_flags(model_dir: Path, data_json: Path, out: Path, sample_max_new_tokens: int | None = 32) -> list[str]:
     """train.py's flags common to every benchmark run: the stand-in, the data, a fresh output folder, no SwanLab, no
-    checkpoint but the last, and captions of the length the captioning figures use."""
+    checkpoint but the last, and captions of the length the captioning figures use (None: train.py's own)."""
+    captions = ["--sample-max-new-tokens", str(sample_max_new_tokens)] if sample_max_new_tokens is not None else []
     return [
         "--model-dir",
         str(model_dir),
@@ -132,8 +133,7 @@ def benchmark_flags(model_dir: Path, data_json: Path, out: Path) -> list[str]:
         "disabled",
         "--save-steps",
         "100000",
-        "--sample-max-new-tokens",
-        "32",
+        *captions,
     ]
 
 

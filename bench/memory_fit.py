@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import prepare, prepare_eval  # noqa: E402  (bench/bench.py: the standard library only, at import)
+from bench import benchmark_flags, prepare, prepare_eval  # noqa: E402  (bench/bench.py: the standard library only, at import)
 
 # name: (what it imitates, environment, train.py flags beyond the job's). "80gb" is the reference for the loss curves.
 RUNS = {
@@ -57,21 +57,8 @@ def train(name: str, model_dir: Path, data_json: Path, eval_json: Path, work: Pa
     cmd = [
         sys.executable,
         "train.py",
-        "--model-dir",
-        str(model_dir),
-        "--data-json",
-        str(data_json),
-        "--eval-json",
-        str(eval_json),
-        "--output-dir",
-        str(out),
-        "--overwrite",
-        "--swanlab-mode",
-        "disabled",
-        "--save-steps",
-        "100000",
-        "--logging-steps",
-        "5",
+        *benchmark_flags(model_dir, data_json, out, sample_max_new_tokens=None),
+        *["--eval-json", str(eval_json), "--logging-steps", "5"],
         *flags,
     ]
     started = time.perf_counter()

@@ -84,7 +84,7 @@ def main() -> None:
     from vlcap import captioning, formats, images, qwen
 
     import train
-    from bench import prepare
+    from bench import benchmark_flags, prepare
 
     work, out = Path(args.work), Path(args.out)
     model_dir, data = prepare(work, 500)
@@ -113,21 +113,8 @@ def main() -> None:
 
     train.main(
         [
-            "--model-dir",
-            str(model_dir),
-            "--data-json",
-            str(data),
-            "--output-dir",
-            str(work / "out-profile"),
-            "--overwrite",
-            "--swanlab-mode",
-            "disabled",
-            "--save-steps",
-            "100000",
-            "--sample-max-new-tokens",
-            "4",
-            "--workers",
-            "8",
+            *benchmark_flags(model_dir, data, work / "out-profile", sample_max_new_tokens=4),
+            *["--workers", "8"],
             *args.train_args.split(),
         ],
         callbacks=[Profile()],
