@@ -98,6 +98,23 @@ def train_args(model, data, out, *extra) -> list[str]:
     return ["--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out), *extra]
 
 
+def compared_args(model, data, *extra) -> list[str]:
+    """train.py's flags for the runs whose losses tests compare step by step: 4 steps without dropout, the QUICK
+    recipe, then `extra`."""
+    return [
+        "--model-dir",
+        str(model),
+        "--data-json",
+        str(data),
+        "--max-steps",
+        "4",
+        "--lora-dropout",
+        "0",
+        *QUICK,
+        *extra,
+    ]
+
+
 def train_command(model, data, out, *extra) -> list[str]:
     """run_script's arguments that run train.py with train_args."""
     return ["train.py", *train_args(model, data, out, *extra)]

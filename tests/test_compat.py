@@ -13,23 +13,13 @@ from transformers import TrainerCallback
 from vlcap import captioning, compat, formats, images
 
 import train
-from helpers import QUICK, Losses, load_captioner, needs_fast_paths, train_args
+from helpers import QUICK, Losses, compared_args, load_captioner, needs_fast_paths, train_args
 
 
 def train_losses(tiny_model, shapes_24, out, *extra) -> tuple[list[float], dict]:
     losses = Losses()
     train.main(
-        [
-            *train_args(tiny_model, shapes_24, out),
-            "--max-steps",
-            "4",
-            "--lora-dropout",
-            "0",
-            "--swanlab-mode",
-            "disabled",
-            *QUICK,
-            *extra,
-        ],
+        compared_args(tiny_model, shapes_24, "--output-dir", str(out), "--swanlab-mode", "disabled", *extra),
         callbacks=[losses],
     )
     return losses.values, json.loads((out / "adapter" / formats.SETTINGS_FILE).read_text())

@@ -19,7 +19,7 @@ import torch
 from vlcap import cli, processes
 
 import train
-from helpers import QUICK, REPO, closed_port, needs_fast_paths
+from helpers import REPO, closed_port, compared_args, needs_fast_paths
 from swanlab_files import only_run, read_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled"}
@@ -63,17 +63,7 @@ def with_batch(args: list[str], batch: int, accumulation: int = 1) -> list[str]:
 @pytest.fixture(scope="module")
 def common(tiny_model, shapes_24) -> list[str]:
     """4 steps without dropout, effective batch 4 once the batch is set (with_batch)."""
-    return [
-        "--model-dir",
-        str(tiny_model),
-        "--data-json",
-        str(shapes_24),
-        "--max-steps",
-        "4",
-        "--lora-dropout",
-        "0",
-        *QUICK,
-    ]
+    return compared_args(tiny_model, shapes_24)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import cpu_graphs
 import train
-from helpers import QUICK, needs_fast_paths
+from helpers import compared_args, needs_fast_paths
 
 
 @needs_fast_paths
@@ -24,19 +24,7 @@ def test_graphed_layers_accumulate_gradients_as_eager_ones(tiny_model, shapes_24
     """
     from safetensors.torch import load_file
 
-    args = [
-        "--model-dir",
-        str(tiny_model),
-        "--data-json",
-        str(shapes_24),
-        "--max-steps",
-        "4",
-        "--lora-dropout",
-        "0",
-        "--swanlab-mode",
-        "disabled",
-        *QUICK,
-    ]
+    args = compared_args(tiny_model, shapes_24, "--swanlab-mode", "disabled")
     args[args.index("--batch-size") + 1], args[args.index("--grad-accum") + 1] = "2", "2"
     train.main([*args, "--output-dir", str(tmp_path / "eager")])
     cpu_graphs.install(train, monkeypatch)
