@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     extra = [tracker.callback, marks.callback(), loss_guard, *(callbacks or [])]
     trainer = make_trainer(args, run.model, run.device, run.train_dataset, run.collator, extra)
     trainer.use_vision_cache(run.features)
-    result = train(trainer, args, resume_from, run, tracker)
+    with lora_inputs_as_given(run.model, args, run.pad_to):
+        result = train(trainer, args, resume_from, run, tracker)
     peaks = processes.finish(run.device)  # several processes: each one's peak memory; then process 0 goes on alone
     if not is_main:
         return 0
@@ -428,9 +429,20 @@ def add_lora(model, args, device: str, pad_to: int | None, marks):
     marks("capture")
     if graphs:
         model.train()  # captured with dropout active, as training replays it
-        fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
+        with lora_inputs_as_given(model, args, pad_to):
+            fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
     marks("captured")
     return model, graphs
+
+
+def lora_inputs_as_given(model, args, pad_to: int | None):
+    """On the fast path under autocast, LoRA layers take their input in the model's precision (bf16): peft would copy
+    it to fp32, its weights' dtype, and autocast copy it back to bf16 for the matrix product, both exact, so this
+    changes nothing but the memory traffic (down_proj's input alone is 8,960 values a token). Captioning runs without
+    autocast and needs peft's copy: only the graphs' capture and training run inside."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=pad_to is not None and args.precision != "fp32")
 
 
 def can_graph(device: str) -> bool:

@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 from vlcap import fastpath, qwen, training_data, vision_attention
 
 import train
-from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, for_family, needs_fast_paths, train_args
+from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, compared_args, for_family, needs_fast_paths, train_args
 
 
 def train_run(model_dir, data_json, out, arch, *extra) -> tuple[list[float], dict, dict]:
@@ -182,6 +182,40 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
         assert not torch.allclose(windowed, features([(9 * unit, 13 * unit)] * 3, batched=True)[0])
     assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 4, 6]])) == 24
     assert vision_attention.patches_per_image(torch.tensor([[1, 4, 6], [1, 6, 4]])) is None
+
+
+@needs_fast_paths
+def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(tiny_model, shapes_24, tmp_path, monkeypatch):
+    """bf16 autocast on the CPU, dropout off: with peft's fp32 copy of each LoRA input (the context made a no-op) and
+    without it, the same losses and weights bit for bit (the copies are exact both ways). The flag must be off during
+    the steps and on again after them: the run's sample captions, without autocast, need peft's copy (bf16 inputs
+    against fp32 LoRA weights fail)."""
+    import contextlib
+
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    seen = set()
+
+    class Casting(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.update(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+    def run(out):
+        losses = Losses()
+        args = compared_args(tiny_model, shapes_24, "--precision", "bf16", "--swanlab-mode", "disabled")
+        train.main([*args, "--output-dir", str(out)], callbacks=[losses, Casting()])
+        return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+
+    as_given, weights = run(tmp_path / "as-given")
+    assert seen == {False}
+    seen.clear()
+    monkeypatch.setattr(train, "lora_inputs_as_given", lambda *a: contextlib.nullcontext())
+    copied, weights_copied = run(tmp_path / "copied")
+    assert seen == {True}
+    assert as_given == copied and len(as_given) == 4 and as_given[0] != as_given[-1]
+    for name, weight in weights_copied.items():
+        assert torch.equal(weights[name], weight), name
 
 
 def test_low_memory_keeps_the_effective_batch():
