@@ -33,9 +33,40 @@ def gpu_busy_ms(prof) -> float:
     return busy / 1e3
 
 
+KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("dropout", ("dropout",)),
+    ("norms", ("norm",)),
+    ("loss", ("softmax", "cross_entropy", "nll")),
+    ("copies and casts", ("copy", "cast", "cat_", "catarray", "index")),
+    ("multiplications", ("mul",)),
+    ("additions", ("add",)),
+    ("reductions", ("reduce", "sum")),
+    ("other element-wise", ("elementwise",)),
+)
+
+
+def kernel_kinds(prof, repeats: int) -> None:
+    """GPU time per repeat by kind of kernel, from the kernels' names (those replayed inside CUDA graphs included)."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        name = e.name.lower()
+        kind = next((k for k, keys in KINDS if any(key in name for key in keys)), "other")
+        totals[kind] += (e.time_range.end - e.time_range.start) / 1e3
+        counts[kind] += 1
+    print("| kind of kernel | ms | kernels |\n| --- | --- | --- |")
+    for kind, ms in totals.most_common():
+        print(f"| {kind} | {ms / repeats:.1f} | {counts[kind] / repeats:.0f} |")
+
+
 def report(name, prof, wall_ms, out: Path, repeats: int = 1):
-    """Per repeat: wall and GPU-busy time; then the operator tables over all repeats."""
+    """Per repeat: wall and GPU-busy time, GPU time by kind of kernel; then the operator tables over all repeats."""
     print(f"\n=== {name}: wall {wall_ms:.1f} ms, GPU busy {gpu_busy_ms(prof) / repeats:.1f} ms")
+    kernel_kinds(prof, repeats)
     table = prof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table.table(sort_by="self_device_time_total", row_limit=15))

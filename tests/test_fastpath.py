@@ -124,17 +124,11 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, 
     assert batch["shift_labels"].ne(-100).sum() == plain["labels"].ne(-100).sum() == batch["caption_tokens"]
     assert keep[0] == int((plain["labels"] != -100).int().argmax(1).min()) - 1
 
-    # The attention mask is the one transformers builds for SDPA from the padding (True = may attend).
-    from transformers import AutoConfig
-    from transformers.masking_utils import create_causal_mask
-
-    config = AutoConfig.from_pretrained(tiny_model).text_config
-    config._attn_implementation = "sdpa"
-    padding = (batch["input_ids"] != processor.tokenizer.pad_token_id).long()
-    expected = create_causal_mask(
-        config=config, inputs_embeds=torch.zeros(5, pad_to, 8), attention_mask=padding, cache=None, position_ids=None
-    )
-    assert torch.equal(batch["attention_mask"], expected)
+    # No attention mask: every row is its tokens, then padding only (causal attention never lets a token see padding).
+    assert "attention_mask" not in batch
+    for row, e in enumerate(examples):
+        assert torch.equal(batch["input_ids"][row, : len(e["input_ids"])], e["input_ids"])
+        assert (batch["input_ids"][row, len(e["input_ids"]) :] == processor.tokenizer.pad_token_id).all()
     # Image features go to exactly the image tokens' places, row after row.
     flat = batch["input_ids"].flatten()
     assert torch.equal(batch["image_positions"], (flat == image_token).nonzero()[:, 0])

@@ -98,10 +98,7 @@ def _config(model):
 
 def _training(model) -> str | None:
     from transformers import Trainer
-    from transformers.masking_utils import create_causal_mask
-
     checks = [
-        _needs(create_causal_mask, "config", "inputs_embeds", "attention_mask", "cache", "position_ids"),
         _needs(Trainer.compute_loss, "model", "inputs", "return_outputs", "num_items_in_batch"),
         None if hasattr(Trainer, "_get_num_items_in_batch") else "Trainer has no _get_num_items_in_batch",
     ]

@@ -23,9 +23,9 @@ What it does (bench/RESULTS.md has what each part bought):
    prompt, and the loss is the same sum / token count transformers computes.
 3. CUDA graphs: with every batch padded to one length, each decoder layer's forward and backward are captured once
    (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
-   attention mask, positions, image-token places and the loss's token count are built by the collator, and batches are
-   copied without waiting, so no step waits on the GPU.
-It leans on transformers internals (the mask builder, get_rope_index, the decoder layer's call): train.py uses it only
+   positions, image-token places and the loss's token count are built by the collator, and batches are copied without
+   waiting, so no step waits on the GPU. Padding goes on the right, so causal attention needs no mask (flash attention).
+It leans on transformers internals (get_rope_index, the decoder layer's call): train.py uses it only
 where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 None of it changes the mathematics: tests/test_fastpath.py trains each family with and without it and compares the
 losses and weights.
@@ -503,37 +503,31 @@ def _unpacked(packed: dict) -> list[dict]:
     return examples
 
 
-@functools.cache
-def _causal(length: int) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool).tril()
-
-
 def collate_encoded(examples: list[dict], pad_token_id: int, pad_to: int) -> dict:
     """Pad to one fixed length (one shape for every batch: CUDA graphs replay it) and keep logits for captions only.
 
-    Everything the step needs is built here, on the CPU, so the step itself never waits for the GPU: the causal
-    attention mask with padding (the 4-D boolean mask transformers builds for SDPA, True = may attend; every family's
-    language model takes a 4-D mask as it is), the flat
+    Everything the step needs is built here, on the CPU, so the step itself never waits for the GPU: the flat
     positions the cached image features go to, the M-RoPE position ids. `logits_to_keep` are the positions whose next
     token is a caption token in some row; `shift_labels` are those next tokens (-100 elsewhere), the key transformers'
     Trainer counts the loss's tokens from; `labels` stays the full labels.
+
+    No attention mask: the padding is on the right, so under causal attention no real token ever sees a padding one,
+    and the language model, given no mask, attends causally through SDPA's fused kernels (flash attention on the GPU,
+    with grouped keys and values as they are) instead of a masked kernel with the keys and values repeated per head.
+    What the padding positions compute is never read: their labels are -100.
     """
     n = len(examples)
     input_ids = torch.full((n, pad_to), pad_token_id, dtype=torch.long)
     labels = torch.full((n, pad_to), -100, dtype=torch.long)
-    attention_mask = torch.zeros((n, pad_to), dtype=torch.bool)
     position_ids = torch.zeros((3, n, pad_to), dtype=torch.long)
     for row, e in enumerate(examples):
         length = len(e["input_ids"])
         input_ids[row, :length], labels[row, :length] = e["input_ids"], e["labels"]
-        attention_mask[row, :length] = True
         position_ids[:, row, :length] = e["position_ids"]
-    causal = _causal(pad_to)
     first_label = int((labels != -100).int().argmax(1).min())
     keep = torch.arange(first_label - 1, pad_to - 1)
     return {
         "input_ids": input_ids,
-        "attention_mask": causal[None, None] & attention_mask[:, None, None, :],
         "position_ids": position_ids,
         "labels": labels,
         "shift_labels": labels[:, keep + 1],
@@ -635,8 +629,8 @@ class _LayerCall(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden_states, cos, sin, attention_mask):
-        return self.layer(hidden_states, attention_mask=attention_mask, position_embeddings=(cos, sin))
+    def forward(self, hidden_states, cos, sin):
+        return self.layer(hidden_states, attention_mask=None, position_embeddings=(cos, sin))
 
 
 def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool = False) -> None:
@@ -647,22 +641,15 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool 
     micro-batches (see _fresh_parameter_gradients). Under torchrun each process captures its own, before DDP wraps the
     model: a graphed layer's backward feeds the LoRA weights' AccumulateGrad nodes, where DDP's hooks sit, as eager does.
     """
-    from transformers.masking_utils import create_causal_mask
-
     language_model = base_model(model).model.language_model
     layers = list(language_model.layers)
     device, dtype = language_model.embed_tokens.weight.device, language_model.embed_tokens.weight.dtype
     hidden = torch.randn(batch_size, seq_len, language_model.config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(seq_len, device=device).expand(3, batch_size, seq_len)
     cos, sin = language_model.rotary_emb(hidden, positions)
-    padding = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
-    padding[0, -1] = 0  # a padded batch, the shape of mask every training batch has
-    mask = create_causal_mask(
-        config=language_model.config, inputs_embeds=hidden, attention_mask=padding, cache=None, position_ids=None
-    )
     # The first layer's input (embeddings and cached image features) needs no gradient; every later one does.
     samples = tuple(
-        (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone(), mask.clone()) for i in range(len(layers))
+        (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone()) for i in range(len(layers))
     )
     # Captured under bf16 autocast as training runs (without autocast's weight cache, which graphs cannot hold). The
     # capture's warm-up runs backward on a side stream into the LoRA weights' AccumulateGrad nodes, and the first
@@ -680,7 +667,7 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool 
 
 def _routed(layer, graphed, sample, accumulate: bool):
     """The layer's new forward: the graph for calls like the captured one (training, with gradients), else eager."""
-    eager_forward, (hidden_s, _, _, mask_s) = layer.forward, sample
+    eager_forward, (hidden_s, _, _) = layer.forward, sample
     fresh_gradients = functools.partial(_fresh_parameter_gradients, len(sample))
 
     def forward(hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
@@ -689,11 +676,9 @@ def _routed(layer, graphed, sample, accumulate: bool):
             and torch.is_grad_enabled()
             and hidden_states.shape == hidden_s.shape
             and hidden_states.requires_grad == hidden_s.requires_grad
-            and isinstance(attention_mask, torch.Tensor)
-            and attention_mask.shape == mask_s.shape
-            and attention_mask.dtype == mask_s.dtype
+            and attention_mask is None  # causal attention, as captured (collate_encoded's batches)
         ):
-            out = graphed(hidden_states, *position_embeddings, attention_mask)
+            out = graphed(hidden_states, *position_embeddings)
             if accumulate:
                 out.grad_fn.register_hook(fresh_gradients)
             return out

@@ -1,0 +1,101 @@
+"""Where the vision cache's encoding spends its time, on the GPU: the workers alone, the vision tower alone, the whole
+encoding with the cache on the GPU and with every picture written to the cache file.
+
+    python bench/encode_parts.py --work bench/work --n 2000      # builds the stand-in and the pictures if missing
+
+Prints a Markdown table of pictures per second for each part. `--compiled` also times the tower with its element-wise
+work (rotary, the MLP's activation) compiled by torch.compile, and what compiling cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from caption_parts import sync, timed  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"))
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--compiled", action="store_true")
+    args = parser.parse_args()
+    import torch
+    from transformers import AutoConfig
+
+    from vlcap import fastpath, formats, qwen, training_data, vision_attention
+
+    from bench import prepare
+
+    model_dir, data = prepare(Path(args.work), args.n)
+    processor = qwen.load_processor(str(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    items = formats.read_conversations(data)
+    dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 280, 8192)
+    rows = {}
+
+    start = time.perf_counter()
+    batches, n_batches, n = fastpath.start_encoding(dataset, config, args.workers, args.batch)
+    first = next(batches)
+    for _ in batches:
+        pass
+    rows["workers alone (decode, resize, patches, tokens, positions)"] = n / (time.perf_counter() - start)
+
+    model = qwen.load_model(str(model_dir), "cuda", torch.bfloat16)
+    _, pixels, grids = first
+    pixels, grids = pixels.to("cuda", torch.bfloat16), grids.to("cuda")
+    patches = vision_attention.patches_per_image(grids.cpu())
+
+    def tower():
+        with torch.no_grad(), vision_attention.batched(model, patches):
+            model.model.get_image_features(pixels, grids, return_dict=True)
+
+    tower()
+    rows[f"vision tower alone, batches of {len(grids)}"] = len(grids) / timed(tower, 10) * 1e3
+    for name, folder in (("cache on the GPU", None), ("cache written to its file", Path(args.work) / "encode-cache")):
+        layout = (
+            fastpath.CacheLayout(n, 0, 0, folder, {"bench": True}) if folder else fastpath.CacheLayout.all_on_device(n)
+        )
+        sync()
+        start = time.perf_counter()
+        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch)
+        fastpath.finish_encoding(model, *encoding, layout)
+        sync()
+        rows[f"whole encoding, {name}"] = n / (time.perf_counter() - start)
+        if folder:
+            fastpath.remove_cache(folder)
+
+    if args.compiled:
+        blocks = model.model.visual.blocks
+        module = sys.modules[type(blocks[0].attn).__module__]
+        eager_rotary = module.apply_rotary_pos_emb_vision
+        start = time.perf_counter()
+        module.apply_rotary_pos_emb_vision = torch.compile(eager_rotary, dynamic=True)
+        for block in blocks:
+            block.mlp.compile(dynamic=True)
+        tower()
+        sync()
+        rows["(compiling rotary and MLP: seconds)"] = time.perf_counter() - start
+        rows[f"vision tower alone, compiled rotary and MLP, batches of {len(grids)}"] = (
+            len(grids) / timed(tower, 10) * 1e3
+        )
+        module.apply_rotary_pos_emb_vision = eager_rotary
+
+    print(
+        f"\n{torch.cuda.get_device_name()}, {n} pictures 640x480 -> 280x280, {args.workers} workers, batches of "
+        f"{args.batch}\n\n| part | pictures/s |\n| --- | --- |"
+    )
+    for name, value in rows.items():
+        print(f"| {name} | {value:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
