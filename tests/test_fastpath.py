@@ -179,7 +179,9 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 
 
 @needs_fast_paths
-def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(tiny_model, shapes_24, tmp_path, monkeypatch):
+def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
+    tiny_model, shapes_24, tmp_path, monkeypatch
+):
     """bf16 autocast on the CPU, dropout off: with peft's fp32 copy of each LoRA input (the context made a no-op) and
     without it, the same losses and weights bit for bit (the copies are exact both ways). The flag must be off during
     the steps and on again after them: the run's sample captions, without autocast, need peft's copy (bf16 inputs

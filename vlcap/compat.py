@@ -98,6 +98,7 @@ def _config(model):
 
 def _training(model) -> str | None:
     from transformers import Trainer
+
     checks = [
         _needs(Trainer.compute_loss, "model", "inputs", "return_outputs", "num_items_in_batch"),
         None if hasattr(Trainer, "_get_num_items_in_batch") else "Trainer has no _get_num_items_in_batch",

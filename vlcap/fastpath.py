@@ -648,9 +648,7 @@ def graph_decoder_layers(model, batch_size: int, seq_len: int, accumulate: bool 
     positions = torch.arange(seq_len, device=device).expand(3, batch_size, seq_len)
     cos, sin = language_model.rotary_emb(hidden, positions)
     # The first layer's input (embeddings and cached image features) needs no gradient; every later one does.
-    samples = tuple(
-        (hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone()) for i in range(len(layers))
-    )
+    samples = tuple((hidden.clone().requires_grad_(i > 0), cos.clone(), sin.clone()) for i in range(len(layers)))
     # Captured under bf16 autocast as training runs (without autocast's weight cache, which graphs cannot hold). The
     # capture's warm-up runs backward on a side stream into the LoRA weights' AccumulateGrad nodes, and the first
     # training step's backward then finds those nodes made on another stream than its own: torch warns of the
