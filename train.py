@@ -363,7 +363,8 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
     else:
         if layout.folder:
             fastpath.remove_cache(layout.folder)  # another model's, data's or settings' features, or a run cut short
-        encoding = fastpath.start_encoding(dataset, config, args.workers)  # the workers decode while the model loads
+        # The workers decode while the model loads.
+        encoding = fastpath.start_encoding(dataset, config, args.workers, pin_memory=device.startswith("cuda"))
 
     def finish(model):
         if header:

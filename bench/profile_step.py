@@ -34,8 +34,8 @@ def gpu_busy_ms(prof) -> float:
 
 
 KINDS = (  # (kind, substrings of a kernel's name), first match wins
-    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
     ("attention", ("flash", "fmha", "attention")),
+    ("matrix products", ("gemm", "cutlass", "xmma", "nvjet", "cublas")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("dropout", ("dropout",)),
     ("norms", ("norm",)),
@@ -51,16 +51,33 @@ KINDS = (  # (kind, substrings of a kernel's name), first match wins
 def kernel_kinds(prof, repeats: int) -> None:
     """GPU time per repeat by kind of kernel, from the kernels' names (those replayed inside CUDA graphs included)."""
     totals, counts = collections.Counter(), collections.Counter()
+    names, name_counts = collections.Counter(), collections.Counter()
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
         name = e.name.lower()
         kind = next((k for k, keys in KINDS if any(key in name for key in keys)), "other")
-        totals[kind] += (e.time_range.end - e.time_range.start) / 1e3
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        totals[kind] += ms
         counts[kind] += 1
+        names[short_name(e.name)] += ms
+        name_counts[short_name(e.name)] += 1
     print("| kind of kernel | ms | kernels |\n| --- | --- | --- |")
     for kind, ms in totals.most_common():
         print(f"| {kind} | {ms / repeats:.1f} | {counts[kind] / repeats:.0f} |")
+    print("\n| kernel | ms | kernels |\n| --- | --- | --- |")
+    for name, ms in names.most_common(30):
+        print(f"| {name} | {ms / repeats:.2f} | {name_counts[name] / repeats:.0f} |")
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without its template noise: the functor or operation it runs, and its element type."""
+    import re
+
+    functor = re.findall(r"(\w*(?:Functor|functor|_kernel_cuda|Op|_impl)\w*)", name)
+    dtype = re.findall(r"(BFloat16|float|Half|bool|long)", name)
+    base = re.sub(r"<.*", "", name.replace("void ", "")).split("::")[-1]
+    return f"{base} {functor[-1] if functor else ''} {dtype[0] if dtype else ''}".strip()[:110]
 
 
 def report(name, prof, wall_ms, out: Path, repeats: int = 1):
