@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--compiled", action="store_true")
+    parser.add_argument("--pin", action="store_true", help="batches in page-locked memory (as train.py on a GPU)")
+    parser.add_argument("--profile", action="store_true", help="also where the GPU waits during the encoding")
     args = parser.parse_args()
     import torch
     from transformers import AutoConfig
@@ -66,12 +68,28 @@ def main() -> None:
         )
         sync()
         start = time.perf_counter()
-        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch)
+        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
         fastpath.finish_encoding(model, *encoding, layout)
         sync()
         rows[f"whole encoding, {name}"] = n / (time.perf_counter() - start)
         if folder:
             fastpath.remove_cache(folder)
+    if args.profile:  # the GPU's idle time during 20 batches of the encoding with the cache on the GPU
+        from itertools import islice
+
+        from profile_step import gpu_busy_ms, gpu_gaps
+        from torch.profiler import ProfilerActivity, profile
+
+        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
+        batches = list(islice(encoding[0], 24))  # decoded first: the profile sees the main process's part alone
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            fastpath.finish_encoding(model, iter(batches), len(batches), len(batches) * args.batch)
+            sync()
+            wall = (time.perf_counter() - start) * 1e3
+        print(f"\n=== encoding {len(batches)} decoded batches: wall {wall:.1f} ms, GPU busy {gpu_busy_ms(prof):.1f} ms")
+        gpu_gaps(prof)
 
     if args.compiled:
         blocks = model.model.visual.blocks

@@ -70,6 +70,26 @@ def kernel_kinds(prof, repeats: int) -> None:
         print(f"| {name} | {ms / repeats:.2f} | {name_counts[name] / repeats:.0f} |")
 
 
+def gpu_gaps(prof, top: int = 15) -> None:
+    """The GPU's idle gaps between kernels, and what the CPU was inside at the middle of each of the longest (its
+    innermost recorded operations, outermost first): where the GPU waits for the CPU."""
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    gaps, end = [], kernels[0][1] if kernels else 0
+    for start, stop in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, end, start))
+        end = max(end, stop)
+    cpu = [e for e in events if e.device_type.name == "CPU"]
+    print(f"\nGPU idle between kernels: {sum(g[0] for g in gaps) / 1e3:.1f} ms in {len(gaps)} gaps; the longest:")
+    for length, start, stop in sorted(gaps, reverse=True)[:top]:
+        middle = (start + stop) / 2
+        inside = sorted(
+            (e for e in cpu if e.time_range.start <= middle <= e.time_range.end), key=lambda e: e.time_range.start
+        )
+        print(f"  {length / 1e3:6.2f} ms  " + " > ".join(e.name[:48] for e in inside[-6:]))
+
+
 def short_name(name: str) -> str:
     """A kernel's name without its template noise: the functor or operation it runs, and its element type."""
     import re
@@ -84,6 +104,7 @@ def report(name, prof, wall_ms, out: Path, repeats: int = 1):
     """Per repeat: wall and GPU-busy time, GPU time by kind of kernel; then the operator tables over all repeats."""
     print(f"\n=== {name}: wall {wall_ms:.1f} ms, GPU busy {gpu_busy_ms(prof) / repeats:.1f} ms")
     kernel_kinds(prof, repeats)
+    gpu_gaps(prof)
     table = prof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table.table(sort_by="self_device_time_total", row_limit=15))
