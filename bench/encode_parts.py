@@ -62,14 +62,18 @@ def main() -> None:
 
     tower()
     rows[f"vision tower alone, batches of {len(grids)}"] = len(grids) / timed(tower, 10) * 1e3
-    for name, folder in (("cache on the GPU", None), ("cache written to its file", Path(args.work) / "encode-cache")):
+    for name, folder, compiled in (
+        ("cache on the GPU", None, False),
+        ("cache written to its file", Path(args.work) / "encode-cache", False),
+        *([("cache on the GPU, tower compiled", None, True)] if args.compiled else []),
+    ):
         layout = (
             fastpath.CacheLayout(n, 0, 0, folder, {"bench": True}) if folder else fastpath.CacheLayout.all_on_device(n)
         )
         sync()
         start = time.perf_counter()
         encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
-        fastpath.finish_encoding(model, *encoding, layout)
+        fastpath.finish_encoding(model, *encoding, layout, compiled=compiled)
         sync()
         rows[f"whole encoding, {name}"] = n / (time.perf_counter() - start)
         if folder:

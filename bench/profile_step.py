@@ -90,6 +90,35 @@ def gpu_gaps(prof, top: int = 15) -> None:
         print(f"  {length / 1e3:6.2f} ms  " + " > ".join(e.name[:48] for e in inside[-6:]))
 
 
+class collector_pauses:
+    """Records the garbage collector's passes from now until stop(), which prints them (passes, total, longest)."""
+
+    def __init__(self):
+        import gc
+
+        self.passes, self.started = [], None
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.passes.append((info["generation"], (time.perf_counter() - self.started) * 1e3))
+
+    def stop(self):
+        import gc
+
+        gc.callbacks.remove(self)
+        by_generation = collections.defaultdict(list)
+        for generation, ms in self.passes:
+            by_generation[generation].append(ms)
+        for generation, times in sorted(by_generation.items()):
+            print(
+                f"garbage collector, generation {generation}: {len(times)} passes, {sum(times):.1f} ms in all, "
+                f"longest {max(times):.1f} ms"
+            )
+
+
 def short_name(name: str) -> str:
     """A kernel's name without its template noise: the functor or operation it runs, and its element type."""
     import re
@@ -162,6 +191,7 @@ def main() -> None:
     class Profile(TrainerCallback):
         def on_step_begin(self, a, state, control, **kwargs):
             if state.global_step == first:
+                self.pauses = collector_pauses()
                 torch.cuda.synchronize()
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
@@ -176,6 +206,7 @@ def main() -> None:
                 wall = (time.perf_counter() - self.start) * 1e3 / (last - first)
                 self.prof.__exit__(None, None, None)
                 report(f"train step (mean of {last - first})", self.prof, wall, out, last - first)
+                self.pauses.stop()
             if state.global_step == last + 10:
                 self.syncs.__exit__(None, None, None)
                 control.should_training_stop = True

@@ -179,6 +179,45 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 
 
 @needs_fast_paths
+def test_the_compiled_tower_encodes_as_the_eager_one_and_gives_way_when_compiling_fails(
+    tiny_model, shapes_24, monkeypatch, capsys
+):
+    """The encoding with the tower's rotary and MLPs through torch.compile (Inductor, as on a GPU; here its CPU code):
+    the eager tower's features to float rounding, with the tower's own modules back afterwards. A compiler that fails
+    leaves a note and the eager features, not an error."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig
+
+    model, processor = qwen.load_model(str(tiny_model), "cpu"), AutoProcessor.from_pretrained(tiny_model)
+    items = json.loads(shapes_24.read_text())[:8]
+    dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", TEST_IMAGE_SIZE["qwen2_vl"], 8192)
+    config = AutoConfig.from_pretrained(tiny_model)
+
+    def encode(compiled):
+        encoding = fastpath.start_encoding(dataset, config, workers=0, batch_size=4)
+        return fastpath.finish_encoding(model, *encoding, compiled=compiled)[1].on_device
+
+    eager = encode(False)
+    graphs = counters["stats"]["unique_graphs"]
+    mlp = model.model.visual.blocks[0].mlp
+    torch.testing.assert_close(encode(True), eager, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= graphs + 2, "the rotary and the MLP should each have been compiled"
+    assert model.model.visual.blocks[0].mlp is mlp
+
+    class Fails(torch.nn.Module):  # what torch.compile hands back where it cannot compile: it fails when called
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(vision_attention, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda function, **settings: Fails())
+    assert torch.equal(encode(True), eager)
+    assert (
+        "the vision tower runs uncompiled: compiling it failed (RuntimeError: no C compiler)" in capsys.readouterr().out
+    )
+    assert model.model.visual.blocks[0].mlp is mlp
+
+
+@needs_fast_paths
 def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
     tiny_model, shapes_24, tmp_path, monkeypatch
 ):

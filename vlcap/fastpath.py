@@ -127,24 +127,40 @@ def start_encoding(dataset, config, workers: int, batch_size: int = 32, pin_memo
     return iter(loader), len(loader), len(dataset)
 
 
+COMPILED_TOWER_FROM = 10_000  # pictures from which the encoding compiles the tower's element-wise work (~7 s, fresh)
+
+
 @torch.no_grad()
-def finish_encoding(model, batches, n_batches: int, n_pictures: int, layout: CacheLayout | None = None):
+def finish_encoding(
+    model, batches, n_batches: int, n_pictures: int, layout: CacheLayout | None = None, compiled: bool | None = None
+):
     """Run the vision tower once on every picture the workers encoded.
 
     Returns (examples, cache): examples are dicts of CPU tensors (input_ids, labels, position_ids, image_positions)
     with an `index` into the cache, a VisionCache of (n_examples, levels, tokens_per_image, hidden) features: level 0
     the tower's output, levels 1... (Qwen3-VL) the DeepStack features, one per DeepStack layer. `layout` says where
     they go (default: all on the model's device). Pixels are dropped as soon as the tower has seen them, so host
-    memory holds token ids, and what the layout puts there.
+    memory holds token ids, and what the layout puts there. `compiled` (default: from COMPILED_TOWER_FROM pictures on a
+    GPU): the tower's element-wise work runs compiled (vision_attention.batched); where compiling fails, as it is.
     """
     from tqdm import tqdm
 
     device, dtype = model.device, model.dtype
     examples, store = [], None
+    if compiled is None:
+        compiled = device.type == "cuda" and n_pictures >= COMPILED_TOWER_FROM
     batches = tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch")
     for batch, pixels, grids, patches in _copied_ahead((b for b in batches if b[0]), device):
-        with vision_attention.batched(model, patches):
-            out = model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
+        try:
+            with vision_attention.batched(model, patches, compiled):
+                out = model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
+        except Exception as e:  # torch.compile's failures take many forms (no C compiler, an unsupported operation)
+            if not compiled:
+                raise
+            print(f"note: the vision tower runs uncompiled: compiling it failed ({type(e).__name__}: {str(e)[:200]})")
+            compiled = False
+            with vision_attention.batched(model, patches):
+                out = model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
         levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]  # each a tuple, one per image
         rows = torch.stack([torch.stack(per_image) for per_image in zip(*levels)])
         if store is None:
