@@ -51,7 +51,7 @@ KEEP_VISION_CACHE: bool = True  # keep OUTPUT_DIR/vision_cache for --resume and 
 CUDA_GRAPHS: bool = True  # replay each decoder layer's forward and backward as CUDA graphs (GPU, with the vision cache)
 PRECISION: str = "auto"  # auto (bf16 where the GPU has it, else fp16 with loss scaling), bf16, fp16 or fp32
 LOGGING_STEPS: int = 10  # log the loss every this many optimizer steps
-SAVE_STEPS: int = 100  # write a resumable checkpoint every this many optimizer steps (and at the end)
+SAVE_STEPS: int = 100  # write a resumable checkpoint every this many optimizer steps
 SEED: int = 42  # seed for LoRA initialisation, dropout and data order
 DEVICE: str = "auto"  # auto (the GPU; error without one), cuda, or cpu (tests and the smoke run)
 WORKERS: int = min(8, os.cpu_count() or 1)  # DataLoader processes decoding and tokenising pictures
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     settings["memory_plan"] = run.plan.as_dict()
     tracker.update_config(settings)
     loss_guard = memory.loss_guard(run.plan.precision)  # fp16: an inf or nan loss stops the run with one line
-    extra = [tracker.callback, marks.callback(), loss_guard, *(callbacks or [])]
+    extra = [tracker.callback, marks.callback(), loss_guard, checkpoints_on_schedule(), *(callbacks or [])]
     trainer = make_trainer(args, run.model, run.device, run.train_dataset, run.collator, extra)
     trainer.use_vision_cache(run.features)
     with lora_inputs_as_given(run.model, args, run.pad_to):
@@ -264,8 +264,23 @@ def read_settings(argv: list[str] | None):
     return args
 
 
+def checkpoints_on_schedule():
+    """A TrainerCallback: checkpoints every SAVE_STEPS steps only. transformers also writes one when training ends,
+    but a finished run has nothing to resume (its adapter is saved next), and that checkpoint's optimizer state (0.6 GB
+    for the 2B model) took 0.8-1.0 s of the tutorial's 5-second training (bench/RESULTS.md)."""
+    from transformers import TrainerCallback
+
+    class OnSchedule(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps and state.global_step % args.save_steps:
+                control.should_save = False
+
+    return OnSchedule()
+
+
 def check_output_dir(args, is_main: bool) -> str | None:
-    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints."""
+    """The checkpoint to resume from, or None; refuses to silently overwrite an earlier run's checkpoints or
+    adapter."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise cli.UserError(f"--output-dir {out} is a file; name a folder for the checkpoints and the adapter.")
@@ -273,6 +288,13 @@ def check_output_dir(args, is_main: bool) -> str | None:
     # Trainer writes trainer_state.json last: a checkpoint without it was cut short (a process died while saving).
     complete = [p for p in checkpoints if (p / "trainer_state.json").is_file()]
     last = str(complete[-1]) if complete else None
+    finished = not checkpoints and (out / "adapter" / "adapter_config.json").is_file()
+    if finished and not args.overwrite:
+        raise cli.UserError(
+            f"{out} holds the adapter of a finished run ({out / 'adapter'})"
+            + (", with no checkpoint to resume" if args.resume else "")
+            + "; pass --overwrite to train again (the adapter is replaced), or another --output-dir."
+        )
     if args.resume:
         if last is None:
             print(

@@ -99,14 +99,16 @@ def train_args(model, data, out, *extra) -> list[str]:
 
 
 def compared_args(model, data, *extra) -> list[str]:
-    """train.py's flags for the runs whose losses tests compare step by step: 4 steps without dropout, the QUICK
-    recipe, then `extra`."""
+    """train.py's flags for the runs whose losses tests compare step by step: 4 steps without dropout and a checkpoint
+    at the last (its trainer_state.json holds the logged losses), the QUICK recipe, then `extra`."""
     return [
         "--model-dir",
         str(model),
         "--data-json",
         str(data),
         "--max-steps",
+        "4",
+        "--save-steps",
         "4",
         "--lora-dropout",
         "0",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 from PIL import Image
 
-from vlcap import formats
+from vlcap import cli, formats
 
 from helpers import QUICK, run_script, train_args, train_command
 
@@ -166,7 +168,29 @@ def test_overwrite_removes_the_earlier_runs_checkpoints(tiny_model, shapes_24, t
             "disabled",
         ]
     )
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not any(out.glob("checkpoint-*")), "the earlier run's checkpoint goes (and 2 steps are off the schedule)"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_finished_run_keeps_its_adapter_and_no_checkpoint_and_is_not_trained_over(tiny_model, shapes_24, tmp_path):
+    """Checkpoints come every --save-steps, not at the end as transformers would write one (a finished run has nothing
+    to resume). Its folder then holds the adapter alone: running the same command again, or with --resume, is one line
+    saying so (the adapter is not replaced); --overwrite trains again."""
+    import train
+
+    out = tmp_path / "o"
+    args = [*train_args(tiny_model, shapes_24, out), *QUICK, "--max-steps", "3", "--save-steps", "2"]
+    args += ["--swanlab-mode", "disabled"]
+    train.main(args)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # on the schedule; none at step 3
+    shutil.rmtree(out / "checkpoint-2")  # as a run of 3 steps with the default --save-steps leaves it
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    for again in ([], ["--resume"]):
+        with pytest.raises(cli.UserError, match="holds the adapter of a finished run") as refused:
+            train.main([*args, *again])
+        assert ("no checkpoint to resume" in str(refused.value)) == bool(again)
+        assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    train.main([*args, "--overwrite"])
 
 
 def test_truncated_held_out_picture_is_skipped_not_fatal(tiny_model, shapes_24, tmp_path):

@@ -104,6 +104,7 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
     resumed = command[2:-1]
     resumed[resumed.index("--max-steps") + 1] = str(last + 3)
+    resumed[resumed.index("--save-steps") + 1] = str(last + 3)  # a checkpoint at the new end, to read its history
     result = run_script(
         "train.py", *resumed, "--resume", env={"SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}, cwd=tmp_path
     )
@@ -178,6 +179,8 @@ def test_learning_rate_decays_linearly_to_zero(tiny_model, shapes_24, tmp_path):
             *train_args(tiny_model, shapes_24, out),
             *QUICK,
             "--max-steps",
+            "6",
+            "--save-steps",
             "6",
             "--learning-rate",
             "6e-4",

@@ -17,7 +17,7 @@ from helpers import QUICK, Losses, needs_fast_paths, train_args
 
 
 def run(model_dir, data_json, out, *extra, steps=6):
-    """(logged losses, adapter weights) of a quick run without dropout."""
+    """(logged losses, adapter weights) of a quick run without dropout, with a checkpoint at its last step."""
     from safetensors.torch import load_file
 
     losses = Losses()
@@ -25,6 +25,8 @@ def run(model_dir, data_json, out, *extra, steps=6):
         [
             *train_args(model_dir, data_json, out),
             "--max-steps",
+            str(steps),
+            "--save-steps",
             str(steps),
             "--lora-dropout",
             "0",
