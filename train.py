@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     trainer.use_vision_cache(run.features)
     with lora_inputs_as_given(run.model, args, run.pad_to):
         result = train(trainer, args, resume_from, run, tracker)
+    settings["log_history"] = [h for h in trainer.state.log_history if "loss" in h]  # loss, rate, norm per log
     peaks = processes.finish(run.device)  # several processes: each one's peak memory; then process 0 goes on alone
     if not is_main:
         return 0

@@ -97,8 +97,9 @@ COMPARE = [
 
 
 def logged_losses(out: Path) -> list[float]:
-    (state,) = out.glob("checkpoint-*/trainer_state.json")
-    return [h["loss"] for h in json.loads(state.read_text())["log_history"] if "loss" in h]
+    from plot import logged_steps_and_losses
+
+    return [loss for _, loss in logged_steps_and_losses(out)]
 
 
 def run(cmd: list[str], log: Path) -> float:

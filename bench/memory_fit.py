@@ -47,8 +47,13 @@ RUNS = {
 
 
 def losses(out: Path) -> list[float]:
-    states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    return [h["loss"] for h in json.loads(states[-1].read_text())["log_history"] if "loss" in h] if states else []
+    """The losses a run logged; none for a run that stopped before saving its adapter."""
+    from plot import logged_steps_and_losses
+
+    try:
+        return [loss for _, loss in logged_steps_and_losses(out)]
+    except FileNotFoundError:
+        return []
 
 
 def train(name: str, model_dir: Path, data_json: Path, eval_json: Path, work: Path, log) -> dict:

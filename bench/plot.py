@@ -3,8 +3,8 @@
     from plot import logged_steps_and_losses, plot_losses   # in bench/bench.py (bench/ is on sys.path there)
     plot_losses({"fast": logged_steps_and_losses(out_fast), "plain": logged_steps_and_losses(out_plain)}, "losses.png")
 
-The points are what the Trainer logged (every --logging-steps optimizer steps) in the last checkpoint's
-trainer_state.json. Curves share the x axis only when the runs share the effective batch, as bench.py's variants do.
+The points are what the Trainer logged (every --logging-steps optimizer steps), as train.py saves them in the adapter's
+train_settings.json (`log_history`). Curves share the x axis only when the runs share the effective batch, as bench.py's variants do.
 Needs matplotlib, which the GPU machine has; it is not in requirements.txt because only bench/ draws.
 """
 
@@ -15,12 +15,11 @@ from pathlib import Path
 
 
 def logged_steps_and_losses(output_dir: str | Path) -> list[tuple[int, float]]:
-    """[(optimizer step, loss)] that train.py's Trainer logged, read from OUTPUT_DIR's last checkpoint."""
-    states = sorted(Path(output_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
-    if not states:
-        raise FileNotFoundError(f"{output_dir} holds no checkpoint-*/trainer_state.json; did train.py finish there?")
-    history = json.loads(states[-1].read_text())["log_history"]
-    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+    """[(optimizer step, loss)] that train.py's Trainer logged, read from OUTPUT_DIR/adapter/train_settings.json."""
+    settings = Path(output_dir) / "adapter" / "train_settings.json"
+    if not settings.is_file():
+        raise FileNotFoundError(f"{settings} is missing; did train.py finish there?")
+    return [(h["step"], h["loss"]) for h in json.loads(settings.read_text())["log_history"]]
 
 
 def plot_losses(runs: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "training loss") -> Path:

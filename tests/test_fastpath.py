@@ -53,6 +53,7 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
         tiny_models[arch], shapes_24, tmp_path / "plain", arch, "--vision-cache-gb", "0"
     )
     assert not settings["vision_cache"]
+    assert [h["loss"] for h in settings["log_history"]] == plain_losses  # what bench/bench.py reads
     fast_losses, fast_weights, settings = train_run(tiny_models[arch], shapes_24, tmp_path / "fast", arch)
     assert settings["vision_cache"]
     assert len(plain_losses) == len(fast_losses) == 6
