@@ -394,7 +394,8 @@ def start_data(args, dataset, model_dir: str, processor, device: str, fast: bool
         if layout.folder:
             fastpath.remove_cache(layout.folder)  # another model's, data's or settings' features, or a run cut short
         # The workers decode while the model loads.
-        encoding = fastpath.start_encoding(dataset, config, args.workers, pin_memory=device.startswith("cuda"))
+        pin = device.startswith("cuda") and len(dataset) >= fastpath.PINNED_FROM
+        encoding = fastpath.start_encoding(dataset, config, args.workers, pin_memory=pin)
 
     def finish(model):
         if header:
