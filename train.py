@@ -201,16 +201,11 @@ def prepare(args, is_main: bool, marks) -> Prepared:
 
 def train(trainer, args, resume_from: str | None, run: Prepared, tracker):
     """trainer.train(), with every way it can stop early turned into one line (and SwanLab's run marked aborted)."""
-    import gc
-
     import torch
 
     processes.same_start(resume_from, args.batch_size, args.grad_accum)
     if resume_from:
         print(f"resuming from {resume_from}")
-    # What exists now (the model's modules, the examples, the libraries) lives through training: frozen, it is left
-    # out of the collector's passes, each of which otherwise walked all of it and held the next step back by 5-14 ms.
-    gc.freeze()
     try:
         return trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
@@ -227,8 +222,6 @@ def train(trainer, args, resume_from: str | None, run: Prepared, tracker):
         if line is None:  # torchrun's stop came first and was said: the process is ending
             raise SystemExit(2) from None
         raise cli.UserError(line) from None
-    finally:
-        gc.unfreeze()
 
 
 # ------------------------------------------------------------------------------------------------------------- settings

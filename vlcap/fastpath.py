@@ -127,7 +127,7 @@ def start_encoding(dataset, config, workers: int, batch_size: int = 32, pin_memo
     return iter(loader), len(loader), len(dataset)
 
 
-# Pictures from which the encoding's set-up costs pay for themselves (bench/RESULTS.md, runs AF-AM): batches in
+# Pictures from which the encoding's set-up costs pay for themselves (bench/RESULTS.md, runs AH-AN): batches in
 # page-locked memory (start_encoding's pin_memory: encoding ~15% faster, the model's load ~0.6 s slower while it pins
 # alongside), and the tower's element-wise work compiled (~1.4x faster tower, ~7 s of compiling in a fresh process).
 PINNED_FROM = 2_000
