@@ -3,8 +3,11 @@ encoding with the cache on the GPU and with every picture written to the cache f
 
     python bench/encode_parts.py --work bench/work --n 2000      # builds the stand-in and the pictures if missing
 
-Prints a Markdown table of pictures per second for each part. `--compiled` also times the tower with its element-wise
-work (rotary, the MLP's activation) compiled by torch.compile, and what compiling cost.
+Prints a Markdown table of pictures per second for each part. `--compiled` also times the tower with its rotary and
+MLPs compiled by torch.compile (as train.py does from fastpath.COMPILED_TOWER_FROM pictures), what compiling cost, and
+the whole encoding with it; `--pin` has the workers' batches arrive in page-locked memory (as train.py from
+fastpath.PINNED_FROM pictures); `--profile` also prints where the GPU waits while the tower encodes decoded batches.
+bench/RESULTS.md, runs AH and AI, has its figures.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="as train.py")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--compiled", action="store_true")
-    parser.add_argument("--pin", action="store_true", help="batches in page-locked memory (as train.py on a GPU)")
+    parser.add_argument("--compiled", action="store_true", help="also the tower compiled (see above)")
+    parser.add_argument("--pin", action="store_true", help="batches in page-locked memory (see above)")
     parser.add_argument("--profile", action="store_true", help="also where the GPU waits during the encoding")
     args = parser.parse_args()
     import torch
