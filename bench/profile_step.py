@@ -3,8 +3,10 @@
     python bench/profile_step.py --work bench/work           # after bench/bench.py has built the model and the pictures
 
 Prints, for steps 10-14 of train.py's default (fast) path and for one batched captioning call, the wall time, the GPU's
-busy time and the top operators by CPU and by GPU time; then, for steps 20-24 and the captioning call again, every place
-that made the CPU wait for the GPU (torch's sync debug mode), with its Python call stack. Writes Chrome traces to --out.
+busy time, the GPU's time by kind and by name of kernel (those replayed in CUDA graphs included), its longest idle gaps
+with what the CPU was inside at the time, the garbage collector's passes (training steps), and the top operators by CPU
+and by GPU time; then, for steps 20-24 and the captioning call again, every place that made the CPU wait for the GPU
+(torch's sync debug mode), with its Python call stack. Writes Chrome traces to --out.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def gpu_gaps(prof, top: int = 15) -> None:
 
 
 class collector_pauses:
-    """Records the garbage collector's passes from now until stop(), which prints them (passes, total, longest)."""
+    """Records the garbage collector's passes from now until stop(), which says them (passes, total, longest)."""
 
     def __init__(self):
         import gc
@@ -105,18 +107,21 @@ class collector_pauses:
         elif self.started is not None:
             self.passes.append((info["generation"], (time.perf_counter() - self.started) * 1e3))
 
-    def stop(self):
+    def stop(self) -> str:
         import gc
 
         gc.callbacks.remove(self)
         by_generation = collections.defaultdict(list)
         for generation, ms in self.passes:
             by_generation[generation].append(ms)
-        for generation, times in sorted(by_generation.items()):
-            print(
+        return (
+            "\n".join(
                 f"garbage collector, generation {generation}: {len(times)} passes, {sum(times):.1f} ms in all, "
                 f"longest {max(times):.1f} ms"
+                for generation, times in sorted(by_generation.items())
             )
+            or "garbage collector: no pass"
+        )
 
 
 def short_name(name: str) -> str:
@@ -205,8 +210,9 @@ def main() -> None:
                 torch.cuda.synchronize()
                 wall = (time.perf_counter() - self.start) * 1e3 / (last - first)
                 self.prof.__exit__(None, None, None)
+                pauses = self.pauses.stop()  # before the report, whose own objects the collector would count
                 report(f"train step (mean of {last - first})", self.prof, wall, out, last - first)
-                self.pauses.stop()
+                print(pauses)
             if state.global_step == last + 10:
                 self.syncs.__exit__(None, None, None)
                 control.should_training_stop = True
