@@ -120,7 +120,8 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
 
 def benchmark_flags(model_dir: Path, data_json: Path, out: Path, sample_max_new_tokens: int | None = 32) -> list[str]:
     """train.py's flags common to every benchmark run: the stand-in, the data, a fresh output folder, no SwanLab, no
-    checkpoint but the last, and captions of the length the captioning figures use (None: train.py's own)."""
+    checkpoint (the logged losses are in the adapter's train_settings.json), and captions of the length the captioning
+    figures use (None: train.py's own)."""
     captions = ["--sample-max-new-tokens", str(sample_max_new_tokens)] if sample_max_new_tokens is not None else []
     return [
         "--model-dir",

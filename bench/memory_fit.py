@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import benchmark_flags, prepare, prepare_eval  # noqa: E402  (bench/bench.py: the standard library only, at import)
+from bench import benchmark_flags, logged_losses, prepare, prepare_eval  # noqa: E402  (bench/bench.py: the standard library only, at import)
 
 # name: (what it imitates, environment, train.py flags beyond the job's). "80gb" is the reference for the loss curves.
 RUNS = {
@@ -48,10 +48,8 @@ RUNS = {
 
 def losses(out: Path) -> list[float]:
     """The losses a run logged; none for a run that stopped before saving its adapter."""
-    from plot import logged_steps_and_losses
-
     try:
-        return [loss for _, loss in logged_steps_and_losses(out)]
+        return logged_losses(out)
     except FileNotFoundError:
         return []
 

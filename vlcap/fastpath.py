@@ -153,18 +153,21 @@ def finish_encoding(
     examples, store = [], None
     if compiled is None:
         compiled = device.type == "cuda" and n_pictures >= COMPILED_TOWER_FROM
+
+    def tower(pixels, grids, patches, compiled):
+        with vision_attention.batched(model, patches, compiled):
+            return model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
+
     batches = tqdm(batches, total=n_batches, desc="encoding pictures", unit="batch")
     for batch, pixels, grids, patches in _copied_ahead((b for b in batches if b[0]), device):
         try:
-            with vision_attention.batched(model, patches, compiled):
-                out = model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
+            out = tower(pixels, grids, patches, compiled)
         except Exception as e:  # torch.compile's failures take many forms (no C compiler, an unsupported operation)
             if not compiled:
                 raise
             print(f"note: the vision tower runs uncompiled: compiling it failed ({type(e).__name__}: {str(e)[:200]})")
             compiled = False
-            with vision_attention.batched(model, patches):
-                out = model.model.get_image_features(pixels.to(dtype), grids, return_dict=True)
+            out = tower(pixels, grids, patches, compiled)
         levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]  # each a tuple, one per image
         rows = torch.stack([torch.stack(per_image) for per_image in zip(*levels)])
         if store is None:

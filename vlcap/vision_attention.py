@@ -15,9 +15,10 @@ captioning use it.
 work (the rotary runs in fp32 over every query and key, the MLP's activation over 5,120 values a patch) into a few
 kernels: the tower ran 1.37x faster on an H200 (bench/RESULTS.md), for ~7 s of compiling in a fresh process, so
 training's encoding turns it on only for many pictures (fastpath.COMPILED_TOWER_FROM). The features agree with the
-eager tower's to bf16 rounding, not bit for bit. It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat
-says the installed transformers has what it relies on for this model; elsewhere the tower is left as it is (the same
-features, slower).
+eager tower's to bf16 rounding, not bit for bit.
+
+It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat says the installed
+transformers has what it relies on for this model; elsewhere the tower is left as it is (the same features, slower).
 """
 
 from __future__ import annotations
