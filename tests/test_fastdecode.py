@@ -4,14 +4,16 @@ GPU)."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import sys
 
 import pytest
 import torch
 import transformers
 from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
-from vlcap import captioning, compat, fastdecode, images, qwen
+from vlcap import captioning, compat, fastdecode, images, qwen, vision_attention
 
 from helpers import FAMILIES, load_captioner, needs_fast_paths
 
@@ -111,6 +113,76 @@ def test_decoder_is_reused_for_a_batch_of_the_same_shape(captioner, pictures):  
     assert torch.equal(fastdecode.greedy_tokens(model, first, NEW_TOKENS), generate_tokens(model, first))
     fastdecode.release(model)
     assert model._greedy_decoder is None
+
+
+@needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_towers_grid_only_inputs_are_computed_once_per_grid(family_captioner, pictures, arch, monkeypatch):
+    """On the GPU the prompt's CUDA graph holds the vision tower, which is sound only if a later call of the same grid
+    computes nothing from the grid (transformers' get_vision_* read it and may wait on the GPU): the kept tensors are
+    handed back instead, the very same ones, and the captions stay generate's."""
+    model, processor, _ = family_captioner(arch)
+    module = sys.modules[type(qwen.base_model(model).model.visual).__module__]
+    calls = collections.Counter()
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    for name in [n for n in vars(module) if n.startswith("get_vision_")]:
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    inputs = processor_inputs(processor, [pictures[-1], pictures[-1].transpose(0)])  # one size, two pictures
+    fastdecode.release(model)
+    with vision_attention.batched(model, vision_attention.patches_per_image(inputs["image_grid_thw"])):
+        assert vision_attention.in_use(model)
+        first = fastdecode.greedy_tokens(model, inputs, NEW_TOKENS)
+        kept, made = dict(model._greedy_decoder.vision_inputs), sum(calls.values())
+        assert made > 0, f"the tower should ask {module.__name__}'s get_vision_* functions"
+        second = fastdecode.greedy_tokens(model, inputs, NEW_TOKENS)
+    assert not vision_attention.in_use(model)
+    assert sum(calls.values()) == made, f"computed again: {calls}"
+    assert all(model._greedy_decoder.vision_inputs[k] is v for k, v in kept.items())
+    fastdecode.release(model)
+    assert torch.equal(first, second)
+    assert torch.equal(first, generate_tokens(model, inputs))
+
+
+@needs_fast_paths
+def test_the_loop_stops_at_the_step_every_caption_has_ended(captioner, pictures, monkeypatch):  # noqa: F811
+    model, processor, _ = captioner
+    pad = model.generation_config.pad_token_id
+    tokens = fastdecode.greedy_tokens(model, processor_inputs(processor, pictures), NEW_TOKENS)
+    ending = [p for p, row in zip(pictures, tokens) if row[-1] == pad]  # the pictures whose captions end
+    assert len(ending) > 1, f"captions should end: {tokens.tolist()}"
+    fastdecode.release(model)
+    steps = []
+    step = fastdecode.GreedyDecoder._step
+    monkeypatch.setattr(fastdecode.GreedyDecoder, "_step", lambda self: (steps.append(1), step(self)))
+    tokens = fastdecode.greedy_tokens(model, processor_inputs(processor, ending), NEW_TOKENS)
+    fastdecode.release(model)
+    longest = int((tokens != pad).sum(1).max())  # the stop token included
+    assert 1 + len(steps) == longest  # the prompt's pass chose the first token; one step each after, none more
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rotary_turn_is_the_families_formula(tokens):
+    """One token a row: one matrix product a layer; more (the prompt): element-wise, bit for bit the family's."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+    torch.manual_seed(0)
+    rows, heads, dim = 3, 4, 16
+    x = torch.randn(rows, heads, tokens, dim, dtype=torch.float64)
+    angles = torch.randn(rows, 1, tokens, dim // 2, dtype=torch.float64).repeat(1, 1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    turned = fastdecode._turning(cos, sin)(x)
+    expected = x * cos + rotate_half(x) * sin
+    if tokens == 1:
+        torch.testing.assert_close(turned, expected, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(turned, expected)
 
 
 @needs_fast_paths

@@ -8,8 +8,8 @@ Here the pictures go through the vision tower, their features take the image tok
 through the language model into the cache (`LanguageModelStep`, one CUDA graph replay on the GPU for every batch of a
 shape after the first); every later token is one replay of a CUDA graph of the language model's step, the LM head and
 the greedy choice. Everything the step reads (the last token, its M-RoPE position, the cache length, which rows have
-finished) lives on the GPU and is advanced inside the graph, so the CPU only launches replays and asks, every few
-tokens, whether every caption has ended. On the CPU the same steps run eagerly.
+finished) lives on the GPU and is advanced inside the graph, so the CPU only launches replays and reads, one step
+behind the GPU, whether every caption has ended (`_Ended`). On the CPU the same steps run eagerly.
 
 The mathematics is generate's greedy search: the same positions (transformers' `get_rope_index`), the same image
 features in the same places (Qwen3-VL's DeepStack features added after the early layers, as its forward adds them), the
@@ -22,6 +22,7 @@ for the model's own family).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -29,10 +30,8 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vlcap import compat
+from vlcap import compat, vision_attention
 from vlcap.qwen import base_model
-
-CHECK_EVERY = 8  # tokens between asking the GPU whether every caption has ended (each question waits for it)
 
 # generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
 # whose generation_config sets any other is captioned by generate itself.
@@ -69,10 +68,13 @@ class GreedyDecoder:
         device = self.model.lm_head.weight.device
         self.shape = (batch, prompt_length, max_new_tokens)
         self.graphs, self.graph = graphs and device.type == "cuda", None
-        self.max_len = prompt_length + max_new_tokens
+        # Cache slots: rounded up to a multiple of 16, the key length SDPA's masked kernel takes without padding its
+        # mask again in every layer (the extra slots are masked out like the unused ones).
+        self.max_len = -(-(prompt_length + max_new_tokens) // 16) * 16
         self.step = LanguageModelStep(self.model.model.language_model, batch, self.max_len)
         self.image_token = config.image_token_id
         self.prompt_graph, self.prompt_inputs = None, None  # the prompt's pass as a CUDA graph, and its inputs
+        self.prompt_key, self.vision_inputs = None, {}  # what the graph was captured for; the tower's kept inputs
         eos = generation.eos_token_id if generation.eos_token_id is not None else config.text_config.eos_token_id
         self.eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)
         pad = generation.pad_token_id
@@ -97,10 +99,12 @@ class GreedyDecoder:
     def decode(self, inputs: dict) -> torch.Tensor:
         """New token ids (rows x max_new_tokens, pad after the end) for processor outputs of this decoder's shape."""
         self._prefill(inputs)
-        for step in range(1, self.shape[2]):
-            if step % CHECK_EVERY == 0 and bool(self.finished.all()):
+        ended = _Ended(self.finished)
+        for _ in range(1, self.shape[2]):
+            if ended.before_next():
                 break
             self._next()
+            ended.after_step()
         return self.out.clone()
 
     def _prefill(self, inputs: dict) -> None:
@@ -116,6 +120,7 @@ class GreedyDecoder:
         )
         places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
         device = self.slots.device
+        inputs_cpu = inputs
         inputs = {key: _to(value, device) for key, value in {**inputs, "position_ids": positions}.items()}
         input_ids, attention, places = inputs["input_ids"], inputs["attention_mask"].bool(), _to(places, device)
         n = input_ids.shape[1]
@@ -132,28 +137,41 @@ class GreedyDecoder:
         # Causal over the real tokens; a padding position sees itself only (a row with no key would be NaN).
         query = torch.arange(n, device=device)[:, None]
         mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
-        # The pictures through the vision tower (Qwen3-VL: with the DeepStack features for the early layers), in the
-        # order their image tokens come, as the family's forward places them.
-        visual = self.model.model.visual
-        out = self.model.model.get_image_features(
-            inputs["pixel_values"].to(visual.dtype), inputs["image_grid_thw"], return_dict=True
-        )
-        levels = [_joined(out.pooler_output), *map(_joined, getattr(out, "deepstack_features", None) or ())]
-        embeds = self.step.model.embed_tokens(input_ids)
-        embeds = embeds.flatten(0, 1).index_copy(0, places, levels[0].to(embeds.dtype)).view_as(embeds)
-        prompt = (embeds, inputs["position_ids"], mask[:, None], places, *levels[1:])
+        grid = inputs_cpu["image_grid_thw"]  # on the CPU: the tower's call reads it there, without waiting on the GPU
+        # The tower joins the prompt's graph when it attends by vlcap's batched calls (pictures of one size); else (its
+        # per-picture attention reads bounds back from the GPU, which a graph cannot hold) it runs before, eagerly.
+        self.tower_inside = not self.graphs or vision_attention.in_use(self.model)
+        pictures = (inputs["pixel_values"],) if self.tower_inside else self._features(grid, inputs["pixel_values"])
+        prompt = (input_ids, inputs["position_ids"], mask[:, None], places, *pictures)
         if not self.graphs:
-            return self._prompt(*prompt)
-        if self.prompt_graph is None or [t.shape for t in prompt] != [t.shape for t in self.prompt_inputs]:
-            self.prompt_inputs = [t.clone() for t in prompt]
-            self.prompt_graph = _captured(lambda: self._prompt(*self.prompt_inputs))  # ran once while captured
+            return self._prompt(grid, *prompt)
+        key = ([t.shape for t in prompt], grid.tolist(), self.tower_inside)
+        if self.prompt_graph is None or key != self.prompt_key:
+            self.prompt_graph, self.vision_inputs = None, {}  # the old graph's memory first
+            self.prompt_key, self.prompt_inputs = key, [t.clone() for t in prompt]
+            self.prompt_graph = _captured(lambda: self._prompt(grid, *self.prompt_inputs))  # ran once while captured
             return
         for static, given in zip(self.prompt_inputs, prompt):
             static.copy_(given)
         self.prompt_graph.replay()
 
-    def _prompt(self, embeds, position_ids, mask, places, *deepstack) -> None:
-        hidden = self.step(embeds, position_ids, mask, self.slots[: embeds.shape[1]], places, deepstack)
+    def _features(self, grid, pixel_values) -> list[torch.Tensor]:
+        """The pictures through the vision tower: their features in the order their image tokens come (Qwen3-VL: then
+        the DeepStack features for the early layers), as the family's forward places them. The tower's inputs that
+        depend on the pictures' grid only (positions, attention bounds) are computed once per grid and kept
+        (`_kept_vision_inputs`), so that a CUDA graph can hold the rest."""
+        visual = self.model.model.visual
+        with _kept_vision_inputs(visual, self.vision_inputs):
+            out = self.model.model.get_image_features(pixel_values.to(visual.dtype), grid, return_dict=True)
+        return [_joined(out.pooler_output), *map(_joined, getattr(out, "deepstack_features", None) or ())]
+
+    def _prompt(self, grid, input_ids, position_ids, mask, places, *pictures) -> None:
+        """The prompt through the language model, the pictures' features in their image tokens' places (`pictures`:
+        the pixel values when the tower runs here, else its features); chooses the first token."""
+        levels = self._features(grid, *pictures) if self.tower_inside else pictures
+        embeds = self.step.model.embed_tokens(input_ids)
+        embeds = embeds.flatten(0, 1).index_copy(0, places, levels[0].to(embeds.dtype)).view_as(embeds)
+        hidden = self.step(embeds, position_ids, mask, self.slots[: embeds.shape[1]], places, levels[1:])
         self._choose(hidden[:, -1])
 
     def _step(self) -> None:
@@ -188,6 +206,97 @@ class GreedyDecoder:
         self.graph.replay()
 
 
+class _Ended:
+    """Whether every caption has ended, asked before each new token without stalling the GPU.
+
+    On the GPU each step's answer is copied to pinned host memory behind the step, and the loop reads the answer of the
+    step before last: the GPU always has the last step queued while the CPU waits (a blocking question every token
+    left it idle for the next replay's launch, ~1 ms a token at batch 64 in bench/RESULTS.md), and at most one step runs
+    after the last caption ended (asking every 8 tokens ran up to 7). On the CPU the answer is read after every step."""
+
+    AHEAD = 2  # steps launched and not yet asked about, at most
+
+    def __init__(self, finished: torch.Tensor):
+        self.finished, self.cuda = finished, finished.device.type == "cuda"
+        self.pending = []  # (event, pinned flag) of the steps launched and not yet asked about, oldest first
+        if self.cuda:
+            self.flags = torch.zeros(self.AHEAD + 1, dtype=torch.bool, pin_memory=True)
+            self.events = [torch.cuda.Event() for _ in range(self.AHEAD + 1)]
+            self.steps = 0
+        self.after_step()  # the prompt's step chose the first token
+
+    def after_step(self) -> None:
+        if not self.cuda:
+            return
+        slot = self.steps % len(self.events)
+        self.flags[slot].copy_(self.finished.all(), non_blocking=True)
+        self.events[slot].record()
+        self.pending.append(slot)
+        self.steps += 1
+
+    def before_next(self) -> bool:
+        """True when every caption had ended by the step before the last one launched (CPU: by the last)."""
+        if not self.cuda:
+            return bool(self.finished.all())
+        if len(self.pending) < self.AHEAD:
+            return False
+        slot = self.pending.pop(0)
+        self.events[slot].synchronize()
+        return bool(self.flags[slot])
+
+
+@contextlib.contextmanager
+def _kept_vision_inputs(tower, kept: dict):
+    """Inside, the vision tower's inputs that transformers computes from the pictures' grid alone (its
+    `vision_utils.get_vision_*` functions: rotary positions, attention and window bounds, interpolation indices; each
+    reads the grid on the CPU and may wait on the GPU) are computed on the first call for a grid, kept in `kept` on the
+    tower's device, and handed back on later calls: the same tensors, so a CUDA graph captured on a later call holds
+    the tower's own work only."""
+    module = sys.modules[type(tower).__module__]
+    names = [
+        n for n, f in vars(module).items() if callable(f) and (n.startswith("get_vision_") or n == "get_max_seqlen")
+    ]
+    device = next(tower.parameters()).device
+    originals = {name: getattr(module, name) for name in names}
+
+    def keeping(name, function):
+        def call(*args, kwargs=None, **named):
+            key = (name, *map(_key, args), *((k, _key(v)) for k, v in sorted(named.items())))
+            if key not in kept:
+                kept[key] = _moved(function(*args, kwargs=kwargs, **named), device)
+            return kept[key]
+
+        return call
+
+    try:
+        for name, function in originals.items():
+            setattr(module, name, keeping(name, function))
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def _key(value):
+    """A hashable stand-in for a function argument: a CPU tensor's values, a device tensor's identity (one of the kept
+    results, alive as long as they are), an unhashable object's identity (the tower's config), anything else itself."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), tuple(value.flatten().tolist())) if value.device.type == "cpu" else id(value)
+    try:
+        hash(value)
+    except TypeError:
+        return id(value)
+    return value
+
+
+def _moved(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    return value
+
+
 def _joined(per_picture) -> torch.Tensor:
     """Every picture's feature rows in one tensor (the vision tower gives them as a tuple, one per picture)."""
     return torch.cat(list(per_picture)) if isinstance(per_picture, (list, tuple)) else per_picture
@@ -216,7 +325,8 @@ class LanguageModelStep:
     What differs from calling the language model: q, k and v come from one matrix product (their weights concatenated
     once, ~6 MB a layer for the 2B model; with LoRA layers unmerged, from their own calls); RMSNorm is torch's fused
     `rms_norm` and the norm's weight (the family's module computes the same in six kernels: in fp32, cast to the input's
-    type, times the weight); the rotary embedding turns queries and keys in one pass; keys and values are written
+    type, times the weight); the rotary embedding turns queries and keys in one pass (a new token: one matrix product,
+    `_turning`); the mask is made additive once, not by SDPA in every layer; keys and values are written
     straight into the cache at their slots; Qwen3-VL's DeepStack features are added at the image tokens' places by
     index (the family's forward selects them by a boolean mask, which waits on the GPU). Positions, the cos/sin tables,
     the attention function (transformers' own, as configured) and the MLP are the family's. tests/test_fastdecode.py
@@ -251,7 +361,9 @@ class LanguageModelStep:
         `places` (flat indices of the image tokens)."""
         lm = self.model
         cos, sin = lm.rotary_emb(hidden, position_ids)
-        cos, sin = cos[:, None], sin[:, None]  # rows x 1 (heads) x tokens x head_dim
+        turn = _turning(cos[:, None], sin[:, None])  # rows x 1 (heads) x tokens x head_dim
+        # The mask as the additive one SDPA makes of a boolean mask, once, not in every layer.
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(lm.layers):
             attention = self.attention[i]
@@ -262,7 +374,7 @@ class LanguageModelStep:
                 qk = torch.cat([q, k], dim=1)
             else:
                 qk = qkv[:, :-kv]
-            qk = (qk * cos) + (self.rotate_half(qk) * sin)
+            qk = turn(qk)
             self.keys[i].index_copy_(2, slots, qk[:, heads:])
             self.values[i].index_copy_(2, slots, qkv[:, -kv:])
             out, _ = self.interface(
@@ -273,6 +385,36 @@ class LanguageModelStep:
             if i < len(deepstack):
                 hidden = hidden.flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype)).view_as(hidden)
         return _rms_norm(lm.norm, hidden)
+
+
+def _turning(cos: torch.Tensor, sin: torch.Tensor):
+    """The rotary embedding as a function of queries and keys (rows x heads x tokens x head_dim): x * cos +
+    rotate_half(x) * sin, the families' own formula. For one token a row (every step after the prompt) it is one
+    batched matrix product with a head_dim x head_dim matrix a row, made once for all the layers, instead of five
+    element-wise kernels a layer; the products are summed before rounding, so the result can differ from the formula's
+    in the last bit (bf16)."""
+    if cos.shape[2] != 1:
+        half = cos.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # rotate_half's negation, on sin once
+
+        def elementwise(x):
+            return x * cos + x.roll(half, dims=-1) * signed
+
+        return elementwise
+    dim = cos.shape[-1]
+    half = dim // 2
+    # Row j of the result takes x_j * cos_j + x_{j -/+ half} * (-/+ sin_j): column j of the matrix holds cos_j on the
+    # diagonal and the signed sin_j in the row of the other half.
+    source = (torch.arange(dim, device=cos.device) + half) % dim
+    cos, sin = cos[:, 0, 0], sin[:, 0, 0]  # rows x head_dim
+    signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    matrix = torch.diag_embed(cos)
+    matrix[:, source, torch.arange(dim, device=cos.device)] = signed
+
+    def product(x):  # rows x heads x 1 x dim
+        return torch.matmul(x.squeeze(2), matrix).unsqueeze(2)
+
+    return product
 
 
 def _fused(*projections):
