@@ -3,7 +3,8 @@ tower, the prompt's pass through the language model, and each new token.
 
     python bench/caption_parts.py --work bench/work      # after bench/bench.py --prepare-only built the stand-in
 
-Each part is timed on its own between two GPU synchronisations (median of --repeats), for one batch of --batch pictures
+The processor is timed as transformers runs it (on the CPU, then cutting the pictures into patches on the GPU) and as
+captioning.model_inputs calls it. Each part is timed on its own between two GPU synchronisations (median of --repeats), for one batch of --batch pictures
 and for one picture, with the fast loop (vlcap/fastdecode.py) on the base stand-in. Prints a Markdown table.
 """
 
@@ -59,6 +60,9 @@ def parts(model, processor, pictures: list, new_tokens: int, repeats: int) -> di
             text=[text] * n, images=pictures, padding=True, padding_side="left", return_tensors="pt", device=device
         ),
         repeats,
+    )
+    row["captioning's inputs (model_inputs)"] = timed(
+        lambda: captioning.model_inputs(processor, text, pictures, torch.device(device)), repeats
     )
     row["to GPU"] = timed(lambda: {k: fastdecode._to(v, device) for k, v in inputs.items()}, repeats)
     on_gpu = {k: v.to(device) for k, v in inputs.items()}

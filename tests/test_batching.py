@@ -102,3 +102,27 @@ def test_captioning_cuts_pictures_into_patches_where_the_model_is(processor):
     laid_out = processor(**{**kwargs, "images": [captioning.channels_first(p) for p in pictures]})
     for key in plain:
         assert torch.equal(plain[key], laid_out[key]), key
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_captioning_inputs_equal_the_processors_for_pictures_of_one_size_or_several(tiny_models, arch):
+    """model_inputs tokenizes one row for pictures of one size and repeats it, and lays the pictures out in one
+    tensor: still the processor's own output, key for key and value for value (PIL pictures or laid-out tensors)."""
+    import numpy as np
+
+    from vlcap import captioning
+
+    processor = AutoProcessor.from_pretrained(tiny_models[arch])
+    rng = np.random.default_rng(0)
+    text = qwen.prompt_text(processor, "COCO Yes:")
+    same = [Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)) for _ in range(3)]
+    mixed = [*same[:2], Image.fromarray(rng.integers(0, 255, (84, 56, 3), dtype=np.uint8))]
+    for pictures in (same, [captioning.channels_first(p) for p in same], mixed, same[:1]):
+        expected = processor(
+            text=[text] * len(pictures), images=pictures, padding=True, padding_side="left", return_tensors="pt"
+        )
+        given = captioning.model_inputs(processor, text, pictures, torch.device("cpu"))
+        assert set(given) == set(expected)
+        for key in expected:
+            assert torch.equal(given[key], expected[key]), key
+            assert given[key].is_contiguous(), key

@@ -254,6 +254,53 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
         assert torch.equal(weights[name], weight), name
 
 
+@needs_fast_paths
+def test_lora_update_summed_inside_the_product_learns_what_peft_learns(tiny_model, shapes_24, tmp_path, monkeypatch):
+    """fastpath.lora_sum_in_product against peft's own forward (the context made a no-op), fp32, dropout off: the same
+    losses and weights to rounding. The fused forward is on for every LoRA layer during the steps only (the run's sample
+    captions after training go through peft's)."""
+    import contextlib
+
+    from peft.tuners.lora import Linear
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Fused(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if isinstance(m, Linear)]
+            seen.append(sum("forward" in vars(m) for m in layers) / len(layers))
+
+    def run(out):
+        losses = Losses()
+        args = compared_args(tiny_model, shapes_24, "--precision", "fp32", "--swanlab-mode", "disabled")
+        train.main([*args, "--output-dir", str(out)], callbacks=[losses, Fused()])
+        return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+
+    fused, weights = run(tmp_path / "fused")
+    assert seen and set(seen) == {1.0}, "every LoRA layer should take the fused forward during the steps"
+    model_layers = []
+    original = fastpath.lora_sum_in_product
+
+    def recorded(model, active=True):
+        model_layers.append(model)
+        return original(model, active)
+
+    monkeypatch.setattr(fastpath, "lora_sum_in_product", recorded)
+    seen.clear()
+    run(tmp_path / "again")
+    assert all("forward" not in vars(m) for m in model_layers[0].modules()), "peft's forward back after training"
+    monkeypatch.setattr(fastpath, "lora_sum_in_product", lambda *a, **k: contextlib.nullcontext())
+    seen.clear()
+    plain, weights_plain = run(tmp_path / "peft")
+    assert set(seen) == {0.0}
+    assert len(fused) == 4 and fused[0] != fused[-1]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=0)
+    for name, weight in weights_plain.items():
+        torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_low_memory_keeps_the_effective_batch():
     args = train.read_settings(["--low-memory", "--batch-size", "16", "--grad-accum", "1"])
     assert (args.batch_size, args.grad_accum, args.gradient_checkpointing, args.cuda_graphs) == (4, 4, True, False)
