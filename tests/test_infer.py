@@ -54,6 +54,30 @@ def test_batched_captions_equal_one_at_a_time(captioner, odd_sized_pictures):
     assert all(batched), "the trained adapter should say something for every picture"
 
 
+def test_batches_are_even_so_a_short_last_batch_needs_no_decoder_of_its_own(captioner, odd_sized_pictures, monkeypatch):
+    assert [(b.start, b.stop) for b in captioning.even_batches(100, 64)] == [(0, 50), (50, 100)]
+    assert [b.stop - b.start for b in captioning.even_batches(5000, 64)] == [64] * 23 + [63] * 56
+    assert [b.stop - b.start for b in captioning.even_batches(64, 64)] == [64]
+    assert captioning.even_batches(0, 64) == []
+    from vlcap import fastdecode
+
+    model, processor, _ = captioner
+    made = []
+    init = fastdecode.GreedyDecoder.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(args[1:])  # (rows, prompt length, new tokens)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(fastdecode.GreedyDecoder, "__init__", counted)
+    picture = images.load(odd_sized_pictures[0], 56)
+    fastdecode.release(model)
+    captions = captioning.caption_images(model, processor, [picture] * 4, "COCO Yes:", batch_size=3, max_new_tokens=8)
+    fastdecode.release(model)
+    assert len(made) == 1 and made[0][0] == 2, f"4 pictures at 3 a batch: 2 + 2, one decoder; made {made}"
+    assert len(set(captions)) == 1 and captions[0]
+
+
 def test_cli_uses_the_adapters_prompt_and_size_and_reports_bad_paths(trained, captioner, odd_sized_pictures, tmp_path):
     adapter, _ = trained
     model, processor, settings = captioner
