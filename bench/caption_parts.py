@@ -4,8 +4,10 @@ tower, the prompt's pass through the language model, and each new token.
     python bench/caption_parts.py --work bench/work      # after bench/bench.py --prepare-only built the stand-in
 
 The processor is timed as transformers runs it (on the CPU, then cutting the pictures into patches on the GPU) and as
-captioning.model_inputs calls it. Each part is timed on its own between two GPU synchronisations (median of --repeats), for one batch of --batch pictures
-and for one picture, with the fast loop (vlcap/fastdecode.py) on the base stand-in. Prints a Markdown table.
+captioning.model_inputs calls it. Each part is timed on its own between two GPU synchronisations (median of --repeats),
+for one batch of --batch pictures and for one picture, with the fast loop (vlcap/fastdecode.py) on the base stand-in.
+Prints a Markdown table; `--profile` first prints the GPU time and kernels, by kind, of one new token's step and of the
+vision tower, run eagerly.
 """
 
 from __future__ import annotations
@@ -39,7 +41,31 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def parts(model, processor, pictures: list, new_tokens: int, repeats: int) -> dict:
+def kernels(shape: tuple, inputs: dict, on_gpu: dict, model) -> None:
+    """GPU time and kernels by kind of one new token's step and of the vision tower, run eagerly (a CUDA graph replays
+    the same kernels without the launches between them)."""
+    import torch
+    from profile_step import gpu_busy_ms, kernel_kinds
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlcap import fastdecode
+
+    decoder = fastdecode.GreedyDecoder(model, *shape, graphs=False)
+    decoder._prefill(inputs)
+    visual = model.model.visual
+    pixels, grid = on_gpu["pixel_values"].to(visual.dtype), on_gpu["image_grid_thw"]
+    for part, work in (("one new token", decoder._step), ("vision tower", lambda: visual(pixels, grid_thw=grid))):
+        work()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                work()
+            torch.cuda.synchronize()
+        print(f"\n{part}, {shape[0]} pictures, eager: GPU busy {gpu_busy_ms(prof) / 3:.2f} ms a call\n")
+        kernel_kinds(prof, 3)
+
+
+def parts(model, processor, pictures: list, new_tokens: int, repeats: int, profiled: bool = False) -> dict:
     import torch
 
     from vlcap import captioning, fastdecode, vision_attention
@@ -79,6 +105,8 @@ def parts(model, processor, pictures: list, new_tokens: int, repeats: int) -> di
             token.append(timed(lambda: [decoder._next() for _ in range(new_tokens - 1)], 1) / (new_tokens - 1))
         row["prompt (tower + language model)"] = statistics.median(prompt)
         row["per new token"] = statistics.median(token)
+        if profiled:
+            kernels(decoder.shape, inputs, on_gpu, model)
     row["whole call"] = timed(
         lambda: captioning.caption_images(model, processor, pictures, "COCO Yes:", n, new_tokens), repeats
     )
@@ -96,6 +124,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help="a model folder instead of the stand-in (with --data-json)")
     parser.add_argument("--data-json", help="conversations whose pictures to caption (with --model-dir)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true", help="also the kernels of one new token and of the tower")
     args = parser.parse_args()
     import torch
 
@@ -111,8 +140,8 @@ def main() -> None:
     size = qwen.resolve_image_size(processor, None)
     items = formats.read_conversations(data)[: args.batch]
     pictures = [images.load(formats.image_of(it), size) for it in items]
-    rows = [parts(model, processor, pictures, args.new_tokens, args.repeats)]
-    rows.append(parts(model, processor, pictures[:1], args.new_tokens, args.repeats))
+    rows = [parts(model, processor, pictures, args.new_tokens, args.repeats, args.profile)]
+    rows.append(parts(model, processor, pictures[:1], args.new_tokens, args.repeats, args.profile))
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"\n{card}, {args.arch}, {size}x{size}, {args.new_tokens} new tokens, ms (median of {args.repeats})\n")
     keys = list(rows[0])
