@@ -218,6 +218,16 @@ def test_the_compiled_tower_encodes_as_the_eager_one_and_gives_way_when_compilin
     assert model.model.visual.blocks[0].mlp is mlp
 
 
+def losses_and_adapter(tiny_model, shapes_24, out, precision: str, callback) -> tuple[list[float], dict]:
+    """A short compared run (dropout off) at `precision` with `callback`: its logged losses and its adapter's weights."""
+    from safetensors.torch import load_file
+
+    losses = Losses()
+    args = compared_args(tiny_model, shapes_24, "--precision", precision, "--swanlab-mode", "disabled")
+    train.main([*args, "--output-dir", str(out)], callbacks=[losses, callback])
+    return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+
+
 @needs_fast_paths
 def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
     tiny_model, shapes_24, tmp_path, monkeypatch
@@ -228,7 +238,6 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
     against fp32 LoRA weights fail)."""
     import contextlib
 
-    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
     seen = set()
@@ -238,10 +247,7 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
             seen.update(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
 
     def run(out):
-        losses = Losses()
-        args = compared_args(tiny_model, shapes_24, "--precision", "bf16", "--swanlab-mode", "disabled")
-        train.main([*args, "--output-dir", str(out)], callbacks=[losses, Casting()])
-        return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+        return losses_and_adapter(tiny_model, shapes_24, out, "bf16", Casting())
 
     as_given, weights = run(tmp_path / "as-given")
     assert seen == {False}
@@ -262,7 +268,6 @@ def test_lora_update_summed_inside_the_product_learns_what_peft_learns(tiny_mode
     import contextlib
 
     from peft.tuners.lora import Linear
-    from safetensors.torch import load_file
     from transformers import TrainerCallback
 
     seen = []
@@ -273,24 +278,18 @@ def test_lora_update_summed_inside_the_product_learns_what_peft_learns(tiny_mode
             seen.append(sum("forward" in vars(m) for m in layers) / len(layers))
 
     def run(out):
-        losses = Losses()
-        args = compared_args(tiny_model, shapes_24, "--precision", "fp32", "--swanlab-mode", "disabled")
-        train.main([*args, "--output-dir", str(out)], callbacks=[losses, Fused()])
-        return losses.values, load_file(out / "adapter" / "adapter_model.safetensors")
+        return losses_and_adapter(tiny_model, shapes_24, out, "fp32", Fused())
 
-    fused, weights = run(tmp_path / "fused")
-    assert seen and set(seen) == {1.0}, "every LoRA layer should take the fused forward during the steps"
-    model_layers = []
-    original = fastpath.lora_sum_in_product
+    models, original = [], fastpath.lora_sum_in_product
 
     def recorded(model, active=True):
-        model_layers.append(model)
+        models.append(model)
         return original(model, active)
 
     monkeypatch.setattr(fastpath, "lora_sum_in_product", recorded)
-    seen.clear()
-    run(tmp_path / "again")
-    assert all("forward" not in vars(m) for m in model_layers[0].modules()), "peft's forward back after training"
+    fused, weights = run(tmp_path / "fused")
+    assert seen and set(seen) == {1.0}, "every LoRA layer should take the fused forward during the steps"
+    assert models and all("forward" not in vars(m) for m in models[0].modules()), "peft's forward after training"
     monkeypatch.setattr(fastpath, "lora_sum_in_product", lambda *a, **k: contextlib.nullcontext())
     seen.clear()
     plain, weights_plain = run(tmp_path / "peft")

@@ -218,7 +218,7 @@ class _Ended:
 
     def __init__(self, finished: torch.Tensor):
         self.finished, self.cuda = finished, finished.device.type == "cuda"
-        self.pending = []  # (event, pinned flag) of the steps launched and not yet asked about, oldest first
+        self.pending = []  # the slots (event, pinned flag) of the steps launched and not yet asked about, oldest first
         if self.cuda:
             self.flags = torch.zeros(self.AHEAD + 1, dtype=torch.bool, pin_memory=True)
             self.events = [torch.cuda.Event() for _ in range(self.AHEAD + 1)]

@@ -776,16 +776,22 @@ def lora_sum_in_product(model, active: bool = True):
 
 
 def _plain_lora(layer) -> bool:
-    adapters = layer.active_adapters
-    return (
-        len(adapters) == 1
-        and adapters[0] in layer.lora_A
-        and adapters[0] not in layer.lora_variant
-        and not layer.merged
-        and not layer.disable_adapters
-        and isinstance(layer.scaling[adapters[0]], (int, float))
-        and layer.lora_B[adapters[0]].bias is None
-    )
+    """A layer peft would run as plain LoRA (one adapter, unmerged, no variant, a number for scaling, no bias on B), with
+    the attributes this reads (peft 0.21; a release without them keeps peft's forward)."""
+    try:
+        adapters = layer.active_adapters
+        return (
+            len(adapters) == 1
+            and adapters[0] in layer.lora_A
+            and adapters[0] not in layer.lora_variant
+            and not layer.merged
+            and not layer.disable_adapters
+            and isinstance(layer.scaling[adapters[0]], (int, float))
+            and layer.lora_B[adapters[0]].bias is None
+            and callable(getattr(layer, "_cast_input_dtype", None))
+        )
+    except (AttributeError, KeyError, TypeError):
+        return False
 
 
 def _lora_forward(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
