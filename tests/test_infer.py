@@ -11,7 +11,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from vlcap import captioning, images, qwen
 
-from helpers import load_captioner, run_script
+from helpers import load_captioner, needs_fast_paths, run_script
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_batched_captions_equal_one_at_a_time(captioner, odd_sized_pictures):
     assert all(batched), "the trained adapter should say something for every picture"
 
 
+@needs_fast_paths
 def test_batches_are_even_so_a_short_last_batch_needs_no_decoder_of_its_own(captioner, odd_sized_pictures, monkeypatch):
     assert [(b.start, b.stop) for b in captioning.even_batches(100, 64)] == [(0, 50), (50, 100)]
     assert [b.stop - b.start for b in captioning.even_batches(5000, 64)] == [64] * 23 + [63] * 56
