@@ -17,7 +17,6 @@ you give (on the command line, or by editing a constant below) are kept as they 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     extra = [tracker.callback, marks.callback(), loss_guard, checkpoints_on_schedule(), *(callbacks or [])]
     trainer = make_trainer(args, run.model, run.device, run.train_dataset, run.collator, extra)
     trainer.use_vision_cache(run.features)
-    with fast_lora(run.model, args, run.pad_to):
+    with fastpath.fast_lora(run.model, active=run.pad_to is not None, autocast=args.precision != "fp32"):
         result = train(trainer, args, resume_from, run, tracker)
     settings["log_history"] = [h for h in trainer.state.log_history if "loss" in h]  # loss, rate, norm per log
     peaks = processes.finish(run.device)  # several processes: each one's peak memory; then process 0 goes on alone
@@ -455,28 +454,10 @@ def add_lora(model, args, device: str, pad_to: int | None, marks):
     marks("capture")
     if graphs:
         model.train()  # captured with dropout active, as training replays it
-        with fast_lora(model, args, pad_to):
+        with fastpath.fast_lora(model, active=pad_to is not None, autocast=args.precision != "fp32"):
             fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
     marks("captured")
     return model, graphs
-
-
-@contextlib.contextmanager
-def fast_lora(model, args, pad_to: int | None):
-    """LoRA's layers as the fast path runs them (the graphs' capture and training run inside; captioning, without
-    autocast, runs outside): their input as given (`lora_inputs_as_given`), their scaled update summed inside the B
-    matrix's product (fastpath.lora_sum_in_product)."""
-    with lora_inputs_as_given(model, args, pad_to), fastpath.lora_sum_in_product(model, active=pad_to is not None):
-        yield
-
-
-def lora_inputs_as_given(model, args, pad_to: int | None):
-    """On the fast path under autocast, LoRA layers take their input in the model's precision (bf16): peft would copy
-    it to fp32, its weights' dtype, and autocast copy it back to bf16 for the matrix product, both exact, so this
-    changes nothing but the memory traffic (down_proj's input alone is 8,960 values a token)."""
-    from peft.helpers import disable_input_dtype_casting
-
-    return disable_input_dtype_casting(model, active=pad_to is not None and args.precision != "fp32")
 
 
 def can_graph(device: str) -> bool:

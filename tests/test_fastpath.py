@@ -252,7 +252,7 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
     as_given, weights = run(tmp_path / "as-given")
     assert seen == {False}
     seen.clear()
-    monkeypatch.setattr(train, "lora_inputs_as_given", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(fastpath, "lora_inputs_as_given", lambda *a: contextlib.nullcontext())
     copied, weights_copied = run(tmp_path / "copied")
     assert seen == {True}
     assert as_given == copied and len(as_given) == 4 and as_given[0] != as_given[-1]

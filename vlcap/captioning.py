@@ -99,7 +99,7 @@ def model_inputs(processor, text: str, pictures: list, device: torch.device) -> 
 
 
 def _picture_size(picture) -> tuple:
-    """(width, height) of a PIL picture or a channels-first tensor, with its kind: the processor treats them alike."""
+    """(width, height, channels) of a PIL picture or a channels-first tensor: the processor treats them alike."""
     if isinstance(picture, torch.Tensor):
         return (picture.shape[-1], picture.shape[-2], picture.shape[0])
     return (*picture.size, len(picture.getbands()))

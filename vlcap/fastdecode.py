@@ -119,8 +119,8 @@ class GreedyDecoder:
             attention_mask=inputs["attention_mask"],
         )
         places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
+        grid = inputs["image_grid_thw"]  # kept on the CPU: the tower's call reads it there, without waiting on the GPU
         device = self.slots.device
-        inputs_cpu = inputs
         inputs = {key: _to(value, device) for key, value in {**inputs, "position_ids": positions}.items()}
         input_ids, attention, places = inputs["input_ids"], inputs["attention_mask"].bool(), _to(places, device)
         n = input_ids.shape[1]
@@ -137,7 +137,6 @@ class GreedyDecoder:
         # Causal over the real tokens; a padding position sees itself only (a row with no key would be NaN).
         query = torch.arange(n, device=device)[:, None]
         mask = ((self.slots <= query) & self.keys_valid[:, None, :]) | (self.slots == query)
-        grid = inputs_cpu["image_grid_thw"]  # on the CPU: the tower's call reads it there, without waiting on the GPU
         # The tower joins the prompt's graph when it attends by vlcap's batched calls (pictures of one size); else (its
         # per-picture attention reads bounds back from the GPU, which a graph cannot hold) it runs before, eagerly.
         self.tower_inside = not self.graphs or vision_attention.in_use(self.model)
@@ -253,11 +252,10 @@ def _kept_vision_inputs(tower, kept: dict):
     tower's device, and handed back on later calls: the same tensors, so a CUDA graph captured on a later call holds
     the tower's own work only."""
     module = sys.modules[type(tower).__module__]
-    names = [
-        n for n, f in vars(module).items() if callable(f) and (n.startswith("get_vision_") or n == "get_max_seqlen")
-    ]
+    originals = {
+        n: f for n, f in vars(module).items() if callable(f) and (n.startswith("get_vision_") or n == "get_max_seqlen")
+    }
     device = next(tower.parameters()).device
-    originals = {name: getattr(module, name) for name in names}
 
     def keeping(name, function):
         def call(*args, kwargs=None, **named):

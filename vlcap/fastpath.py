@@ -25,6 +25,8 @@ What it does (bench/RESULTS.md has what each part bought):
    (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
    positions, image-token places and the loss's token count are built by the collator, and batches are copied without
    waiting, so no step waits on the GPU. Padding goes on the right, so causal attention needs no mask (flash attention).
+4. LoRA's layers (`fast_lora`, around the capture and the training): the update summed inside the B matrix's product,
+   and under autocast the input taken in bf16 as it comes.
 It leans on transformers internals (get_rope_index, the decoder layer's call): train.py uses it only
 where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 None of it changes the mathematics: tests/test_fastpath.py trains each family with and without it and compares the
@@ -753,19 +755,37 @@ def _fresh_parameter_gradients(args: int, grad_inputs, grad_outputs):
     return (*grad_inputs[:args], *(g.clone() if g is not None else None for g in grad_inputs[args:]))
 
 
-# ---------------------------------------------------------------------------------------------- LoRA's scaled sum
+# ---------------------------------------------------------------------------------------------- LoRA on the fast path
+@contextlib.contextmanager
+def fast_lora(model, active: bool, autocast: bool):
+    """LoRA's layers as the fast path (`active`) runs them: their scaled update summed inside the B matrix's product
+    (`lora_sum_in_product`) and, under `autocast`, their input as given (`lora_inputs_as_given`). train.py captures
+    the graphs and trains inside; captioning, without autocast, runs outside."""
+    with lora_inputs_as_given(model, active and autocast), lora_sum_in_product(model, active):
+        yield
+
+
+def lora_inputs_as_given(model, active: bool):
+    """Under autocast, LoRA layers take their input in the model's precision (bf16): peft would copy it to fp32, its
+    weights' dtype, and autocast copy it back to bf16 for the matrix product, both exact, so this changes nothing but
+    the memory traffic (down_proj's input alone is 8,960 values a token)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=active)
+
+
 @contextlib.contextmanager
 def lora_sum_in_product(model, active: bool = True):
     """Inside, each LoRA linear layer of the fast path adds its update to the frozen layer's output inside the B
     matrix's product: `result.addmm_(A(dropout(x)), B.T, alpha=scaling)`, where peft computes `B(A(dropout(x)))`, then
     times `scaling`, then the sum: two element-wise passes over every output in the forward and one in the backward
-    (the MLP's 8,960 outputs a token among them), ~12 ms of a 60 ms step on an H200 (bench/RESULTS.md). The same
-    mathematics; the products are rounded once instead of three times, so bf16 losses agree to rounding, not bit for
-    bit (tests/test_fastpath.py). Layers peft would treat otherwise (merged, disabled, several adapters, a LoRA variant
-    such as DoRA) keep peft's forward."""
+    (the MLP's 8,960 outputs a token among them); a step's GPU time went from 60 to 57 ms on an H200 (bench/RESULTS.md,
+    run AU). The same mathematics; the products are rounded once instead of three times, so bf16 losses agree to
+    rounding, not bit for bit (tests/test_fastpath.py). Layers peft would treat otherwise (merged, disabled, several
+    adapters, a LoRA variant such as DoRA) keep peft's forward."""
     from peft.tuners.lora import Linear
 
-    layers = [m for m in model.modules() if isinstance(m, Linear) and active and _plain_lora(m)]
+    layers = [m for m in model.modules() if isinstance(m, Linear) and _plain_lora(m)] if active else []
     try:
         for layer in layers:
             layer.forward = functools.partial(_lora_forward, layer, layer.active_adapters[0])
