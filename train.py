@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     extra = [tracker.callback, marks.callback(), loss_guard, checkpoints_on_schedule(), *(callbacks or [])]
     trainer = make_trainer(args, run.model, run.device, run.train_dataset, run.collator, extra)
     trainer.use_vision_cache(run.features)
-    with fastpath.fast_lora(run.model, active=run.pad_to is not None, autocast=args.precision != "fp32"):
+    with fastpath.fast_training(run.model, active=run.pad_to is not None, autocast=args.precision != "fp32"):
         result = train(trainer, args, resume_from, run, tracker)
     settings["log_history"] = [h for h in trainer.state.log_history if "loss" in h]  # loss, rate, norm per log
     peaks = processes.finish(run.device)  # several processes: each one's peak memory; then process 0 goes on alone
@@ -454,7 +454,7 @@ def add_lora(model, args, device: str, pad_to: int | None, marks):
     marks("capture")
     if graphs:
         model.train()  # captured with dropout active, as training replays it
-        with fastpath.fast_lora(model, active=pad_to is not None, autocast=args.precision != "fp32"):
+        with fastpath.fast_training(model, active=pad_to is not None, autocast=args.precision != "fp32"):
             fastpath.graph_decoder_layers(model, args.batch_size, pad_to, accumulate=args.grad_accum > 1)
     marks("captured")
     return model, graphs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -180,6 +181,29 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 
 
 @needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_towers_rotary_turns_queries_and_keys_as_the_family_does(arch):
+    """turned_queries_and_keys (four passes over q and k together) against the family's apply_rotary_pos_emb_vision:
+    bit for bit in fp32, bf16 and fp16, from a strided view of the attention's qkv output, with and without gradients
+    (a sign or a half swapped the wrong way fails it at once)."""
+    import importlib
+
+    family = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}").apply_rotary_pos_emb_vision
+    torch.manual_seed(0)
+    length, heads, dim = 50, 4, 16
+    angles = torch.randn(length, dim // 2) * 5
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        qkv = (torch.randn(length, 3, heads, dim) * 3).to(dtype)
+        q, k = family(qkv[:, 0], qkv[:, 1], cos, sin)
+        turned = vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin)
+        assert turned.dtype == dtype and torch.equal(turned[:, 0], q) and torch.equal(turned[:, 1], k)
+        with torch.enable_grad():
+            graded = vision_attention.turned_queries_and_keys(qkv[:, :2].clone().requires_grad_(), cos, sin)
+        assert graded.requires_grad and torch.equal(graded.detach(), turned)
+
+
+@needs_fast_paths
 def test_the_compiled_tower_encodes_as_the_eager_one_and_gives_way_when_compiling_fails(
     tiny_model, shapes_24, monkeypatch, capsys
 ):
@@ -216,6 +240,38 @@ def test_the_compiled_tower_encodes_as_the_eager_one_and_gives_way_when_compilin
         "the vision tower runs uncompiled: compiling it failed (RuntimeError: no C compiler)" in capsys.readouterr().out
     )
     assert model.model.visual.blocks[0].mlp is mlp
+
+
+@needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fused_rms_norms_replace_every_language_model_norm_with_its_own_output(tiny_models, arch):
+    """Inside fused_rms_norms every RMSNorm of the language model (two a layer, the final one, Qwen3's q and k norms)
+    gives what its class's forward gives, to rounding (fp32 and bf16); the tower's norms are left alone, and every norm
+    has its own forward again after the block."""
+    model = qwen.load_model(str(tiny_models[arch]), "cpu")
+    language_model, tower = model.model.language_model, model.model.visual
+    norms = [m for m in language_model.modules() if type(m).__name__.endswith("RMSNorm")]
+    layers = len(language_model.layers)
+    assert len(norms) == (4 * layers if arch == "qwen3_vl" else 2 * layers) + 1
+    torch.manual_seed(0)
+    with fastpath.fused_rms_norms(model):
+        assert all("forward" in vars(norm) for norm in norms)
+        assert not any("forward" in vars(m) for m in tower.modules() if type(m).__name__.endswith("RMSNorm"))
+        for norm in norms:
+            norm.weight.data.uniform_(0.5, 1.5)
+            for (dtype, tolerance), scale in itertools.product(
+                ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)), (4, 1e-3)
+            ):
+                x, norm = (torch.randn(3, 5, norm.weight.shape[0]) * scale).to(dtype), norm.to(dtype)
+                fused, own = norm(x), type(norm).forward(norm, x)  # scale 1e-3: eps counts
+                assert fused.dtype == own.dtype
+                torch.testing.assert_close(fused, own, rtol=tolerance, atol=0)
+            norm.float()
+    assert not any("forward" in vars(norm) for norm in norms)
+    with fastpath.fast_training(model, active=True, autocast=False):  # what train.py trains inside
+        assert all("forward" in vars(norm) for norm in norms)
+    with fastpath.fast_training(model, active=False, autocast=False):  # the plain path
+        assert not any("forward" in vars(norm) for norm in norms)
 
 
 def losses_and_adapter(tiny_model, shapes_24, out, precision: str, callback) -> tuple[list[float], dict]:

@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlcap import compat, vision_attention
-from vlcap.qwen import base_model
+from vlcap.qwen import base_model, rms_norm
 
 # generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
 # whose generation_config sets any other is captioned by generate itself.
@@ -365,10 +365,10 @@ class LanguageModelStep:
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(lm.layers):
             attention = self.attention[i]
-            x = _rms_norm(layer.input_layernorm, hidden)
+            x = rms_norm(layer.input_layernorm, hidden)
             qkv = self.qkv[i](x).view(rows, tokens, heads + 2 * kv, dim).transpose(1, 2)  # rows x heads x tokens x dim
             if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
-                q, k = _rms_norm(attention.q_norm, qkv[:, :heads]), _rms_norm(attention.k_norm, qkv[:, heads:-kv])
+                q, k = rms_norm(attention.q_norm, qkv[:, :heads]), rms_norm(attention.k_norm, qkv[:, heads:-kv])
                 qk = torch.cat([q, k], dim=1)
             else:
                 qk = qkv[:, :-kv]
@@ -379,10 +379,10 @@ class LanguageModelStep:
                 attention, qk[:, :heads], self.keys[i], self.values[i], mask, dropout=0.0, scaling=attention.scaling
             )
             hidden = hidden + attention.o_proj(out.reshape(rows, tokens, -1))
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
             if i < len(deepstack):
                 hidden = hidden.flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype)).view_as(hidden)
-        return _rms_norm(lm.norm, hidden)
+        return rms_norm(lm.norm, hidden)
 
 
 def _turning(cos: torch.Tensor, sin: torch.Tensor):
@@ -423,12 +423,6 @@ def _fused(*projections):
         bias = torch.cat([p.bias for p in projections]) if projections[0].bias is not None else None
         return lambda x: F.linear(x, weight, bias)
     return lambda x: torch.cat([p(x) for p in projections], dim=-1)
-
-
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm module's output (normalised in fp32, cast back, times the weight), in two kernels."""
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
-    return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

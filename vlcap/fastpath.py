@@ -25,8 +25,8 @@ What it does (bench/RESULTS.md has what each part bought):
    (`torch.cuda.make_graphed_callables`) and replayed as one launch each; any other shape runs the eager layer. The
    positions, image-token places and the loss's token count are built by the collator, and batches are copied without
    waiting, so no step waits on the GPU. Padding goes on the right, so causal attention needs no mask (flash attention).
-4. LoRA's layers (`fast_lora`, around the capture and the training): the update summed inside the B matrix's product,
-   and under autocast the input taken in bf16 as it comes.
+4. LoRA's layers and the norms (`fast_training`, around the capture and the training): LoRA's update summed inside the
+   B matrix's product, under autocast its input taken in bf16 as it comes; the RMSNorms in torch's fused kernel.
 It leans on transformers internals (get_rope_index, the decoder layer's call): train.py uses it only
 where vlcap/compat.py says the installed transformers has them for the model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 None of it changes the mathematics: tests/test_fastpath.py trains each family with and without it and compares the
@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from vlcap import vision_attention
-from vlcap.qwen import base_model, transformers_class
+from vlcap.qwen import base_model, rms_norm, transformers_class
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -757,12 +757,43 @@ def _fresh_parameter_gradients(args: int, grad_inputs, grad_outputs):
 
 # ---------------------------------------------------------------------------------------------- LoRA on the fast path
 @contextlib.contextmanager
-def fast_lora(model, active: bool, autocast: bool):
-    """LoRA's layers as the fast path (`active`) runs them: their scaled update summed inside the B matrix's product
-    (`lora_sum_in_product`) and, under `autocast`, their input as given (`lora_inputs_as_given`). train.py captures
-    the graphs and trains inside; captioning, without autocast, runs outside."""
-    with lora_inputs_as_given(model, active and autocast), lora_sum_in_product(model, active):
+def fast_training(model, active: bool, autocast: bool):
+    """The language model's layers as the fast path (`active`) trains them: LoRA's scaled update summed inside the B
+    matrix's product (`lora_sum_in_product`), under `autocast` LoRA's input as given (`lora_inputs_as_given`), and the
+    RMSNorms in torch's fused kernel (`fused_rms_norms`). train.py captures the graphs and trains inside; captioning,
+    without autocast, runs outside."""
+    with (
+        lora_inputs_as_given(model, active and autocast),
+        lora_sum_in_product(model, active),
+        fused_rms_norms(model, active),
+    ):
         yield
+
+
+@contextlib.contextmanager
+def fused_rms_norms(model, active: bool = True):
+    """Inside, the language model's RMSNorm modules (two a layer, the final one, Qwen3's per-head q and k norms) run as
+    `qwen.rms_norm`: torch's fused kernel, where the module's forward is six element-wise passes and its backward about
+    ten, each a kernel the graphs replay (a training step has 57 of these norms)."""
+    language_model = base_model(model).model.language_model
+    norms = [m for m in language_model.modules() if _is_rms_norm(m)] if active else []
+    try:
+        for norm in norms:
+            norm.forward = functools.partial(rms_norm, norm)
+        yield
+    finally:
+        for norm in norms:
+            vars(norm).pop("forward", None)
+
+
+def _is_rms_norm(module) -> bool:
+    """One of the families' RMSNorm modules, whose forward `qwen.rms_norm` computes (a weight, `variance_epsilon`)."""
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and "forward" not in vars(module)
+    )
 
 
 def lora_inputs_as_given(model, active: bool):

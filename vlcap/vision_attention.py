@@ -49,14 +49,14 @@ def batched(model, patches: int | None, compiled: bool = False):
         yield
         return
     tower = base_model(model).model.visual
-    rotary = sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision  # the family's own
+    rotary = None  # turned_queries_and_keys, the family's formula
     mlps = [block.mlp for block in tower.blocks]
     full = set(getattr(tower, "fullatt_block_indexes", range(len(tower.blocks))))  # Qwen2.5-VL: the rest are windowed
     windows = _Windows()
     attentions = [block.attn for block in tower.blocks]
     try:
         if compiled:
-            rotary = _compiled(rotary)
+            rotary = _compiled(sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision)
             for block, mlp in zip(tower.blocks, mlps):
                 block.mlp = _compiled(mlp)  # one compilation serves every block: the same code, weights as inputs
         for i, attention in enumerate(attentions):
@@ -83,11 +83,35 @@ def _compiled(function):
 
 
 def _qkv(attention, rotary, hidden_states, position_embeddings):
-    """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them."""
+    """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them; `rotary`:
+    the family's apply_rotary_pos_emb_vision (compiled), or None for `turned_queries_and_keys`."""
     length = hidden_states.shape[0]
-    q, k, v = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1)
+    if rotary is None:
+        qk = turned_queries_and_keys(qkv[:, :2], *position_embeddings)
+        return qk[:, 0], qk[:, 1], qkv[:, 2]
+    q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
     q, k = rotary(q, k, *position_embeddings)
     return q, k, v
+
+
+def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The families' apply_rotary_pos_emb_vision for queries and keys side by side (length, 2, heads, head_dim), bit
+    for bit, in four passes instead of fourteen. The family's turns q and k in fp32, each in seven kernels (a copy to
+    fp32, x * cos, rotate_half's negation and concatenation, x * sin, the sum, the cast back), and each writes a full
+    fp32 tensor: for 64 pictures a third of the tower's GPU time (bench/RESULTS.md, run AQ). Here the products read
+    the half-precision values and write fp32 (type promotion casts exactly as .float() does), rotate_half is the
+    halves swapped with the sign folded into sin (-x * s == x * -s in floating point), and the sum is written straight
+    in the input's dtype (the same rounding as a cast after it)."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos.float()[:, None, None], sin.float()[:, None, None]  # length x 1 x 1 x head_dim
+    if torch.is_grad_enabled() and qk.requires_grad:  # out= records no gradients: the same arithmetic, more passes
+        rotated = torch.cat((qk[..., half:] * -sin[..., :half], qk[..., :half] * sin[..., half:]), dim=-1)
+        return (qk * cos + rotated).to(qk.dtype)
+    rotated = torch.empty(qk.shape, dtype=torch.float32, device=qk.device)
+    torch.mul(qk[..., half:], -sin[..., :half], out=rotated[..., :half])
+    torch.mul(qk[..., :half], sin[..., half:], out=rotated[..., half:])
+    return torch.add(qk * cos, rotated, out=torch.empty(qk.shape, dtype=qk.dtype, device=qk.device))
 
 
 def _attention(attention, rotary, patches: int, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
