@@ -11,11 +11,14 @@ makes one call per window size (at most four: inner windows, the right and botto
 Qwen2-VL, Qwen3-VL and Qwen2.5-VL's full-attention blocks attend within each picture. Training's encoding pass and
 captioning use it.
 
-`compiled=True` also hands the rotary embedding and each block's MLP to torch.compile, which fuses their element-wise
-work (the rotary runs in fp32 over every query and key, the MLP's activation over 5,120 values a patch) into a few
-kernels: the tower ran 1.37x faster on an H200 (bench/RESULTS.md), for ~7 s of compiling in a fresh process, so
-training's encoding turns it on only for many pictures (fastpath.COMPILED_TOWER_FROM). The features agree with the
-eager tower's to bf16 rounding, not bit for bit.
+Its element-wise work: the rotary embedding of queries and keys runs in four passes over both together
+(`turned_queries_and_keys`, where transformers' function makes fourteen, seven per tensor), bit for bit the family's;
+on a CUDA GPU with Triton, in one fused kernel, and Qwen2-VL's QuickGELU activation in another (vlcap/kernels.py, bit
+for bit the eager code's, checked on the GPU before use): for 64 pictures on one H100 the tower took 125 -> 88 ms.
+`compiled=True` instead hands the family's rotary function and each block's MLP to torch.compile, which fuses their
+element-wise work into a few kernels: 1.37x the eager tower on an H200 (bench/RESULTS.md, before the kernels), for ~7 s
+of compiling in a fresh process, so training's encoding turns it on only for many pictures
+(fastpath.COMPILED_TOWER_FROM). Its features agree with the eager tower's to bf16 rounding, not bit for bit.
 
 It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat says the installed
 transformers has what it relies on for this model; elsewhere the tower is left as it is (the same features, slower).
@@ -28,8 +31,9 @@ import functools
 import sys
 
 import torch
+from transformers.activations import QuickGELUActivation
 
-from vlcap import compat
+from vlcap import compat, kernels
 from vlcap.qwen import base_model
 
 
@@ -49,16 +53,21 @@ def batched(model, patches: int | None, compiled: bool = False):
         yield
         return
     tower = base_model(model).model.visual
-    rotary = None  # turned_queries_and_keys, the family's formula
+    weight = tower.patch_embed.proj.weight
+    fused = not compiled and kernels.usable(weight.device, weight.dtype)
+    rotary = _kernel_turn if fused else _eager_turn
     mlps = [block.mlp for block in tower.blocks]
+    activations = [m.act for m in mlps if fused and isinstance(getattr(m, "act", None), QuickGELUActivation)]
     full = set(getattr(tower, "fullatt_block_indexes", range(len(tower.blocks))))  # Qwen2.5-VL: the rest are windowed
     windows = _Windows()
     attentions = [block.attn for block in tower.blocks]
     try:
         if compiled:
-            rotary = _compiled(sys.modules[type(tower.blocks[0].attn).__module__].apply_rotary_pos_emb_vision)
+            rotary = _family_turn(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
             for block, mlp in zip(tower.blocks, mlps):
                 block.mlp = _compiled(mlp)  # one compilation serves every block: the same code, weights as inputs
+        for activation in activations:  # Qwen2-VL's QuickGELU in one kernel
+            activation.forward = functools.partial(_kernel_quick_gelu, activation)
         for i, attention in enumerate(attentions):
             if i in full:
                 attention.forward = functools.partial(_attention, attention, rotary, patches)
@@ -66,10 +75,35 @@ def batched(model, patches: int | None, compiled: bool = False):
                 attention.forward = functools.partial(_windowed_attention, attention, rotary, windows)
         yield
     finally:
-        for attention in attentions:
-            vars(attention).pop("forward", None)  # the class's forward again
+        for module in (*attentions, *activations):
+            vars(module).pop("forward", None)  # the class's forward again
         for block, mlp in zip(tower.blocks, mlps):
             block.mlp = mlp
+
+
+def _needs_gradient(x: torch.Tensor) -> bool:
+    """The kernels and out= record no gradients: where autograd needs them, the eager code runs."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _eager_turn(qkv, cos, sin):
+    qk = turned_queries_and_keys(qkv[:, :2], cos, sin)
+    return qk[:, 0], qk[:, 1]
+
+
+def _kernel_turn(qkv, cos, sin):
+    if _needs_gradient(qkv):
+        return _eager_turn(qkv, cos, sin)
+    qk = kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)
+    return qk[:, 0], qk[:, 1]
+
+
+def _family_turn(apply_rotary_pos_emb_vision):
+    return lambda qkv, cos, sin: apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
+
+
+def _kernel_quick_gelu(activation, x):
+    return type(activation).forward(activation, x) if _needs_gradient(x) else kernels.quick_gelu(x)
 
 
 _COMPILED: dict = {}
@@ -83,16 +117,12 @@ def _compiled(function):
 
 
 def _qkv(attention, rotary, hidden_states, position_embeddings):
-    """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them; `rotary`:
-    the family's apply_rotary_pos_emb_vision (compiled), or None for `turned_queries_and_keys`."""
+    """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them; `rotary`
+    turns the queries and keys of the qkv output (length, 3, heads, head_dim)."""
     length = hidden_states.shape[0]
     qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1)
-    if rotary is None:
-        qk = turned_queries_and_keys(qkv[:, :2], *position_embeddings)
-        return qk[:, 0], qk[:, 1], qkv[:, 2]
-    q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
-    q, k = rotary(q, k, *position_embeddings)
-    return q, k, v
+    q, k = rotary(qkv, *position_embeddings)
+    return q, k, qkv[:, 2]
 
 
 def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,7 +135,7 @@ def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     in the input's dtype (the same rounding as a cast after it)."""
     half = cos.shape[-1] // 2
     cos, sin = cos.float()[:, None, None], sin.float()[:, None, None]  # length x 1 x 1 x head_dim
-    if torch.is_grad_enabled() and qk.requires_grad:  # out= records no gradients: the same arithmetic, more passes
+    if _needs_gradient(qk):  # the same arithmetic, more passes
         rotated = torch.cat((qk[..., half:] * -sin[..., :half], qk[..., :half] * sin[..., half:]), dim=-1)
         return (qk * cos + rotated).to(qk.dtype)
     rotated = torch.empty(qk.shape, dtype=torch.float32, device=qk.device)
