@@ -4,10 +4,10 @@ encoding with the cache on the GPU and with every picture written to the cache f
     python bench/encode_parts.py --work bench/work --n 2000      # builds the stand-in and the pictures if missing
 
 Prints a Markdown table of pictures per second for each part. `--compiled` also times the tower with its rotary and
-MLPs compiled by torch.compile (as train.py does from fastpath.COMPILED_TOWER_FROM pictures), what compiling cost, and
-the whole encoding with it; `--pin` has the workers' batches arrive in page-locked memory (as train.py from
-fastpath.PINNED_FROM pictures); `--profile` also prints where the GPU waits while the tower encodes decoded batches.
-bench/RESULTS.md, runs AH and AI, has its figures.
+MLPs compiled by torch.compile (as train.py does from fastpath.COMPILED_TOWER_FROM pictures where vlcap/kernels.py's
+fused kernels are off), what compiling cost, and the whole encoding with it; `--pin` has the workers' batches arrive in
+page-locked memory (as train.py from fastpath.PINNED_FROM pictures); `--profile` also prints where the GPU waits while
+the tower encodes decoded batches. bench/RESULTS.md, runs AH, AI and BC, has its figures.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from vlcap import vision_attention
+from vlcap import kernels, vision_attention
 from vlcap.qwen import base_model, rms_norm, transformers_class
 
 
@@ -132,7 +132,8 @@ def start_encoding(dataset, config, workers: int, batch_size: int = 32, pin_memo
 
 # Pictures from which the encoding's set-up costs pay for themselves (bench/RESULTS.md, runs AH-AN): batches in
 # page-locked memory (start_encoding's pin_memory: encoding ~15% faster, the model's load ~0.6 s slower while it pins
-# alongside), and the tower's element-wise work compiled (~1.4x faster tower, ~7 s of compiling in a fresh process).
+# alongside), and the tower's element-wise work compiled (~1.4x faster tower, ~7 s of compiling in a fresh process)
+# where vlcap/kernels.py's fused kernels are off: with them the eager tower is as fast as the compiled one (run BC).
 PINNED_FROM = 2_000
 COMPILED_TOWER_FROM = 10_000
 
@@ -148,14 +149,15 @@ def finish_encoding(
     the tower's output, levels 1... (Qwen3-VL) the DeepStack features, one per DeepStack layer. `layout` says where
     they go (default: all on the model's device). Pixels are dropped as soon as the tower has seen them, so host
     memory holds token ids, and what the layout puts there. `compiled` (default: from COMPILED_TOWER_FROM pictures on a
-    GPU): the tower's element-wise work runs compiled (vision_attention.batched); where compiling fails, as it is.
+    GPU without vlcap.kernels' fused kernels): the tower's element-wise work runs compiled (vision_attention.batched);
+    where compiling fails, as it is.
     """
     from tqdm import tqdm
 
     device, dtype = model.device, model.dtype
     examples, store = [], None
     if compiled is None:
-        compiled = device.type == "cuda" and n_pictures >= COMPILED_TOWER_FROM
+        compiled = n_pictures >= COMPILED_TOWER_FROM and device.type == "cuda" and not kernels.usable(device, dtype)
 
     def tower(pixels, grids, patches, compiled):
         with vision_attention.batched(model, patches, compiled):
