@@ -13,8 +13,8 @@ division), a rounding to the tensor's dtype wherever the eager code stores one. 
 (bench/tower_kernels.py, bench/RESULTS.md run BB): the rotary 0.97 -> 0.20 ms a block (transformers' own: 1.62), the
 activation 0.64 -> 0.35 ms; the tower 125 -> 88 ms.
 
-Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): 2.6 s
-the first time, about half a second in a later process. `usable` checks the kernels once per process and dtype against
+Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): 1.7-2.6 s
+on an H100 the first time (runs BB, BC), a fraction of a second in a later process. `usable` checks the kernels once per process and dtype against
 the eager code, bit for bit, before anything uses them; where Triton is missing, the device is not a CUDA GPU, or
 compiling or that check fails, it says so once and the tower runs its eager code (the same results, slower).
 """

@@ -200,7 +200,6 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-# ------------------------------------------------------------------------------------------------------------ prompt
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """What the families' RMSNorm module `norm` gives for x (normalised in fp32, cast back to x's dtype, times the
     weight), by torch's rms_norm: on a GPU one fused kernel forward and one backward where the module's own code runs
@@ -209,6 +208,7 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+# ------------------------------------------------------------------------------------------------------------ prompt
 def prompt_text(processor, prompt: str) -> str:
     """The model's input text up to where the caption starts (the chat template, generation prompt added)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
