@@ -12,30 +12,18 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-
-def timed(fn, repeats: int) -> float:
-    import torch
-
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from caption_parts import timed  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pictures", type=int, default=64)
     parser.add_argument("--patches", type=int, default=400, help="patches a picture (280x280: 400)")
     parser.add_argument("--repeats", type=int, default=20)
@@ -61,25 +49,24 @@ def main() -> None:
     def family():
         return torch.stack(apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin), 1)
 
-    rows = []
-    expected = family()
-    for name, fn in (
-        ("rotary, transformers", family),
-        ("rotary, vlcap eager (four passes)", lambda: vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin)),
-        ("rotary, fused kernel", lambda: kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)),
-    ):
-        if "kernel" in name and not usable:
-            continue
-        rows.append((name, timed(fn, args.repeats), torch.equal(fn(), expected)))
     activation = QuickGELUActivation()
-    expected = activation(x)
-    for name, fn in (
-        ("QuickGELU, transformers", lambda: activation(x)),
-        ("QuickGELU, fused kernel", lambda: kernels.quick_gelu(x)),
-    ):
-        if "kernel" in name and not usable:
-            continue
-        rows.append((name, timed(fn, args.repeats), torch.equal(fn(), expected)))
+    turned, activated = family(), activation(x)  # what each way must give
+    parts = (
+        ("rotary, transformers", family, turned),
+        (
+            "rotary, vlcap eager (four passes)",
+            lambda: vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin),
+            turned,
+        ),
+        ("rotary, fused kernel", lambda: kernels.turned_queries_and_keys(qkv[:, :2], cos, sin), turned),
+        ("QuickGELU, transformers", lambda: activation(x), activated),
+        ("QuickGELU, fused kernel", lambda: kernels.quick_gelu(x), activated),
+    )
+    rows = [
+        (name, timed(fn, args.repeats), torch.equal(fn(), expected))
+        for name, fn, expected in parts
+        if usable or "kernel" not in name
+    ]
 
     print(f"{torch.cuda.get_device_name()}, {args.pictures} pictures x {args.patches} patches, bf16, ms a block")
     print(f"kernels usable: {usable} (checked and compiled or loaded in {first:.2f} s)\n")

@@ -342,7 +342,6 @@ class LanguageModelStep:
         self.interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             first.config._attn_implementation, module.eager_attention_forward
         )
-        self.rotate_half = module.rotate_half
         weight = language_model.embed_tokens.weight
         size = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(size, dtype=weight.dtype, device=weight.device) for _ in self.attention]

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from vlcap import kernels, vision_attention
+from vlcap import cli, kernels, vision_attention
 from vlcap.qwen import base_model, rms_norm, transformers_class
 
 
@@ -170,7 +170,7 @@ def finish_encoding(
         except Exception as e:  # torch.compile's failures take many forms (no C compiler, an unsupported operation)
             if not compiled:
                 raise
-            print(f"note: the vision tower runs uncompiled: compiling it failed ({type(e).__name__}: {str(e)[:200]})")
+            print(f"note: the vision tower runs uncompiled: compiling it failed ({cli.error_text(e)})")
             compiled = False
             out = tower(pixels, grids, patches, compiled)
         levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or ())]  # each a tuple, one per image

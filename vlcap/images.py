@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from vlcap import cli
+
 DEFAULT_SIZE = (
     280  # the tutorial's side (100 image tokens for Qwen2-VL); each model uses the nearest multiple of its patches
 )
@@ -65,7 +67,7 @@ def load(path: str | Path, image_size: int) -> Image.Image:
     except FileNotFoundError:
         raise Unusable("no such file") from None
     except _UNREADABLE as e:
-        raise Unusable(f"not a readable image ({_short(e)})") from None
+        raise Unusable(f"not a readable image ({cli.error_text(e, 160)})") from None
     if image_size:
         picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return picture
@@ -88,12 +90,8 @@ def problem(path: str | Path, decode: bool = True) -> str | None:
     except IsADirectoryError:
         return "a folder, not a picture"
     except _UNREADABLE as e:
-        return f"not a readable image ({_short(e)})"
+        return f"not a readable image ({cli.error_text(e, 160)})"
     return None
-
-
-def _short(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:160]
 
 
 def expand_paths(args: list[str]) -> list[str]:

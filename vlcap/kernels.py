@@ -14,8 +14,8 @@ division), a rounding to the tensor's dtype wherever the eager code stores one. 
 activation 0.64 -> 0.35 ms; the tower 125 -> 88 ms.
 
 Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): 1.7-2.6 s
-on an H100 the first time (runs BB, BC), a fraction of a second in a later process. `usable` checks the kernels once per process and dtype against
-the eager code, bit for bit, before anything uses them; where Triton is missing, the device is not a CUDA GPU, or
+on an H100 the first time (runs BB, BC), a fraction of a second in a later process. `usable` checks the kernels once
+per process and dtype against transformers' own code, bit for bit, before anything uses them; where Triton is missing, the device is not a CUDA GPU, or
 compiling or that check fails, it says so once and the tower runs its eager code (the same results, slower).
 """
 
@@ -25,6 +25,8 @@ import functools
 import os
 
 import torch
+
+from vlcap import cli
 
 try:
     import triton
@@ -42,29 +44,25 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _checked(index: int, dtype: torch.dtype) -> bool:
+    from transformers.activations import QuickGELUActivation
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision  # the families' formula
+
     device = torch.device("cuda", index)
     try:
         generator = torch.Generator(device).manual_seed(0)
         x = torch.randn(1 << 16, device=device, generator=generator).mul_(6).to(dtype)
-        if not torch.equal(quick_gelu(x), x * torch.sigmoid(1.702 * x)):
+        if not torch.equal(quick_gelu(x), QuickGELUActivation()(x)):
             raise ArithmeticError(f"the activation differs from the eager code's in {dtype}")
         qkv = torch.randn(97, 3, 4, 80, device=device, generator=generator).mul_(3).to(dtype)
         angles = torch.randn(97, 40, device=device, generator=generator).mul_(20)
         cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        if not torch.equal(turned_queries_and_keys(qkv[:, :2], cos, sin), _eager_turn(qkv[:, :2], cos, sin)):
+        eager = torch.stack(apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin), dim=1)
+        if not torch.equal(turned_queries_and_keys(qkv[:, :2], cos, sin), eager):
             raise ArithmeticError(f"the rotary embedding differs from the eager code's in {dtype}")
     except Exception as e:  # Triton's failures take many forms (no compiler for this GPU, an unsupported operation)
-        reason = " ".join(str(e).split())[:200]  # one line
-        print(f"note: the vision tower's fused kernels are off: {type(e).__name__}: {reason}")
+        print(f"note: the vision tower's fused kernels are off: {cli.error_text(e)}")
         return False
     return True
-
-
-def _eager_turn(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The families' apply_rotary_pos_emb_vision on queries and keys side by side, as written there."""
-    half = cos.shape[-1] // 2
-    x, cos, sin = qk.float(), cos[:, None, None].float(), sin[:, None, None].float()
-    return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(qk.dtype)
 
 
 def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
