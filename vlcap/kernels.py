@@ -15,8 +15,9 @@ activation 0.64 -> 0.35 ms; the tower 125 -> 88 ms.
 
 Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): 1.7-2.6 s
 on an H100 the first time (runs BB, BC), a fraction of a second in a later process. `usable` checks the kernels once
-per process and dtype against transformers' own code, bit for bit, before anything uses them; where Triton is missing, the device is not a CUDA GPU, or
-compiling or that check fails, it says so once and the tower runs its eager code (the same results, slower).
+per process and dtype against transformers' own code, bit for bit, before anything uses them; where Triton is missing,
+the device is not a CUDA GPU, or compiling or that check fails, it says so once and the tower runs its eager code (the
+same results, slower).
 """
 
 from __future__ import annotations
