@@ -151,6 +151,36 @@ def test_the_towers_grid_only_inputs_are_computed_once_per_grid(family_captioner
 
 
 @needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_positions_of_rows_alike_are_worked_out_once_and_equal_the_familys(family_captioner, pictures, arch):
+    model, processor, _ = family_captioner(arch)
+    inner, text = model.model, qwen.prompt_text(processor, "COCO Yes:")
+    rows = []
+    original = type(inner).get_rope_index
+
+    def counted(self, input_ids, *args, **kwargs):
+        rows.append(len(input_ids))
+        return original(self, input_ids, *args, **kwargs)
+
+    same = [p.resize((56, 56)) for p in (pictures[0], pictures[2], pictures[4])]
+    for batch, worked_out in ((same, [1]), (pictures, [len(pictures)])):
+        inputs = captioning.model_inputs(processor, text, batch, torch.device("cpu"))
+        expected = original(
+            inner,
+            inputs["input_ids"],
+            inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+        )[0]
+        rows.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(inner), "get_rope_index", counted)
+            got = fastdecode._positions(inner, inputs)
+        assert rows == worked_out
+        assert torch.equal(got, expected)
+
+
+@needs_fast_paths
 def test_the_loop_stops_at_the_step_every_caption_has_ended(captioner, pictures, monkeypatch):  # noqa: F811
     model, processor, _ = captioner
     pad = model.generation_config.pad_token_id
