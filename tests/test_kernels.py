@@ -83,6 +83,92 @@ def test_the_towers_kernels_compute_what_the_eager_code_does(tiny_models, arch):
     assert done.returncode == 0 and "kernels agree" in done.stdout, done.stderr[-3000:]
 
 
+DECODING = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+    from vlcap import captioning, fastdecode, kernels, qwen
+
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    gate, up = torch.randn(37, 900) * 6, torch.randn(37, 900) * 3
+    torch.testing.assert_close(kernels.silu_mul(gate, up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+    # Rotary + cache writes: queries returned, keys and values at their slots, nothing else in the cache touched
+    rows, tokens, heads, kv, dim, slots = 3, 5, 6, 2, 24, 80
+    qkv = torch.randn(rows, tokens, heads + 2 * kv, dim) * 3
+    cos, sin = torch.randn(rows, tokens, dim), torch.randn(rows, tokens, dim)
+    keys, values = torch.zeros(2, rows, kv, slots, dim)
+    q = kernels.turn_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens), heads)
+    q_eager, k_eager = apply_rotary_pos_emb(
+        qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
+    )
+    assert torch.equal(q, q_eager) and torch.equal(keys[:, :, 4:9], k_eager)
+    assert torch.equal(values[:, :, 4:9], qkv[:, :, -kv:].transpose(1, 2))
+    assert not keys[:, :, :4].any() and not keys[:, :, 9:].any() and not values[:, :, 9:].any()
+
+    # Residual sum + RMSNorm against the families' module
+    norm = Qwen2RMSNorm(700, eps=1e-6)
+    norm.weight.data = torch.randn(700)
+    hidden, delta = torch.randn(37, 700) * 4, torch.randn(37, 700)
+    added, normed = kernels.add_rms_norm(hidden, delta, norm.weight, 1e-6)
+    assert torch.equal(added, hidden + delta)
+    torch.testing.assert_close(normed, norm(hidden + delta))
+    torch.testing.assert_close(kernels.add_rms_norm(hidden, None, norm.weight, 1e-6)[1], norm(hidden))
+
+    # A new token's attention over more slots than one block holds, grouped heads, masked slots
+    keys, values = torch.randn(2, rows, kv, slots, dim)
+    valid = torch.rand(rows, slots) > 0.5
+    valid[:, 0] = True
+    q = torch.randn(rows, heads, 1, dim)
+    eager = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None], scale=0.3, enable_gqa=True)
+    got = kernels.decode_attention(q, keys, values, valid, 0.3)
+    torch.testing.assert_close(got, eager.transpose(1, 2).reshape(rows, 1, heads * dim))
+
+    # The captioning loop with the kernels in place (as on a GPU where kernels.usable_for_decoding holds) against
+    # transformers' generate, token for token
+    model_dir = sys.argv[1]
+    model, processor = qwen.load_model(model_dir, "cpu"), qwen.load_processor(model_dir)
+    unit = qwen.image_unit(processor)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (2 * unit, (2 + i) * unit, 3), dtype=np.uint8)) for i in range(3)]
+    text = qwen.prompt_text(processor, "COCO Yes:")
+    inputs = processor(text=[text] * 3, images=pictures, padding=True, padding_side="left", return_tensors="pt")
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+
+    def decoded(fused):  # the new tokens, and the last hidden state of every step (the prompt's, then each token's)
+        kernels.usable_for_decoding = lambda device, dtype: fused
+        decoder = fastdecode.GreedyDecoder(model, 3, inputs["input_ids"].shape[1], 6, graphs=False)
+        assert decoder.step.fused == fused
+        states, choose = [], decoder._choose
+        decoder._choose = lambda hidden: (states.append(hidden.clone()), choose(hidden))
+        return decoder.decode(inputs), states
+
+    got, fused_states = decoded(True)
+    assert torch.equal(got[:, : expected.shape[1]], expected), (got, expected)
+    eager, eager_states = decoded(False)
+    assert torch.equal(got, eager) and len(fused_states) == len(eager_states) == 6
+    for fused_state, eager_state in zip(fused_states, eager_states):
+        torch.testing.assert_close(fused_state, eager_state, rtol=1e-4, atol=1e-5)
+    print("decoding kernels agree")
+    """
+)
+
+
+@needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_captioning_loops_kernels_give_generates_tokens(tiny_models, arch):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", DECODING, str(tiny_models[arch])], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "decoding kernels agree" in done.stdout, done.stderr[-3000:]
+
+
 def test_where_the_kernels_cannot_be_checked_they_are_off_with_a_note(capsys):
     """No CUDA GPU here: the check fails, says why in one line, and the tower keeps its eager code."""
     import torch

@@ -28,10 +28,11 @@ import sys
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
+from transformers.activations import SiLUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vlcap import compat, vision_attention
-from vlcap.qwen import base_model, rms_norm
+from vlcap import compat, kernels, vision_attention
+from vlcap.qwen import base_model, rms_norm, rms_norm_eps
 
 # generate's logits processors that change a greedy choice. Only the repetition penalty is implemented here; a model
 # whose generation_config sets any other is captioned by generate itself.
@@ -207,11 +208,7 @@ def _positions(inner, inputs: dict) -> torch.Tensor:
     took ~11 ms of the CPU, bench/RESULTS.md run BE)."""
     ids, kinds, grid, mask = (inputs[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"))
     rows = len(ids)
-    alike = (
-        rows > 1
-        and len(grid) % rows == 0
-        and all(bool((t == t[:1]).all()) for t in (ids, kinds, mask, grid))
-    )
+    alike = rows > 1 and len(grid) % rows == 0 and all(bool((t == t[:1]).all()) for t in (ids, kinds, mask, grid))
     if not alike:
         return inner.get_rope_index(ids, kinds, image_grid_thw=grid, attention_mask=mask)[0]
     first = inner.get_rope_index(ids[:1], kinds[:1], image_grid_thw=grid[: len(grid) // rows], attention_mask=mask[:1])[
@@ -358,6 +355,8 @@ class LanguageModelStep:
             first.config._attn_implementation, module.eager_attention_forward
         )
         weight = language_model.embed_tokens.weight
+        # On a GPU with Triton: the step's element-wise work in fused kernels (vlcap/kernels.py, `_fused_call`)
+        self.fused = _plain_swiglu(language_model) and kernels.usable_for_decoding(weight.device, weight.dtype)
         size = (batch, self.kv_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(size, dtype=weight.dtype, device=weight.device) for _ in self.attention]
         self.values = [torch.zeros_like(k) for k in self.keys]
@@ -373,6 +372,8 @@ class LanguageModelStep:
         `places` (flat indices of the image tokens)."""
         lm = self.model
         cos, sin = lm.rotary_emb(hidden, position_ids)
+        if self.fused:
+            return self._fused_call(hidden, cos, sin, mask, slots, places, deepstack)
         turn = _turning(cos[:, None], sin[:, None])  # rows x 1 (heads) x tokens x head_dim
         # The mask as the additive one SDPA makes of a boolean mask, once, not in every layer.
         mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
@@ -397,6 +398,60 @@ class LanguageModelStep:
             if i < len(deepstack):
                 hidden = hidden.flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype)).view_as(hidden)
         return rms_norm(lm.norm, hidden)
+
+    def _fused_call(self, hidden, cos, sin, mask, slots, places, deepstack) -> torch.Tensor:
+        """`__call__` in vlcap/kernels.py's fused kernels: each residual sum with the norm after it, the rotary
+        embedding with the cache writes, SwiGLU's silu and product, and a new token's attention (grouped-query heads
+        reading the cache once, where SDPA with a mask repeats the keys and values for every head). Per layer and
+        token about ten kernels instead of about twenty; the same arithmetic but for the norms' sums of squares and
+        the new token's attention, which round as such kernels do (bench/RESULTS.md, run BE)."""
+        lm, layers = self.model, self.model.layers
+        (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
+        if tokens > 1:  # the prompt: transformers' attention function, the mask additive once
+            additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+        hidden, x = kernels.add_rms_norm(hidden, None, *_norm(layers[0].input_layernorm))
+        for i, layer in enumerate(layers):
+            attention, keys, values = self.attention[i], self.keys[i], self.values[i]
+            qkv = self.qkv[i](x).view(rows, tokens, heads + 2 * kv, dim)
+            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
+                q, k = rms_norm(attention.q_norm, qkv[:, :, :heads]), rms_norm(attention.k_norm, qkv[:, :, heads:-kv])
+                qkv = torch.cat([q, k, qkv[:, :, -kv:]], dim=2)
+            q = kernels.turn_into_cache(qkv, cos, sin, keys, values, slots, heads)
+            if tokens == 1:
+                out = kernels.decode_attention(q, keys, values, mask[:, 0, 0], attention.scaling)
+            else:
+                out, _ = self.interface(attention, q, keys, values, additive, dropout=0.0, scaling=attention.scaling)
+            hidden, x = kernels.add_rms_norm(
+                hidden, attention.o_proj(out.reshape(rows, tokens, -1)), *_norm(layer.post_attention_layernorm)
+            )
+            mlp = layer.mlp
+            delta = mlp.down_proj(kernels.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            following = _norm(layers[i + 1].input_layernorm if i + 1 < len(layers) else lm.norm)
+            if i < len(deepstack):  # Qwen3-VL: the pictures' features for this layer added before the next norm
+                hidden = (hidden + delta).flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype))
+                hidden, x = kernels.add_rms_norm(hidden.view(rows, tokens, -1), None, *following)
+            else:
+                hidden, x = kernels.add_rms_norm(hidden, delta, *following)
+        return x
+
+
+def _norm(norm) -> tuple:
+    """An RMSNorm module's weight and epsilon, as kernels.add_rms_norm takes them."""
+    return norm.weight, rms_norm_eps(norm)
+
+
+def _plain_swiglu(language_model) -> bool:
+    """Whether every layer's MLP is the families' SwiGLU (gate, up and down projections, silu), as the fused step
+    assumes, and its norms are in the model's dtype."""
+    dtype = language_model.embed_tokens.weight.dtype
+    return all(
+        all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        and isinstance(getattr(layer.mlp, "act_fn", None), (torch.nn.SiLU, SiLUActivation))
+        and layer.input_layernorm.weight.dtype == dtype
+        for layer in language_model.layers
+    )
 
 
 def _turning(cos: torch.Tensor, sin: torch.Tensor):

@@ -96,12 +96,176 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     block = 1024
-    # Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) has no CUDA math library: there, Triton's own exp
-    accurate_exp = os.environ.get("TRITON_INTERPRET", "0") != "1"
     _quick_gelu[(triton.cdiv(x.numel(), block),)](
-        x, out, x.numel(), BLOCK=block, ACCURATE_EXP=accurate_exp, enable_fp_fusion=False
+        x, out, x.numel(), BLOCK=block, ACCURATE_EXP=_accurate_exp(), enable_fp_fusion=False
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the language model
+def usable_for_decoding(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fastdecode's language-model step may use the decoding kernels below for `dtype` on `device` (checked on
+    the first call for each device and dtype against transformers' own code: the rotary embedding and SwiGLU bit for
+    bit, the norm and the attention to the dtype's rounding)."""
+    return triton is not None and device.type == "cuda" and _decoding_checked(device.index or 0, dtype)
+
+
+@functools.cache
+def _decoding_checked(index: int, dtype: torch.dtype) -> bool:
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+    device = torch.device("cuda", index)
+    try:
+        generator = torch.Generator(device).manual_seed(0)
+
+        def randn(*size, scale=1.0):
+            return torch.randn(*size, device=device, generator=generator).mul_(scale).to(dtype)
+
+        gate, up = randn(37, 900, scale=6), randn(37, 900, scale=3)
+        if not torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up):
+            raise ArithmeticError(f"SwiGLU differs from the eager code's in {dtype}")
+        rows, tokens, heads, kv, dim, slots = 3, 5, 6, 2, 128, 16
+        qkv = randn(rows, tokens, heads + 2 * kv, dim, scale=3)
+        cos, sin = randn(rows, tokens, dim), randn(rows, tokens, dim)
+        keys, values = torch.zeros(2, rows, kv, slots, dim, dtype=dtype, device=device)
+        place = torch.arange(4, 4 + tokens, device=device)
+        q = turn_into_cache(qkv, cos, sin, keys, values, place, heads)
+        q_eager, k_eager = apply_rotary_pos_emb(
+            qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
+        )
+        if not (
+            torch.equal(q, q_eager)
+            and torch.equal(keys[:, :, 4:9], k_eager)
+            and torch.equal(values[:, :, 4:9], qkv[:, :, -kv:].transpose(1, 2))
+        ):
+            raise ArithmeticError(f"the rotary embedding or the cache write differs from the eager code's in {dtype}")
+        norm = Qwen2RMSNorm(700, eps=1e-6).to(device, dtype)
+        norm.weight.data = randn(700)
+        hidden, delta = randn(37, 700, scale=4), randn(37, 700)
+        added, normed = add_rms_norm(hidden, delta, norm.weight, 1e-6)
+        if not torch.equal(added, hidden + delta):
+            raise ArithmeticError(f"the residual sum differs from the eager code's in {dtype}")
+        torch.testing.assert_close(normed, norm(hidden + delta))
+        valid = torch.rand(rows, slots, device=device, generator=generator) > 0.3
+        valid[:, 0] = True
+        attended = decode_attention(q[:, :, :1], keys, values, valid, dim**-0.5)
+        mask = valid[:, None, None, :]
+        eager = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, :1], keys, values, attn_mask=mask, scale=dim**-0.5, enable_gqa=True
+        )
+        torch.testing.assert_close(attended, eager.transpose(1, 2).reshape(rows, 1, heads * dim), rtol=1e-2, atol=1e-2)
+    except Exception as e:  # Triton's failures take many forms (no compiler for this GPU, an unsupported operation)
+        print(f"note: the captioning loop's fused kernels are off: {cli.error_text(e)}")
+        return False
+    return True
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(hidden + delta, the family's RMSNorm of that sum), in one pass: the sum rounded to hidden's dtype as torch's
+    addition rounds it, then normalised in fp32, rounded, and times the weight (rounded), as the families' RMSNorm
+    module computes (the sum of squares in another order). `delta` None: (hidden, its norm)."""
+    width = hidden.shape[-1]
+    hidden = hidden.contiguous()
+    added = torch.empty_like(hidden) if delta is not None else hidden
+    normed = torch.empty_like(hidden)
+    _add_rms_norm[(hidden.numel() // width,)](
+        hidden,
+        delta.contiguous() if delta is not None else hidden,
+        weight,
+        added,
+        normed,
+        width,
+        eps,
+        HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(width),
+        enable_fp_fusion=False,
+    )
+    return added, normed
+
+
+def turn_into_cache(qkv, cos, sin, keys, values, slots, heads: int) -> torch.Tensor:
+    """The queries of `qkv` (rows, tokens, heads + 2 x kv heads, head_dim; the last dimension contiguous) turned by the
+    rotary embedding's cos and sin (rows, tokens, head_dim) as the families' apply_rotary_pos_emb does (each product
+    rounded, then the sum), returned as rows x heads x tokens x head_dim; its keys turned and its values written into
+    the caches `keys` and `values` (rows, kv heads, slots, head_dim) at `slots` (one a token)."""
+    rows, tokens, all_heads, dim = qkv.shape
+    if qkv.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride() != keys.stride():
+        raise ValueError("turn_into_cache needs the last dimension contiguous")
+    out = torch.empty(rows, heads, tokens, dim, dtype=qkv.dtype, device=qkv.device)
+    cos, sin = cos.expand(rows, tokens, dim).contiguous(), sin.expand(rows, tokens, dim).contiguous()
+    _turn_into_cache[(rows * tokens, all_heads)](
+        qkv,
+        cos,
+        sin,
+        out,
+        keys,
+        values,
+        slots,
+        tokens,
+        qkv.stride(0),
+        qkv.stride(1),
+        qkv.stride(2),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        HEADS=heads,
+        KV=(all_heads - heads) // 2,
+        DIM=dim,
+        BLOCK_DIM=triton.next_power_of_2(dim),
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def decode_attention(q, keys, values, valid, scale: float) -> torch.Tensor:
+    """One new token's attention for every row: queries (rows, heads, 1, head_dim) over the cached keys and values
+    (rows, kv heads, slots, head_dim; the query heads share them in groups, as in the families' grouped-query
+    attention) where `valid` (rows, slots, bool) allows; softmax in fp32 as SDPA's kernels do. Returns rows x 1 x
+    (heads x head_dim), as the output projection takes it."""
+    rows, heads, tokens, dim = q.shape
+    kv, slots = keys.shape[1], keys.shape[2]
+    if tokens != 1 or heads % kv or keys.stride(-1) != 1 or values.stride() != keys.stride():
+        raise ValueError("decode_attention takes one token a row and a cache laid out as the step's")
+    q = q.contiguous()
+    out = torch.empty(rows, 1, heads * dim, dtype=q.dtype, device=q.device)
+    group = heads // kv
+    _decode_attention[(rows, kv)](
+        q,
+        keys,
+        values,
+        valid.contiguous().view(torch.uint8),
+        out,
+        scale,
+        slots,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        HEADS=heads,
+        GROUP=group,
+        BLOCK_GROUP=max(16, triton.next_power_of_2(group)),
+        DIM=dim,
+        BLOCK_DIM=max(16, triton.next_power_of_2(dim)),
+        BLOCK_SLOTS=64,
+    )
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The families' SwiGLU, `silu(gate) * up`, in one pass: silu as torch computes it (x / (1 + expf(-x)) in fp32,
+    an IEEE division), rounded to the dtype, times up, rounded."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    block = 1024
+    _silu_mul[(triton.cdiv(gate.numel(), block),)](
+        gate, up, out, gate.numel(), BLOCK=block, ACCURATE_EXP=_accurate_exp(), enable_fp_fusion=False
+    )
+    return out
+
+
+def _accurate_exp() -> bool:
+    """CUDA's expf, as torch's kernels call it; Triton's CPU interpreter (TRITON_INTERPRET=1, the tests) has no CUDA
+    math library: there, Triton's own exp."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 if triton is not None:
@@ -146,3 +310,127 @@ if triton is not None:
             e = tl.exp(-scaled)
         gate = tl.math.div_rn(tl.full(scaled.shape, 1.0, tl.float32), 1.0 + e).to(given.dtype).to(tl.float32)
         tl.store(out + i, (x * gate).to(given.dtype), mask=inside)
+
+    @triton.jit(do_not_specialize=["width", "eps"])
+    def _add_rms_norm(hidden, delta, weight, added, normed, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * width
+        col = tl.arange(0, BLOCK)
+        inside = col < width
+        x = tl.load(hidden + row + col, mask=inside, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(delta + row + col, mask=inside, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
+            tl.store(added + row + col, x, mask=inside)
+        xf = x.to(tl.float32)
+        scale = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / width + eps)
+        y = (xf * scale).to(x.dtype).to(tl.float32)
+        w = tl.load(weight + col, mask=inside, other=0.0).to(tl.float32)
+        tl.store(normed + row + col, (w * y).to(x.dtype), mask=inside)
+
+    @triton.jit(do_not_specialize=["tokens"])
+    def _turn_into_cache(
+        qkv,
+        cos,
+        sin,
+        out,
+        keys,
+        values,
+        slots,
+        tokens,
+        row_stride,
+        token_stride,
+        head_stride,
+        cache_row,
+        cache_head,
+        cache_slot,
+        HEADS: tl.constexpr,
+        KV: tl.constexpr,
+        DIM: tl.constexpr,
+        BLOCK_DIM: tl.constexpr,
+    ):
+        position = tl.program_id(0).to(tl.int64)  # a row's token
+        head = tl.program_id(1)
+        row, token = position // tokens, position % tokens
+        col = tl.arange(0, BLOCK_DIM)
+        inside = col < DIM
+        source = qkv + row * row_stride + token * token_stride + head * head_stride
+        x = tl.load(source + col, mask=inside, other=0.0)
+        slot = tl.load(slots + token).to(tl.int64)
+        if head < HEADS + KV:  # a query or key head: x * cos + rotate_half(x) * sin, each product rounded
+            partner = tl.load(source + (col + DIM // 2) % DIM, mask=inside, other=0.0).to(tl.float32)
+            c = tl.load(cos + position * DIM + col, mask=inside, other=0.0).to(tl.float32)
+            s = tl.load(sin + position * DIM + col, mask=inside, other=0.0).to(tl.float32)
+            s = tl.where(col < DIM // 2, -s, s)  # rotate_half's negation: -x2 * s == x2 * -s exactly
+            turned = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32) + (partner * s).to(x.dtype).to(tl.float32)
+            if head < HEADS:
+                tl.store(out + ((row * HEADS + head) * tokens + token) * DIM + col, turned.to(x.dtype), mask=inside)
+            else:
+                target = keys + row * cache_row + (head - HEADS) * cache_head + slot * cache_slot
+                tl.store(target + col, turned.to(x.dtype), mask=inside)
+        else:
+            target = values + row * cache_row + (head - HEADS - KV) * cache_head + slot * cache_slot
+            tl.store(target + col, x, mask=inside)
+
+    @triton.jit(do_not_specialize=["scale", "slots"])
+    def _decode_attention(
+        q,
+        keys,
+        values,
+        valid,
+        out,
+        scale,
+        slots,
+        cache_row,
+        cache_head,
+        cache_slot,
+        HEADS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr,
+        DIM: tl.constexpr,
+        BLOCK_DIM: tl.constexpr,
+        BLOCK_SLOTS: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        kv = tl.program_id(1)
+        g = tl.arange(0, BLOCK_GROUP)
+        col = tl.arange(0, BLOCK_DIM)
+        head = kv * GROUP + g
+        q_inside = (g < GROUP)[:, None] & (col < DIM)[None, :]
+        query = tl.load(q + (row * HEADS + head)[:, None] * DIM + col[None, :], mask=q_inside, other=0.0)
+        best = tl.full((BLOCK_GROUP,), -1.0e30, tl.float32)  # finite: a block of masked slots gives zeros, not NaN
+        total = tl.zeros((BLOCK_GROUP,), tl.float32)
+        acc = tl.zeros((BLOCK_GROUP, BLOCK_DIM), tl.float32)
+        cache = row * cache_row + kv * cache_head
+        for start in range(0, slots, BLOCK_SLOTS):
+            n = start + tl.arange(0, BLOCK_SLOTS)
+            k_inside = (n < slots)[:, None] & (col < DIM)[None, :]
+            offsets = cache + n[:, None].to(tl.int64) * cache_slot + col[None, :]
+            k = tl.load(keys + offsets, mask=k_inside, other=0.0)
+            score = tl.dot(query, tl.trans(k)) * scale
+            allowed = tl.load(valid + row * slots + n, mask=n < slots, other=0) != 0
+            score = tl.where(allowed[None, :], score, float("-inf"))
+            new_best = tl.maximum(best, tl.max(score, axis=1))
+            p = tl.exp(score - new_best[:, None])
+            alpha = tl.exp(best - new_best)
+            total = total * alpha + tl.sum(p, axis=1)
+            v = tl.load(values + offsets, mask=k_inside, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            best = new_best
+        result = acc / total[:, None]
+        tl.store(
+            out + row * HEADS * DIM + head[:, None] * DIM + col[None, :], result.to(out.dtype.element_ty), mask=q_inside
+        )
+
+    @triton.jit(do_not_specialize=["n"])
+    def _silu_mul(gate, up, out, n, BLOCK: tl.constexpr, ACCURATE_EXP: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < n
+        given = tl.load(gate + i, mask=inside, other=0.0)
+        x = given.to(tl.float32)
+        if ACCURATE_EXP:
+            e = libdevice.exp(-x)  # CUDA's expf, as torch's silu calls it
+        else:
+            e = tl.exp(-x)
+        silu = tl.math.div_rn(x, 1.0 + e).to(given.dtype).to(tl.float32)
+        u = tl.load(up + i, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out + i, (silu * u).to(given.dtype), mask=inside)

@@ -204,8 +204,12 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """What the families' RMSNorm module `norm` gives for x (normalised in fp32, cast back to x's dtype, times the
     weight), by torch's rms_norm: on a GPU one fused kernel forward and one backward where the module's own code runs
     six and about ten. The same arithmetic but for the order of the sum of squares: equal to rounding."""
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
-    return norm.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
+    return norm.weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=rms_norm_eps(norm)).to(x.dtype)
+
+
+def rms_norm_eps(norm) -> float:
+    """The epsilon of a family's RMSNorm module (Qwen2's call it variance_epsilon, Qwen3-VL's eps)."""
+    return getattr(norm, "variance_epsilon", None) or norm.eps
 
 
 # ------------------------------------------------------------------------------------------------------------ prompt
