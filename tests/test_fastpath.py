@@ -60,8 +60,8 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
     assert len(plain_losses) == len(fast_losses) == 6
     torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(plain_losses), rtol=1e-4, atol=0)
     assert plain_losses[0] != plain_losses[-1], "the weights should have moved"
-    for name, weight in plain_weights.items():
-        torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=1e-6)
+    for name, weight in plain_weights.items():  # fp32 rounding apart (the patch embedding is a product, not a conv)
+        torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=3e-6)
 
     if arch == "qwen3_vl":  # the comparison above can tell a fast path that leaves the DeepStack features out
         monkeypatch.setattr(fastpath, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs))

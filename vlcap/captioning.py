@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,13 +89,28 @@ def model_inputs(processor, text: str, pictures: list, device: torch.device) -> 
             return_tensors="pt",
             **on_device,
         )
-    row = processor(text=[text], images=pictures[:1], return_tensors="pt")
+    row = _row(processor, text, pictures[0])
     stacked = _stacked(pictures)
     if on_device:
         stacked = stacked.pin_memory().to(device, non_blocking=True)
     pixels = processor.image_processor(images=list(stacked.contiguous()), return_tensors="pt", **on_device)
     rows = {k: v.expand(len(pictures), *v.shape[1:]).contiguous() for k, v in row.items() if k not in pixels}
     return BatchFeature({**rows, **pixels})
+
+
+_rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {(text, picture size): its row}
+
+
+def _row(processor, text: str, picture) -> dict:
+    """The processor's text tensors for one row of `text` with one picture of this picture's size: the same for every
+    picture of that size (the image tokens' count depends on the size alone), so worked out once per processor,
+    text and size (the processor's call, one picture included, took 2-8 ms of the CPU: bench/RESULTS.md run BF)."""
+    kept = _rows.setdefault(processor, {})
+    key = (text, _picture_size(picture))
+    if key not in kept:
+        row = processor(text=[text], images=[picture], return_tensors="pt")
+        kept[key] = {k: v for k, v in row.items() if k not in ("pixel_values", "image_grid_thw")}
+    return kept[key]
 
 
 def _stacked(pictures: list) -> torch.Tensor:
@@ -107,11 +123,10 @@ def _stacked(pictures: list) -> torch.Tensor:
     width, height, channels = _picture_size(pictures[0])
     out = numpy.empty((len(pictures), height, width, channels), dtype=numpy.uint8)
     for i, picture in enumerate(pictures):
-        out[i] = (
-            picture.permute(1, 2, 0)
-            if isinstance(picture, torch.Tensor)
-            else numpy.asarray(picture).reshape(out.shape[1:])
-        )
+        if isinstance(picture, torch.Tensor):
+            out[i] = picture.permute(1, 2, 0)
+        else:  # Pillow's bytes (its own packed copy), the fastest way out of it
+            out[i] = numpy.frombuffer(picture.tobytes(), dtype=numpy.uint8).reshape(out.shape[1:])
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 

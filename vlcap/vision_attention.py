@@ -61,7 +61,10 @@ def batched(model, patches: int | None, compiled: bool = False):
     full = set(getattr(tower, "fullatt_block_indexes", range(len(tower.blocks))))  # Qwen2.5-VL: the rest are windowed
     windows = _Windows()
     attentions = [block.attn for block in tower.blocks]
+    embeds = [tower.patch_embed] if _convolution_is_a_product(getattr(tower.patch_embed, "proj", None)) else []
     try:
+        for embed in embeds:
+            embed.forward = functools.partial(_patches_by_product, embed)
         if compiled:
             rotary = _family_turn(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
             for block, mlp in zip(tower.blocks, mlps):
@@ -75,10 +78,29 @@ def batched(model, patches: int | None, compiled: bool = False):
                 attention.forward = functools.partial(_windowed_attention, attention, rotary, windows)
         yield
     finally:
-        for module in (*attentions, *activations):
+        for module in (*attentions, *activations, *embeds):
             vars(module).pop("forward", None)  # the class's forward again
         for block, mlp in zip(tower.blocks, mlps):
             block.mlp = mlp
+
+
+def _convolution_is_a_product(conv) -> bool:
+    """Whether a convolution reads each patch once (kernel = stride, no padding, no groups): a matrix product."""
+    return (
+        isinstance(conv, torch.nn.Conv3d)
+        and tuple(conv.kernel_size) == tuple(conv.stride)
+        and not any(conv.padding)
+        and conv.groups == 1
+    )
+
+
+def _patches_by_product(embed, hidden_states):
+    """The families' patch embedding (a Conv3d whose kernel is its stride, over each patch's flattened pixels) as the
+    one matrix product it is: for 64 pictures on an H100 cuDNN ran the convolution in 3.2 ms, an fp32 kernel, the
+    product takes a fraction of a millisecond (bench/RESULTS.md, run BG). The same sums in another order."""
+    weight = embed.proj.weight
+    patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return torch.nn.functional.linear(patches, weight.flatten(1), embed.proj.bias)
 
 
 def _needs_gradient(x: torch.Tensor) -> bool:
