@@ -44,6 +44,15 @@ CHECKS = textwrap.dedent(
         pass
     x = torch.randn(3001) * 6
     torch.testing.assert_close(kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=1e-6, atol=1e-7)
+    # Residual sum + LayerNorm (bias or none) against torch's
+    norm = torch.nn.LayerNorm(80, eps=1e-6)
+    norm.weight.data, norm.bias.data = torch.randn(80), torch.randn(80)
+    hidden, delta = torch.randn(37, 80) * 4 + 2, torch.randn(37, 80)
+    added, normed = kernels.add_layer_norm(hidden, delta, norm.weight, norm.bias, 1e-6)
+    assert torch.equal(added, hidden + delta)
+    torch.testing.assert_close(normed, norm(hidden + delta))
+    plain = torch.nn.functional.layer_norm(hidden, (80,), norm.weight, None, 1e-6)
+    torch.testing.assert_close(kernels.add_layer_norm(hidden, None, norm.weight, None, 1e-6)[1], plain)
 
     # The tower with the kernels in place (as on a GPU where kernels.usable holds) against transformers' own tower
     model_dir, arch = sys.argv[1], sys.argv[2]
@@ -56,17 +65,17 @@ CHECKS = textwrap.dedent(
 
     def features(patches):
         with torch.no_grad(), vision_attention.batched(model, patches):
-            calls = []
-            for block in model.model.visual.blocks:
-                if "forward" in vars(getattr(block.mlp, "act", block.mlp)):
-                    calls.append(block)
+            blocks = model.model.visual.blocks
+            calls = [b for b in blocks if "forward" in vars(getattr(b.mlp, "act", b.mlp))]
+            fused_blocks = [b for b in blocks if "forward" in vars(b)]
             out = model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True)
-        return torch.cat(out.pooler_output), len(calls)
+        return torch.cat(out.pooler_output), len(calls), len(fused_blocks)
 
-    expected, _ = features(None)
+    expected, _, _ = features(None)
     kernels.usable = lambda device, dtype: True
-    got, activations = features(vision_attention.patches_per_image(grid))
+    got, activations, fused_blocks = features(vision_attention.patches_per_image(grid))
     assert activations == (len(model.model.visual.blocks) if arch == "qwen2_vl" else 0), activations
+    assert fused_blocks == len(model.model.visual.blocks), fused_blocks
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     print("kernels agree")
     """

@@ -31,10 +31,11 @@ import functools
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import QuickGELUActivation
 
 from vlcap import compat, kernels
-from vlcap.qwen import base_model
+from vlcap.qwen import base_model, rms_norm_eps
 
 
 def patches_per_image(image_grid_thw: torch.Tensor) -> int | None:
@@ -62,7 +63,12 @@ def batched(model, patches: int | None, compiled: bool = False):
     windows = _Windows()
     attentions = [block.attn for block in tower.blocks]
     embeds = [tower.patch_embed] if _convolution_is_a_product(getattr(tower.patch_embed, "proj", None)) else []
+    blocks = list(tower.blocks) if fused and all(_norms_known(b) for b in tower.blocks) else []
+    chain = _Chain()
     try:
+        for i, block in enumerate(blocks):  # each residual sum with the norm after it, in one kernel
+            following = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
+            block.forward = functools.partial(_fused_block, block, following, chain)
         for embed in embeds:
             embed.forward = functools.partial(_patches_by_product, embed)
         if compiled:
@@ -78,10 +84,57 @@ def batched(model, patches: int | None, compiled: bool = False):
                 attention.forward = functools.partial(_windowed_attention, attention, rotary, windows)
         yield
     finally:
-        for module in (*attentions, *activations, *embeds):
+        for module in (*attentions, *activations, *embeds, *blocks):
             vars(module).pop("forward", None)  # the class's forward again
         for block, mlp in zip(tower.blocks, mlps):
             block.mlp = mlp
+
+
+def _norms_known(block) -> bool:
+    """Whether a vision block's norms are torch's LayerNorm or the families' RMSNorm (Qwen2.5-VL), in the block's dtype."""
+    norms = (getattr(block, "norm1", None), getattr(block, "norm2", None))
+    return all(
+        isinstance(n, torch.nn.LayerNorm) or (hasattr(n, "variance_epsilon") and getattr(n, "bias", None) is None)
+        for n in norms
+    )
+
+
+def _add_norm(hidden, delta, norm):
+    """(hidden + delta, norm of that sum) by vlcap/kernels.py, for a LayerNorm or an RMSNorm."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return kernels.add_layer_norm(hidden, delta, norm.weight, norm.bias, norm.eps)
+    return kernels.add_rms_norm(hidden, delta, norm.weight, rms_norm_eps(norm))
+
+
+class _Chain:
+    """A block's output and the next block's first norm of it, made together by the block before (`_fused_block`)."""
+
+    def __init__(self):
+        self.hidden, self.normed = None, None
+
+    def take(self, hidden):
+        normed = self.normed if hidden is self.hidden else None
+        self.hidden, self.normed = None, None
+        return normed
+
+
+def _fused_block(block, following, chain, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """The families' vision block (`h + attn(norm1(h))`, then `h + mlp(norm2(h))`) with each residual sum fused with
+    the norm after it: norm2 in this block, the next block's norm1 (`following`) handed on by `chain`. For 64 pictures
+    the tower's 64 sums and 64 norms were 128 passes over a 65 MB tensor; here 64 (bench/RESULTS.md, run BH)."""
+    if _needs_gradient(hidden_states):
+        return type(block).forward(block, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    normed = chain.take(hidden_states)
+    if normed is None:
+        normed = _add_norm(hidden_states, None, block.norm1)[1]
+    attended = block.attn(normed, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+    hidden, normed = _add_norm(hidden_states, attended, block.norm2)
+    delta = block.mlp(normed)
+    if following is None:
+        return hidden + delta
+    hidden, chain.normed = _add_norm(hidden, delta, following)
+    chain.hidden = hidden
+    return hidden
 
 
 def _convolution_is_a_product(conv) -> bool:
@@ -171,8 +224,20 @@ def _attention(attention, rotary, patches: int, hidden_states, cu_seqlens, posit
     length, heads = hidden_states.shape[0], attention.num_heads
     q, k, v = _qkv(attention, rotary, hidden_states, position_embeddings)
     q, k, v = (t.reshape(length // patches, patches, heads, -1).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
+    with sdpa_kernel(_PICTURE_ATTENTION, set_priority=True):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)
     return attention.proj(out.transpose(1, 2).reshape(length, -1))
+
+
+# SDPA's backends in the order tried for the pictures' attention: cuDNN's first, which torch picks by itself only for
+# contiguous queries, keys and values (these are views of the qkv output): 0.37 -> 0.30 ms a block for 64 pictures on
+# an H100 (bench/RESULTS.md, run BG). Any backend that cannot take the call passes it on, down to the plain one.
+_PICTURE_ATTENTION = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 def _windowed_attention(attention, rotary, windows, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
