@@ -143,11 +143,8 @@ DECODING = textwrap.dedent(
     model, processor = qwen.load_model(model_dir, "cpu"), qwen.load_processor(model_dir)
     unit = qwen.image_unit(processor)
     rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 255, (2 * unit, (2 + i) * unit, 3), dtype=np.uint8)) for i in range(3)]
     text = qwen.prompt_text(processor, "COCO Yes:")
-    inputs = processor(text=[text] * 3, images=pictures, padding=True, padding_side="left", return_tensors="pt")
-    with torch.inference_mode():
-        expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert model.config._attn_implementation == "sdpa"
 
     def decoded(fused):  # the new tokens, and the last hidden state of every step (the prompt's, then each token's)
         kernels.usable_for_decoding = lambda device, dtype: fused
@@ -157,12 +154,18 @@ DECODING = textwrap.dedent(
         decoder._choose = lambda hidden: (states.append(hidden.clone()), choose(hidden))
         return decoder.decode(inputs), states
 
-    got, fused_states = decoded(True)
-    assert torch.equal(got[:, : expected.shape[1]], expected), (got, expected)
-    eager, eager_states = decoded(False)
-    assert torch.equal(got, eager) and len(fused_states) == len(eager_states) == 6
-    for fused_state, eager_state in zip(fused_states, eager_states):
-        torch.testing.assert_close(fused_state, eager_state, rtol=1e-4, atol=1e-5)
+    for sizes in ([2, 3, 4], [3, 3, 3]):  # rows padded (the prompt attends by the mask); none padded (causally)
+        pictures = [Image.fromarray(rng.integers(0, 255, (2 * unit, s * unit, 3), dtype=np.uint8)) for s in sizes]
+        inputs = processor(text=[text] * 3, images=pictures, padding=True, padding_side="left", return_tensors="pt")
+        assert bool(inputs["attention_mask"].all()) == (len(set(sizes)) == 1)
+        with torch.inference_mode():
+            expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        got, fused_states = decoded(True)
+        assert torch.equal(got[:, : expected.shape[1]], expected), (got, expected)
+        eager, eager_states = decoded(False)
+        assert torch.equal(got, eager) and len(fused_states) == len(eager_states) == 6
+        for fused_state, eager_state in zip(fused_states, eager_states):
+            torch.testing.assert_close(fused_state, eager_state, rtol=1e-4, atol=1e-5)
     print("decoding kernels agree")
     """
 )

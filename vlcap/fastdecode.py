@@ -114,6 +114,9 @@ class GreedyDecoder:
         # M-RoPE positions and the image tokens' places from the CPU copies (transformers' get_rope_index: on GPU
         # tensors it waits on the GPU per row), then everything to the GPU in one go without waiting.
         positions = _positions(self.model.model, inputs)
+        # No row padded (pictures of one size, as infer.py's batches are): the prompt attends causally over its own
+        # slots, which SDPA's flash kernel does without a mask (bench/RESULTS.md, run BI: 0.18 -> 0.03 ms a layer)
+        causal = self.step.sdpa and bool(inputs["attention_mask"].all())
         places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
         grid = inputs["image_grid_thw"]  # kept on the CPU: the tower's call reads it there, without waiting on the GPU
         device = self.slots.device
@@ -139,12 +142,12 @@ class GreedyDecoder:
         pictures = (inputs["pixel_values"],) if self.tower_inside else self._features(grid, inputs["pixel_values"])
         prompt = (input_ids, inputs["position_ids"], mask[:, None], places, *pictures)
         if not self.graphs:
-            return self._prompt(grid, *prompt)
-        key = ([t.shape for t in prompt], grid.tolist(), self.tower_inside)
+            return self._prompt(grid, causal, *prompt)
+        key = ([t.shape for t in prompt], grid.tolist(), self.tower_inside, causal)
         if self.prompt_graph is None or key != self.prompt_key:
             self.prompt_graph, self.vision_inputs = None, {}  # the old graph's memory first
             self.prompt_key, self.prompt_inputs = key, [t.clone() for t in prompt]
-            self.prompt_graph = _captured(lambda: self._prompt(grid, *self.prompt_inputs))  # ran once while captured
+            self.prompt_graph = _captured(lambda: self._prompt(grid, causal, *self.prompt_inputs))  # ran once, captured
             return
         for static, given in zip(self.prompt_inputs, prompt):
             static.copy_(given)
@@ -160,12 +163,14 @@ class GreedyDecoder:
             out = self.model.model.get_image_features(pixel_values.to(visual.dtype), grid, return_dict=True)
         return [_joined(out.pooler_output), *map(_joined, getattr(out, "deepstack_features", None) or ())]
 
-    def _prompt(self, grid, input_ids, position_ids, mask, places, *pictures) -> None:
+    def _prompt(self, grid, causal, input_ids, position_ids, mask, places, *pictures) -> None:
         """The prompt through the language model, the pictures' features in their image tokens' places (`pictures`:
-        the pixel values when the tower runs here, else its features); chooses the first token."""
+        the pixel values when the tower runs here, else its features); chooses the first token. `causal`: no row is
+        padded, and the prompt attends causally over its own slots (`mask` unused)."""
         levels = self._features(grid, *pictures) if self.tower_inside else pictures
         embeds = self.step.model.embed_tokens(input_ids)
         embeds = embeds.flatten(0, 1).index_copy(0, places, levels[0].to(embeds.dtype)).view_as(embeds)
+        mask = None if causal else mask
         hidden = self.step(embeds, position_ids, mask, self.slots[: embeds.shape[1]], places, levels[1:])
         self._choose(hidden[:, -1])
 
@@ -354,6 +359,7 @@ class LanguageModelStep:
         self.interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             first.config._attn_implementation, module.eager_attention_forward
         )
+        self.sdpa = first.config._attn_implementation == "sdpa"  # the prompt may then call SDPA itself (`_attend`)
         weight = language_model.embed_tokens.weight
         # On a GPU with Triton: the step's element-wise work in fused kernels (vlcap/kernels.py, `_fused_call`)
         self.fused = _plain_swiglu(language_model) and kernels.usable_for_decoding(weight.device, weight.dtype)
@@ -367,16 +373,16 @@ class LanguageModelStep:
 
     def __call__(self, hidden, position_ids, mask, slots, places=None, deepstack=()) -> torch.Tensor:
         """Hidden states after the final norm (rows x tokens x hidden) for the input embeddings `hidden` at
-        `position_ids` (3 x rows x tokens), attending to the cache slots `mask` (rows x 1 x tokens x slots) allows;
-        their keys and values go to `slots` (one a token). `deepstack`: features added after the first layers at
+        `position_ids` (3 x rows x tokens), attending to the cache slots `mask` (rows x 1 x tokens x slots) allows
+        (None: the tokens are the whole cache so far, and attend causally); their keys and values go to `slots` (one
+        a token). `deepstack`: features added after the first layers at
         `places` (flat indices of the image tokens)."""
         lm = self.model
         cos, sin = lm.rotary_emb(hidden, position_ids)
         if self.fused:
             return self._fused_call(hidden, cos, sin, mask, slots, places, deepstack)
         turn = _turning(cos[:, None], sin[:, None])  # rows x 1 (heads) x tokens x head_dim
-        # The mask as the additive one SDPA makes of a boolean mask, once, not in every layer.
-        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        additive = _additive(mask, hidden.dtype)
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(lm.layers):
             attention = self.attention[i]
@@ -390,14 +396,28 @@ class LanguageModelStep:
             qk = turn(qk)
             self.keys[i].index_copy_(2, slots, qk[:, heads:])
             self.values[i].index_copy_(2, slots, qkv[:, -kv:])
-            out, _ = self.interface(
-                attention, qk[:, :heads], self.keys[i], self.values[i], mask, dropout=0.0, scaling=attention.scaling
-            )
+            out = self._attend(attention, qk[:, :heads], self.keys[i], self.values[i], additive)
             hidden = hidden + attention.o_proj(out.reshape(rows, tokens, -1))
             hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
             if i < len(deepstack):
                 hidden = hidden.flatten(0, 1).index_add(0, places, deepstack[i].to(hidden.dtype)).view_as(hidden)
         return rms_norm(lm.norm, hidden)
+
+    def _attend(self, attention, q, keys, values, additive) -> torch.Tensor:
+        """The attention of queries (rows x heads x tokens x head_dim) to the cache, rows x tokens x heads x head_dim:
+        by transformers' attention function as configured, with the additive mask; without one (the prompt of rows
+        without padding), causal over the cache's first slots, by SDPA's own causal kernels."""
+        if additive is None:
+            tokens = q.shape[2]
+            return F.scaled_dot_product_attention(
+                q,
+                keys[:, :, :tokens],
+                values[:, :, :tokens],
+                is_causal=True,
+                scale=attention.scaling,
+                enable_gqa=self.heads != self.kv_heads,
+            ).transpose(1, 2)
+        return self.interface(attention, q, keys, values, additive, dropout=0.0, scaling=attention.scaling)[0]
 
     def _fused_call(self, hidden, cos, sin, mask, slots, places, deepstack) -> torch.Tensor:
         """`__call__` in vlcap/kernels.py's fused kernels: each residual sum with the norm after it, the rotary
@@ -407,10 +427,7 @@ class LanguageModelStep:
         the new token's attention, which round as such kernels do (bench/RESULTS.md, run BE)."""
         lm, layers = self.model, self.model.layers
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
-        if tokens > 1:  # the prompt: transformers' attention function, the mask additive once
-            additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill_(
-                ~mask, float("-inf")
-            )
+        additive = _additive(mask, hidden.dtype) if tokens > 1 else None
         hidden, x = kernels.add_rms_norm(hidden, None, *_norm(layers[0].input_layernorm))
         for i, layer in enumerate(layers):
             attention, keys, values = self.attention[i], self.keys[i], self.values[i]
@@ -422,7 +439,7 @@ class LanguageModelStep:
             if tokens == 1:
                 out = kernels.decode_attention(q, keys, values, mask[:, 0, 0], attention.scaling)
             else:
-                out, _ = self.interface(attention, q, keys, values, additive, dropout=0.0, scaling=attention.scaling)
+                out = self._attend(attention, q, keys, values, additive)
             hidden, x = kernels.add_rms_norm(
                 hidden, attention.o_proj(out.reshape(rows, tokens, -1)), *_norm(layer.post_attention_layernorm)
             )
@@ -435,6 +452,13 @@ class LanguageModelStep:
             else:
                 hidden, x = kernels.add_rms_norm(hidden, delta, *following)
         return x
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the additive one SDPA makes of it, once for all the layers, not in every layer."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _norm(norm) -> tuple:
