@@ -152,6 +152,29 @@ def test_the_towers_grid_only_inputs_are_computed_once_per_grid(family_captioner
 
 @needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
+def test_the_prompts_pass_gives_the_models_own_next_token_logits(family_captioner, pictures, arch):
+    """Rows padded (the prompt attends by the mask) and rows of one size (causally, over the cache's first slots)."""
+    model, processor, _ = family_captioner(arch)
+    same = [p.resize((56, 56)) for p in (pictures[0], pictures[2], pictures[4])]
+    for batch, padded in ((pictures, True), (same, False)):
+        inputs = processor_inputs(processor, batch)
+        assert bool((inputs["attention_mask"] == 0).any()) == padded
+        with torch.inference_mode():
+            expected = model(**inputs).logits[:, -1].float()
+        torch.testing.assert_close(first_logits(model, inputs), expected, rtol=1e-4, atol=1e-4)
+
+
+def first_logits(model, inputs) -> torch.Tensor:
+    """The logits the fast loop chooses the first new token from."""
+    decoder = fastdecode.GreedyDecoder(model, len(inputs["input_ids"]), inputs["input_ids"].shape[1], 2, graphs=False)
+    logits, choose = [], decoder._choose
+    decoder._choose = lambda hidden: (logits.append(decoder.model.lm_head(hidden).float()), choose(hidden))
+    decoder.decode(inputs)
+    return logits[0]
+
+
+@needs_fast_paths
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_positions_of_rows_alike_are_worked_out_once_and_equal_the_familys(family_captioner, pictures, arch):
     model, processor, _ = family_captioner(arch)
     inner, text = model.model, qwen.prompt_text(processor, "COCO Yes:")
