@@ -182,7 +182,7 @@ def test_the_captioning_loops_kernels_give_generates_tokens(tiny_models, arch):
 
 
 def test_where_the_kernels_cannot_be_checked_they_are_off_with_a_note(capsys):
-    """No CUDA GPU here: the check fails, says why in one line, and the tower keeps its eager code."""
+    """No CUDA GPU here: each check fails, says why in one line, and the eager code runs (tower and captioning loop)."""
     import torch
 
     from vlcap import kernels
@@ -191,3 +191,7 @@ def test_where_the_kernels_cannot_be_checked_they_are_off_with_a_note(capsys):
     assert not kernels._checked(0, torch.bfloat16)
     out = capsys.readouterr().out
     assert out.startswith("note: the vision tower's fused kernels are off: ") and out.count("\n") == 1
+    assert not kernels.usable_for_decoding(torch.device("cpu"), torch.float32)
+    assert not kernels._decoding_checked(0, torch.bfloat16)
+    out = capsys.readouterr().out
+    assert out.startswith("note: the captioning loop's fused kernels are off: ") and out.count("\n") == 1

@@ -115,7 +115,7 @@ class GreedyDecoder:
         # tensors it waits on the GPU per row), then everything to the GPU in one go without waiting.
         positions = _positions(self.model.model, inputs)
         # No row padded (pictures of one size, as infer.py's batches are): the prompt attends causally over its own
-        # slots, which SDPA's flash kernel does without a mask (bench/RESULTS.md, run BI: 0.18 -> 0.03 ms a layer)
+        # slots, which SDPA's flash kernel does without a mask (bench/RESULTS.md, run BJ: 0.18 -> 0.03 ms a layer)
         causal = self.step.sdpa and bool(inputs["attention_mask"].all())
         places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
         grid = inputs["image_grid_thw"]  # kept on the CPU: the tower's call reads it there, without waiting on the GPU
@@ -344,8 +344,10 @@ class LanguageModelStep:
     `_turning`); the mask is made additive once, not by SDPA in every layer; keys and values are written
     straight into the cache at their slots; Qwen3-VL's DeepStack features are added at the image tokens' places by
     index (the family's forward selects them by a boolean mask, which waits on the GPU). Positions, the cos/sin tables,
-    the attention function (transformers' own, as configured) and the MLP are the family's. tests/test_fastdecode.py
-    checks the captions against `generate` token for token.
+    the attention function (transformers' own, as configured) and the MLP are the family's; a prompt whose rows are
+    not padded attends causally by SDPA's own causal kernel instead of a mask over every slot. On a GPU with Triton the
+    element-wise work runs in vlcap/kernels.py's fused kernels (`_fused_call`). tests/test_fastdecode.py checks the
+    captions against `generate` token for token, and the first logits against the model's own forward.
     """
 
     def __init__(self, language_model, batch: int, max_len: int):
@@ -424,7 +426,7 @@ class LanguageModelStep:
         embedding with the cache writes, SwiGLU's silu and product, and a new token's attention (grouped-query heads
         reading the cache once, where SDPA with a mask repeats the keys and values for every head). Per layer and
         token about ten kernels instead of about twenty; the same arithmetic but for the norms' sums of squares and
-        the new token's attention, which round as such kernels do (bench/RESULTS.md, run BE)."""
+        the new token's attention, which round as such kernels do (bench/RESULTS.md, run BF)."""
         lm, layers = self.model, self.model.layers
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         additive = _additive(mask, hidden.dtype) if tokens > 1 else None

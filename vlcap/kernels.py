@@ -1,23 +1,36 @@
-"""The vision tower's element-wise work as fused GPU kernels (Triton), bit for bit what the eager code computes.
+"""Fused GPU kernels (Triton) for the element-wise work of captioning: the vision tower's and the language model's.
 
-    if kernels.usable(device, dtype):
+    if kernels.usable(device, dtype):                   # the tower's, bit for bit the eager code
         qk = kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)   # the rotary embedding of queries and keys
         y = kernels.quick_gelu(x)                                     # Qwen2-VL's activation: x * sigmoid(1.702 x)
+        h, normed = kernels.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)   # residual sum + norm
+    if kernels.usable_for_decoding(device, dtype):      # fastdecode's language-model step
+        h, normed = kernels.add_rms_norm(h, delta, norm.weight, eps)
+        q = kernels.turn_into_cache(qkv, cos, sin, keys, values, slots, heads)   # rotary + cache writes
+        out = kernels.decode_attention(q, keys, values, valid, scale)            # one new token, grouped heads
+        y = kernels.silu_mul(gate, up)                                            # SwiGLU
 
 For 64 pictures the tower turns 33 million query and key values a block in fp32 and runs its activation over 131 million:
 memory-bound work that eager PyTorch does in several passes, each reading and writing the whole tensor (the rotary in
 four, vision_attention.turned_queries_and_keys; the activation in three). Each kernel here reads its input once and
 writes its output once, doing the same arithmetic in the same order with the same roundings: products rounded before
-they are summed (no fused multiply-add), PyTorch's sigmoid (1 / (1 + expf(-x)) with CUDA's accurate expf and an IEEE
-division), a rounding to the tensor's dtype wherever the eager code stores one. One H100, 64 pictures of 280x280
-(bench/tower_kernels.py, bench/RESULTS.md run BB): the rotary 0.97 -> 0.20 ms a block (transformers' own: 1.62), the
-activation 0.64 -> 0.35 ms; the tower 125 -> 88 ms.
+they are summed (no fused multiply-add), PyTorch's sigmoid and silu (x / (1 + expf(-x)) with CUDA's accurate expf and an
+IEEE division), a rounding to the tensor's dtype wherever the eager code stores one. One H100, 64 pictures of 280x280
+(bench/tower_kernels.py, bench/RESULTS.md runs BB, BK): the rotary 0.97 -> 0.17-0.20 ms a block (transformers' own:
+1.60), the activation 0.63 -> 0.25 ms. The norms (a residual sum with the norm after it) sum their squares in another
+order than torch's kernels: equal to rounding, as torch's own fused norms are.
 
-Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): 1.7-2.6 s
-on an H100 the first time (runs BB, BC), a fraction of a second in a later process. `usable` checks the kernels once
-per process and dtype against transformers' own code, bit for bit, before anything uses them; where Triton is missing,
-the device is not a CUDA GPU, or compiling or that check fails, it says so once and the tower runs its eager code (the
-same results, slower).
+A new caption token is ~20 small kernels a layer in eager PyTorch, each a few microseconds at 64 rows (bench/RESULTS.md
+run AQ); with these, ten (two norms, the rotary with the cache writes, the attention, SwiGLU, five matrix products):
+2.4 ms a token for 64 rows where it was 3.2 (run BF). The attention reads each row's cached keys and values once for
+all the query heads that share them, where SDPA with a mask repeats them per head.
+
+Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): ~2 s on
+an H100 the first time (runs BB, BC, BK), a fraction of a second in a later process. `usable` and
+`usable_for_decoding` check the kernels once per process and dtype against transformers' own code (bit for bit where
+the arithmetic is the same, to the dtype's rounding for the norms and the attention) before anything uses them; where
+Triton is missing, the device is not a CUDA GPU, or compiling or a check fails, each says so once and the eager code
+runs (the same results, slower).
 """
 
 from __future__ import annotations

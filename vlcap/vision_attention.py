@@ -13,8 +13,11 @@ captioning use it.
 
 Its element-wise work: the rotary embedding of queries and keys runs in four passes over both together
 (`turned_queries_and_keys`, where transformers' function makes fourteen, seven per tensor), bit for bit the family's;
-on a CUDA GPU with Triton, in one fused kernel, and Qwen2-VL's QuickGELU activation in another (vlcap/kernels.py, bit
-for bit the eager code's, checked on the GPU before use): for 64 pictures on one H100 the tower took 125 -> 88 ms.
+on a CUDA GPU with Triton, in one fused kernel, Qwen2-VL's QuickGELU activation in another (vlcap/kernels.py, bit for
+bit the eager code's, checked on the GPU before use), and each residual sum with the norm after it in a third
+(`_fused_block`; equal to rounding): for 64 pictures on one H100 the tower took 125 -> 88 ms with the first two. Also
+here, on any device: the patch embedding (a convolution whose kernel is its stride) as the matrix product it is, and
+the pictures' attention trying cuDNN's SDPA kernel first.
 `compiled=True` instead hands the family's rotary function and each block's MLP to torch.compile, which fuses their
 element-wise work into a few kernels: 1.37x the eager tower on an H200 (bench/RESULTS.md, before the kernels), for ~7 s
 of compiling in a fresh process, so training's encoding turns it on only for many pictures
@@ -121,7 +124,7 @@ class _Chain:
 def _fused_block(block, following, chain, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     """The families' vision block (`h + attn(norm1(h))`, then `h + mlp(norm2(h))`) with each residual sum fused with
     the norm after it: norm2 in this block, the next block's norm1 (`following`) handed on by `chain`. For 64 pictures
-    the tower's 64 sums and 64 norms were 128 passes over a 65 MB tensor; here 64 (bench/RESULTS.md, run BH)."""
+    the tower's 64 sums and 64 norms were 128 passes over a 65 MB tensor; here 64 (bench/RESULTS.md, run BI)."""
     if _needs_gradient(hidden_states):
         return type(block).forward(block, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     normed = chain.take(hidden_states)
@@ -150,7 +153,7 @@ def _convolution_is_a_product(conv) -> bool:
 def _patches_by_product(embed, hidden_states):
     """The families' patch embedding (a Conv3d whose kernel is its stride, over each patch's flattened pixels) as the
     one matrix product it is: for 64 pictures on an H100 cuDNN ran the convolution in 3.2 ms, an fp32 kernel, the
-    product takes a fraction of a millisecond (bench/RESULTS.md, run BG). The same sums in another order."""
+    product takes a fraction of a millisecond (bench/RESULTS.md, run BF). The same sums in another order."""
     weight = embed.proj.weight
     patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
     return torch.nn.functional.linear(patches, weight.flatten(1), embed.proj.bias)
