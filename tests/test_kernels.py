@@ -85,11 +85,15 @@ CHECKS = textwrap.dedent(
 @needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_the_towers_kernels_compute_what_the_eager_code_does(tiny_models, arch):
+    interpreted(CHECKS, str(tiny_models[arch]), arch, says="kernels agree")
+
+
+def interpreted(script: str, *args: str, says: str) -> None:
+    """Runs `script` with Triton's CPU interpreter (TRITON_INTERPRET is read when Triton is imported: a fresh process),
+    and checks that it printed `says`."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECKS, str(tiny_models[arch]), arch], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0 and "kernels agree" in done.stdout, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and says in done.stdout, done.stderr[-3000:]
 
 
 DECODING = textwrap.dedent(
@@ -174,11 +178,7 @@ DECODING = textwrap.dedent(
 @needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_the_captioning_loops_kernels_give_generates_tokens(tiny_models, arch):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", DECODING, str(tiny_models[arch])], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0 and "decoding kernels agree" in done.stdout, done.stderr[-3000:]
+    interpreted(DECODING, str(tiny_models[arch]), says="decoding kernels agree")
 
 
 def test_where_the_kernels_cannot_be_checked_they_are_off_with_a_note(capsys):
@@ -188,10 +188,10 @@ def test_where_the_kernels_cannot_be_checked_they_are_off_with_a_note(capsys):
     from vlcap import kernels
 
     assert not kernels.usable(torch.device("cpu"), torch.float32)
-    assert not kernels._checked(0, torch.bfloat16)
+    assert not kernels._checked("tower", 0, torch.bfloat16)
     out = capsys.readouterr().out
     assert out.startswith("note: the vision tower's fused kernels are off: ") and out.count("\n") == 1
     assert not kernels.usable_for_decoding(torch.device("cpu"), torch.float32)
-    assert not kernels._decoding_checked(0, torch.bfloat16)
+    assert not kernels._checked("decoding", 0, torch.bfloat16)
     out = capsys.readouterr().out
     assert out.startswith("note: the captioning loop's fused kernels are off: ") and out.count("\n") == 1

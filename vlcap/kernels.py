@@ -58,30 +58,90 @@ ELEMENTWISE_WARPS = 8
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the tower may use these kernels for tensors of `dtype` on `device`: Triton, a CUDA GPU, and the kernels'
     results equal to the eager code's there (checked on the first call for each device and dtype)."""
-    return triton is not None and device.type == "cuda" and _checked(device.index or 0, dtype)
+    return triton is not None and device.type == "cuda" and _checked("tower", device.index or 0, dtype)
+
+
+def usable_for_decoding(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fastdecode's language-model step may use the decoding kernels for `dtype` on `device` (checked on the
+    first call for each device and dtype against transformers' own code: the rotary embedding and SwiGLU bit for bit,
+    the norm and the attention to the dtype's rounding)."""
+    return triton is not None and device.type == "cuda" and _checked("decoding", device.index or 0, dtype)
 
 
 @functools.cache
-def _checked(index: int, dtype: torch.dtype) -> bool:
-    from transformers.activations import QuickGELUActivation
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision  # the families' formula
-
+def _checked(kernels: str, index: int, dtype: torch.dtype) -> bool:
+    """Runs the check of the "tower" or "decoding" kernels once per device and dtype; a failure says why in one line."""
+    whose, check = {
+        "tower": ("the vision tower's", _check_tower),
+        "decoding": ("the captioning loop's", _check_decoding),
+    }[kernels]
     device = torch.device("cuda", index)
     try:
         generator = torch.Generator(device).manual_seed(0)
-        x = torch.randn(1 << 16, device=device, generator=generator).mul_(6).to(dtype)
-        if not torch.equal(quick_gelu(x), QuickGELUActivation()(x)):
-            raise ArithmeticError(f"the activation differs from the eager code's in {dtype}")
-        qkv = torch.randn(97, 3, 4, 80, device=device, generator=generator).mul_(3).to(dtype)
-        angles = torch.randn(97, 40, device=device, generator=generator).mul_(20)
-        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        eager = torch.stack(apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin), dim=1)
-        if not torch.equal(turned_queries_and_keys(qkv[:, :2], cos, sin), eager):
-            raise ArithmeticError(f"the rotary embedding differs from the eager code's in {dtype}")
+
+        def randn(*size, scale=1.0):
+            return torch.randn(*size, device=device, generator=generator).mul_(scale).to(dtype)
+
+        check(randn)
     except Exception as e:  # Triton's failures take many forms (no compiler for this GPU, an unsupported operation)
-        print(f"note: the vision tower's fused kernels are off: {cli.error_text(e)}")
+        print(f"note: {whose} fused kernels are off: {cli.error_text(e)}")
         return False
     return True
+
+
+def _same(got, expected, what: str) -> None:
+    if not torch.equal(got, expected):
+        raise ArithmeticError(f"{what} differs from the eager code's in {got.dtype}")
+
+
+def _check_tower(randn) -> None:
+    from transformers.activations import QuickGELUActivation
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision  # the families' formula
+
+    x = randn(1 << 16, scale=6)
+    _same(quick_gelu(x), QuickGELUActivation()(x), "the activation")
+    qkv = randn(97, 3, 4, 80, scale=3)
+    angles = randn(97, 40, scale=20).float()
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    eager = torch.stack(apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin), dim=1)
+    _same(turned_queries_and_keys(qkv[:, :2], cos, sin), eager, "the rotary embedding")
+    norm = torch.nn.LayerNorm(1280, eps=1e-6).to(x.device, x.dtype)
+    norm.weight.data, norm.bias.data = randn(1280), randn(1280)
+    hidden, delta = randn(37, 1280, scale=4), randn(37, 1280)
+    added, normed = add_layer_norm(hidden, delta, norm.weight, norm.bias, norm.eps)
+    _same(added, hidden + delta, "the residual sum")
+    torch.testing.assert_close(normed, norm(hidden + delta))
+
+
+def _check_decoding(randn) -> None:
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+    gate, up = randn(37, 900, scale=6), randn(37, 900, scale=3)
+    _same(silu_mul(gate, up), torch.nn.functional.silu(gate) * up, "SwiGLU")
+    rows, tokens, heads, kv, dim, slots = 3, 5, 6, 2, 128, 16
+    qkv = randn(rows, tokens, heads + 2 * kv, dim, scale=3)
+    cos, sin = randn(rows, tokens, dim), randn(rows, tokens, dim)
+    keys, values = torch.zeros(2, rows, kv, slots, dim, dtype=qkv.dtype, device=qkv.device)
+    q = turn_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens, device=qkv.device), heads)
+    q_eager, k_eager = apply_rotary_pos_emb(
+        qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
+    )
+    _same(q, q_eager, "the rotary embedding")
+    _same(keys[:, :, 4:9], k_eager, "the cache's keys")
+    _same(values[:, :, 4:9], qkv[:, :, -kv:].transpose(1, 2), "the cache's values")
+    norm = Qwen2RMSNorm(700, eps=1e-6).to(qkv.device, qkv.dtype)
+    norm.weight.data = randn(700)
+    hidden, delta = randn(37, 700, scale=4), randn(37, 700)
+    added, normed = add_rms_norm(hidden, delta, norm.weight, 1e-6)
+    _same(added, hidden + delta, "the residual sum")
+    torch.testing.assert_close(normed, norm(hidden + delta))
+    valid = randn(rows, slots) > -0.5
+    valid[:, 0] = True
+    attended = decode_attention(q[:, :, :1], keys, values, valid, dim**-0.5)
+    eager = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :1], keys, values, attn_mask=valid[:, None, None, :], scale=dim**-0.5, enable_gqa=True
+    )
+    torch.testing.assert_close(attended, eager.transpose(1, 2).reshape(rows, 1, heads * dim), rtol=1e-2, atol=1e-2)
 
 
 def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,95 +187,26 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the language model
-def usable_for_decoding(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether fastdecode's language-model step may use the decoding kernels below for `dtype` on `device` (checked on
-    the first call for each device and dtype against transformers' own code: the rotary embedding and SwiGLU bit for
-    bit, the norm and the attention to the dtype's rounding)."""
-    return triton is not None and device.type == "cuda" and _decoding_checked(device.index or 0, dtype)
-
-
-@functools.cache
-def _decoding_checked(index: int, dtype: torch.dtype) -> bool:
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
-
-    device = torch.device("cuda", index)
-    try:
-        generator = torch.Generator(device).manual_seed(0)
-
-        def randn(*size, scale=1.0):
-            return torch.randn(*size, device=device, generator=generator).mul_(scale).to(dtype)
-
-        gate, up = randn(37, 900, scale=6), randn(37, 900, scale=3)
-        if not torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up):
-            raise ArithmeticError(f"SwiGLU differs from the eager code's in {dtype}")
-        rows, tokens, heads, kv, dim, slots = 3, 5, 6, 2, 128, 16
-        qkv = randn(rows, tokens, heads + 2 * kv, dim, scale=3)
-        cos, sin = randn(rows, tokens, dim), randn(rows, tokens, dim)
-        keys, values = torch.zeros(2, rows, kv, slots, dim, dtype=dtype, device=device)
-        place = torch.arange(4, 4 + tokens, device=device)
-        q = turn_into_cache(qkv, cos, sin, keys, values, place, heads)
-        q_eager, k_eager = apply_rotary_pos_emb(
-            qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
-        )
-        if not (
-            torch.equal(q, q_eager)
-            and torch.equal(keys[:, :, 4:9], k_eager)
-            and torch.equal(values[:, :, 4:9], qkv[:, :, -kv:].transpose(1, 2))
-        ):
-            raise ArithmeticError(f"the rotary embedding or the cache write differs from the eager code's in {dtype}")
-        norm = Qwen2RMSNorm(700, eps=1e-6).to(device, dtype)
-        norm.weight.data = randn(700)
-        hidden, delta = randn(37, 700, scale=4), randn(37, 700)
-        added, normed = add_rms_norm(hidden, delta, norm.weight, 1e-6)
-        if not torch.equal(added, hidden + delta):
-            raise ArithmeticError(f"the residual sum differs from the eager code's in {dtype}")
-        torch.testing.assert_close(normed, norm(hidden + delta))
-        valid = torch.rand(rows, slots, device=device, generator=generator) > 0.3
-        valid[:, 0] = True
-        attended = decode_attention(q[:, :, :1], keys, values, valid, dim**-0.5)
-        mask = valid[:, None, None, :]
-        eager = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, :1], keys, values, attn_mask=mask, scale=dim**-0.5, enable_gqa=True
-        )
-        torch.testing.assert_close(attended, eager.transpose(1, 2).reshape(rows, 1, heads * dim), rtol=1e-2, atol=1e-2)
-    except Exception as e:  # Triton's failures take many forms (no compiler for this GPU, an unsupported operation)
-        print(f"note: the captioning loop's fused kernels are off: {cli.error_text(e)}")
-        return False
-    return True
-
-
 def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(hidden + delta, the family's RMSNorm of that sum), in one pass: the sum rounded to hidden's dtype as torch's
     addition rounds it, then normalised in fp32, rounded, and times the weight (rounded), as the families' RMSNorm
     module computes (the sum of squares in another order). `delta` None: (hidden, its norm)."""
-    width = hidden.shape[-1]
-    hidden = hidden.contiguous()
-    added = torch.empty_like(hidden) if delta is not None else hidden
-    normed = torch.empty_like(hidden)
-    _add_rms_norm[(hidden.numel() // width,)](
-        hidden,
-        delta.contiguous() if delta is not None else hidden,
-        weight,
-        added,
-        normed,
-        width,
-        eps,
-        HAS_DELTA=delta is not None,
-        BLOCK=triton.next_power_of_2(width),
-        enable_fp_fusion=False,
-    )
-    return added, normed
+    return _add_norm(hidden, delta, weight, None, eps, rms=True)
 
 
 def add_layer_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight, bias, eps: float):
     """(hidden + delta, torch's LayerNorm of that sum), in one pass: the sum rounded to hidden's dtype as torch's
     addition rounds it; mean and variance in fp32 (summed in another order than torch's Welford kernel: equal to
     rounding). `delta` None: (hidden, its norm)."""
+    return _add_norm(hidden, delta, weight, bias, eps, rms=False)
+
+
+def _add_norm(hidden, delta, weight, bias, eps: float, rms: bool):
     width = hidden.shape[-1]
     hidden = hidden.contiguous()
     added = torch.empty_like(hidden) if delta is not None else hidden
     normed = torch.empty_like(hidden)
-    _add_layer_norm[(hidden.numel() // width,)](
+    _add_norm_kernel[(hidden.numel() // width,)](
         hidden,
         delta.contiguous() if delta is not None else hidden,
         weight,
@@ -226,6 +217,7 @@ def add_layer_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight, bia
         eps,
         HAS_DELTA=delta is not None,
         HAS_BIAS=bias is not None,
+        RMS=rms,
         BLOCK=triton.next_power_of_2(width),
         enable_fp_fusion=False,
     )
@@ -367,22 +359,6 @@ if triton is not None:
         gate = tl.math.div_rn(tl.full(scaled.shape, 1.0, tl.float32), 1.0 + e).to(given.dtype).to(tl.float32)
         tl.store(out + i, (x * gate).to(given.dtype), mask=inside)
 
-    @triton.jit(do_not_specialize=["width", "eps"])
-    def _add_rms_norm(hidden, delta, weight, added, normed, width, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64) * width
-        col = tl.arange(0, BLOCK)
-        inside = col < width
-        x = tl.load(hidden + row + col, mask=inside, other=0.0)
-        if HAS_DELTA:
-            d = tl.load(delta + row + col, mask=inside, other=0.0)
-            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
-            tl.store(added + row + col, x, mask=inside)
-        xf = x.to(tl.float32)
-        scale = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / width + eps)
-        y = (xf * scale).to(x.dtype).to(tl.float32)
-        w = tl.load(weight + col, mask=inside, other=0.0).to(tl.float32)
-        tl.store(normed + row + col, (w * y).to(x.dtype), mask=inside)
-
     @triton.jit(do_not_specialize=["tokens"])
     def _turn_into_cache(
         qkv,
@@ -492,7 +468,7 @@ if triton is not None:
         tl.store(out + i, (silu * u).to(given.dtype), mask=inside)
 
     @triton.jit(do_not_specialize=["width", "eps"])
-    def _add_layer_norm(
+    def _add_norm_kernel(
         hidden,
         delta,
         weight,
@@ -503,21 +479,25 @@ if triton is not None:
         eps,
         HAS_DELTA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        RMS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64) * width
         col = tl.arange(0, BLOCK)
         inside = col < width
         x = tl.load(hidden + row + col, mask=inside, other=0.0)
-        if HAS_DELTA:
+        if HAS_DELTA:  # the residual sum, rounded to the dtype as torch's addition stores it
             d = tl.load(delta + row + col, mask=inside, other=0.0)
             x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
             tl.store(added + row + col, x, mask=inside)
         xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=0) / width
-        centered = tl.where(inside, xf - mean, 0.0)
-        scale = 1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=0) / width + eps)
-        y = centered * scale * tl.load(weight + col, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(weight + col, mask=inside, other=0.0).to(tl.float32)
+        if RMS:  # the families' RMSNorm: normalised in fp32, rounded to the dtype, then times the weight
+            scale = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / width + eps)
+            y = w * (xf * scale).to(x.dtype).to(tl.float32)
+        else:  # torch's LayerNorm: all in fp32
+            centered = tl.where(inside, xf - tl.sum(xf, axis=0) / width, 0.0)
+            y = centered * (1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=0) / width + eps)) * w
         if HAS_BIAS:
             y = y + tl.load(bias + col, mask=inside, other=0.0).to(tl.float32)
         tl.store(normed + row + col, y.to(x.dtype), mask=inside)
