@@ -216,9 +216,8 @@ def _positions(inner, inputs: dict) -> torch.Tensor:
     alike = rows > 1 and len(grid) % rows == 0 and all(bool((t == t[:1]).all()) for t in (ids, kinds, mask, grid))
     if not alike:
         return inner.get_rope_index(ids, kinds, image_grid_thw=grid, attention_mask=mask)[0]
-    first = inner.get_rope_index(ids[:1], kinds[:1], image_grid_thw=grid[: len(grid) // rows], attention_mask=mask[:1])[
-        0
-    ]
+    pictures = len(grid) // rows  # of each row
+    first, _ = inner.get_rope_index(ids[:1], kinds[:1], image_grid_thw=grid[:pictures], attention_mask=mask[:1])
     return first.expand(-1, rows, -1).contiguous()
 
 
@@ -377,8 +376,7 @@ class LanguageModelStep:
         """Hidden states after the final norm (rows x tokens x hidden) for the input embeddings `hidden` at
         `position_ids` (3 x rows x tokens), attending to the cache slots `mask` (rows x 1 x tokens x slots) allows
         (None: the tokens are the whole cache so far, and attend causally); their keys and values go to `slots` (one
-        a token). `deepstack`: features added after the first layers at
-        `places` (flat indices of the image tokens)."""
+        a token). `deepstack`: features added after the first layers at `places` (flat indices of the image tokens)."""
         lm = self.model
         cos, sin = lm.rotary_emb(hidden, position_ids)
         if self.fused:

@@ -94,7 +94,7 @@ def batched(model, patches: int | None, compiled: bool = False):
 
 
 def _norms_known(block) -> bool:
-    """Whether a vision block's norms are torch's LayerNorm or the families' RMSNorm (Qwen2.5-VL), in the block's dtype."""
+    """Whether a vision block's norms are torch's LayerNorm or the families' RMSNorm (Qwen2.5-VL): what `_add_norm` takes."""
     norms = (getattr(block, "norm1", None), getattr(block, "norm2", None))
     return all(
         isinstance(n, torch.nn.LayerNorm) or (hasattr(n, "variance_epsilon") and getattr(n, "bias", None) is None)
