@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from vlcap import cli, kernels, vision_attention
-from vlcap.qwen import base_model, rms_norm, transformers_class
+from vlcap.qwen import base_model, forwards_replaced, is_rms_norm, rms_norm, transformers_class
 
 
 # ------------------------------------------------------------------------------------------------------- encode once
@@ -778,24 +778,9 @@ def fused_rms_norms(model, active: bool = True):
     `qwen.rms_norm`: torch's fused kernel, where the module's forward is six element-wise passes and its backward about
     ten, each a kernel the graphs replay (a training step has 57 of these norms)."""
     language_model = base_model(model).model.language_model
-    norms = [m for m in language_model.modules() if _is_rms_norm(m)] if active else []
-    try:
-        for norm in norms:
-            norm.forward = functools.partial(rms_norm, norm)
+    norms = [m for m in language_model.modules() if is_rms_norm(m)] if active else []
+    with forwards_replaced({norm: functools.partial(rms_norm, norm) for norm in norms}):
         yield
-    finally:
-        for norm in norms:
-            vars(norm).pop("forward", None)
-
-
-def _is_rms_norm(module) -> bool:
-    """One of the families' RMSNorm modules, whose forward `qwen.rms_norm` computes (a weight, `variance_epsilon`)."""
-    return (
-        type(module).__name__.endswith("RMSNorm")
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and isinstance(getattr(module, "variance_epsilon", None), float)
-        and "forward" not in vars(module)
-    )
 
 
 def lora_inputs_as_given(model, active: bool):
@@ -819,13 +804,10 @@ def lora_sum_in_product(model, active: bool = True):
     from peft.tuners.lora import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear) and _plain_lora(m)] if active else []
-    try:
-        for layer in layers:
-            layer.forward = functools.partial(_lora_forward, layer, layer.active_adapters[0])
+    with forwards_replaced(
+        {layer: functools.partial(_lora_forward, layer, layer.active_adapters[0]) for layer in layers}
+    ):
         yield
-    finally:
-        for layer in layers:
-            vars(layer).pop("forward", None)
 
 
 def _plain_lora(layer) -> bool:

@@ -15,6 +15,7 @@ vision-language models are part of transformers, and remote code would run whate
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,6 +211,30 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 def rms_norm_eps(norm) -> float:
     """The epsilon of a family's RMSNorm module (Qwen2's call it variance_epsilon, Qwen3-VL's eps)."""
     return getattr(norm, "variance_epsilon", None) or norm.eps
+
+
+def is_rms_norm(module) -> bool:
+    """One of the families' RMSNorm modules, whose forward `rms_norm` computes (a weight, `variance_epsilon`), with
+    its class's forward."""
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+        and "forward" not in vars(module)
+    )
+
+
+@contextlib.contextmanager
+def forwards_replaced(replacements: dict):
+    """Inside, each module (a key) runs the function given for it instead of its class's forward; on leaving, its
+    class's forward again. How vlcap's fast paths put their versions of transformers' and peft's modules in place."""
+    try:
+        for module, forward in replacements.items():
+            module.forward = forward
+        yield
+    finally:
+        for module in replacements:
+            vars(module).pop("forward", None)
 
 
 # ------------------------------------------------------------------------------------------------------------ prompt

@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import QuickGELUActivation
 
 from vlcap import compat, kernels
-from vlcap.qwen import base_model, rms_norm_eps
+from vlcap.qwen import base_model, forwards_replaced, is_rms_norm, rms_norm_eps
 
 
 def patches_per_image(image_grid_thw: torch.Tensor) -> int | None:
@@ -67,28 +67,27 @@ def batched(model, patches: int | None, compiled: bool = False):
     attentions = [block.attn for block in tower.blocks]
     embeds = [tower.patch_embed] if _convolution_is_a_product(getattr(tower.patch_embed, "proj", None)) else []
     blocks = list(tower.blocks) if fused and all(_norms_known(b) for b in tower.blocks) else []
+    if compiled:
+        rotary = _family_turn(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
     chain = _Chain()
+    replaced = {  # each residual sum with the norm after it, in one kernel
+        block: functools.partial(_fused_block, block, blocks[i + 1].norm1 if i + 1 < len(blocks) else None, chain)
+        for i, block in enumerate(blocks)
+    }
+    replaced |= {embed: functools.partial(_patches_by_product, embed) for embed in embeds}
+    replaced |= {a: functools.partial(_kernel_quick_gelu, a) for a in activations}  # Qwen2-VL's QuickGELU, one kernel
+    for i, attention in enumerate(attentions):
+        if i in full:
+            replaced[attention] = functools.partial(_attention, attention, rotary, patches)
+        else:
+            replaced[attention] = functools.partial(_windowed_attention, attention, rotary, windows)
     try:
-        for i, block in enumerate(blocks):  # each residual sum with the norm after it, in one kernel
-            following = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
-            block.forward = functools.partial(_fused_block, block, following, chain)
-        for embed in embeds:
-            embed.forward = functools.partial(_patches_by_product, embed)
         if compiled:
-            rotary = _family_turn(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
             for block, mlp in zip(tower.blocks, mlps):
                 block.mlp = _compiled(mlp)  # one compilation serves every block: the same code, weights as inputs
-        for activation in activations:  # Qwen2-VL's QuickGELU in one kernel
-            activation.forward = functools.partial(_kernel_quick_gelu, activation)
-        for i, attention in enumerate(attentions):
-            if i in full:
-                attention.forward = functools.partial(_attention, attention, rotary, patches)
-            else:
-                attention.forward = functools.partial(_windowed_attention, attention, rotary, windows)
-        yield
+        with forwards_replaced(replaced):
+            yield
     finally:
-        for module in (*attentions, *activations, *embeds, *blocks):
-            vars(module).pop("forward", None)  # the class's forward again
         for block, mlp in zip(tower.blocks, mlps):
             block.mlp = mlp
 
@@ -96,10 +95,7 @@ def batched(model, patches: int | None, compiled: bool = False):
 def _norms_known(block) -> bool:
     """Whether a vision block's norms are torch's LayerNorm or the families' RMSNorm (Qwen2.5-VL): what `_add_norm` takes."""
     norms = (getattr(block, "norm1", None), getattr(block, "norm2", None))
-    return all(
-        isinstance(n, torch.nn.LayerNorm) or (hasattr(n, "variance_epsilon") and getattr(n, "bias", None) is None)
-        for n in norms
-    )
+    return all(isinstance(n, torch.nn.LayerNorm) or is_rms_norm(n) for n in norms)
 
 
 def _add_norm(hidden, delta, norm):
