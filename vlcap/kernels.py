@@ -171,19 +171,7 @@ def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """transformers' QuickGELUActivation, `x * torch.sigmoid(1.702 * x)`, in one kernel."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    block = 1024
-    _quick_gelu[(triton.cdiv(x.numel(), block),)](
-        x,
-        out,
-        x.numel(),
-        BLOCK=block,
-        ACCURATE_EXP=_accurate_exp(),
-        enable_fp_fusion=False,
-        num_warps=ELEMENTWISE_WARPS,
-    )
-    return out
+    return _elementwise(_quick_gelu, x)
 
 
 # ---------------------------------------------------------------------------------------------- the language model
@@ -294,14 +282,18 @@ def decode_attention(q, keys, values, valid, scale: float) -> torch.Tensor:
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The families' SwiGLU, `silu(gate) * up`, in one pass: silu as torch computes it (x / (1 + expf(-x)) in fp32,
     an IEEE division), rounded to the dtype, times up, rounded."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    block = 1024
-    _silu_mul[(triton.cdiv(gate.numel(), block),)](
-        gate,
-        up,
+    return _elementwise(_silu_mul, gate, up)
+
+
+def _elementwise(kernel, *inputs: torch.Tensor) -> torch.Tensor:
+    """An element-wise kernel (`_quick_gelu`, `_silu_mul`) over `inputs` of one shape, 1,024 values a block; its output
+    has the first input's dtype."""
+    inputs = tuple(t.contiguous() for t in inputs)
+    out, n, block = torch.empty_like(inputs[0]), inputs[0].numel(), 1024
+    kernel[(triton.cdiv(n, block),)](
+        *inputs,
         out,
-        gate.numel(),
+        n,
         BLOCK=block,
         ACCURATE_EXP=_accurate_exp(),
         enable_fp_fusion=False,
@@ -345,6 +337,15 @@ if triton is not None:
         s = tl.where(col < DIM // 2, -s, s)
         tl.store(out + row * DIM + col, (x * c + partner * s).to(out.dtype.element_ty), mask=inside)
 
+    @triton.jit
+    def _one_plus_exp_minus(x, ACCURATE_EXP: tl.constexpr):
+        """1 + expf(-x), the denominator of torch's sigmoid and silu (CUDA's accurate expf, as their kernels call it)."""
+        if ACCURATE_EXP:
+            e = libdevice.exp(-x)
+        else:
+            e = tl.exp(-x)
+        return 1.0 + e
+
     @triton.jit(do_not_specialize=["n"])
     def _quick_gelu(x_pointer, out, n, BLOCK: tl.constexpr, ACCURATE_EXP: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -352,11 +353,8 @@ if triton is not None:
         given = tl.load(x_pointer + i, mask=inside, other=0.0)
         x = given.to(tl.float32)
         scaled = (x * 1.702).to(given.dtype).to(tl.float32)  # 1.702 * x, stored in x's dtype
-        if ACCURATE_EXP:
-            e = libdevice.exp(-scaled)  # CUDA's expf, as torch.sigmoid's kernel calls it
-        else:
-            e = tl.exp(-scaled)
-        gate = tl.math.div_rn(tl.full(scaled.shape, 1.0, tl.float32), 1.0 + e).to(given.dtype).to(tl.float32)
+        gate = tl.math.div_rn(tl.full(scaled.shape, 1.0, tl.float32), _one_plus_exp_minus(scaled, ACCURATE_EXP))
+        gate = gate.to(given.dtype).to(tl.float32)
         tl.store(out + i, (x * gate).to(given.dtype), mask=inside)
 
     @triton.jit(do_not_specialize=["tokens"])
@@ -459,11 +457,7 @@ if triton is not None:
         inside = i < n
         given = tl.load(gate + i, mask=inside, other=0.0)
         x = given.to(tl.float32)
-        if ACCURATE_EXP:
-            e = libdevice.exp(-x)  # CUDA's expf, as torch's silu calls it
-        else:
-            e = tl.exp(-x)
-        silu = tl.math.div_rn(x, 1.0 + e).to(given.dtype).to(tl.float32)
+        silu = tl.math.div_rn(x, _one_plus_exp_minus(x, ACCURATE_EXP)).to(given.dtype).to(tl.float32)
         u = tl.load(up + i, mask=inside, other=0.0).to(tl.float32)
         tl.store(out + i, (silu * u).to(given.dtype), mask=inside)
 
