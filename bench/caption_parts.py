@@ -15,37 +15,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of fn() between GPU synchronisations."""
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from measure import gpu_busy_ms, kernel_kinds, timed  # noqa: E402
 
 
 def kernels(shape: tuple, inputs: dict, on_gpu: dict, model) -> None:
     """GPU time and kernels by kind of one new token's step and of the vision tower, run eagerly (a CUDA graph replays
     the same kernels without the launches between them)."""
     import torch
-    from profile_step import gpu_busy_ms, kernel_kinds
     from torch.profiler import ProfilerActivity, profile
 
     from vlcap import fastdecode

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from caption_parts import sync, timed  # noqa: E402
+from measure import gpu_busy_ms, gpu_gaps, sync, timed  # noqa: E402
 
 
 def main() -> None:
@@ -94,7 +94,6 @@ def main() -> None:
     if args.profile:  # the GPU's idle time during 20 batches of the encoding with the cache on the GPU
         from itertools import islice
 
-        from profile_step import gpu_busy_ms, gpu_gaps
         from torch.profiler import ProfilerActivity, profile
 
         encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from caption_parts import timed  # noqa: E402
+from measure import timed  # noqa: E402
 
 
 def main() -> None:
