@@ -64,7 +64,7 @@ VARIANTS = {
     "cache": ["--no-cuda-graphs"],
     "fast": [],
     "low-memory": ["--low-memory"],
-    # The vision cache beyond the GPU (fastpath.VisionCache): 2 GB on the GPU, 2 GB in host memory, the rest in its file.
+    # The vision cache beyond the GPU (feature_store.VisionCache): 2 GB on the GPU, 2 GB in host memory, the rest in its file.
     "spill": ["--vision-cache-gb", "2", "--host-cache-gb", "2"],
     "spill-file": ["--vision-cache-gb", "2", "--host-cache-gb", "0"],  # everything beyond the GPU read from the file
     # CUDA graphs must not change the arithmetic: 8 steps without dropout (whose draws differ by design), eager vs graphs.
@@ -332,7 +332,7 @@ def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int 
     from PIL import Image
     from transformers import AutoConfig
 
-    from vlcap import fastpath, qwen
+    from vlcap import qwen, vision_encoding
     from vlcap.training_data import encode_example
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -343,7 +343,7 @@ def job_flops(model_dir: Path, data_json: Path, epochs: int = 2, test_size: int 
     head = config.text_config.hidden_size * config.text_config.vocab_size
     processor = qwen.load_processor(model_dir)
     side = qwen.resolve_image_size(processor, None)
-    patches = fastpath.image_token_count(processor, side) * processor.image_processor.merge_size**2
+    patches = vision_encoding.image_token_count(processor, side) * processor.image_processor.merge_size**2
     items = json.loads(data_json.read_text())[:-test_size]
     blank = Image.new("RGB", (side, side), "white")
     prompt_tokens = len(encode_example(processor, blank, "", "COCO Yes:", 8192)["input_ids"]) - 1

@@ -4,9 +4,9 @@ encoding with the cache on the GPU and with every picture written to the cache f
     python bench/encode_parts.py --work bench/work --n 2000      # builds the stand-in and the pictures if missing
 
 Prints a Markdown table of pictures per second for each part. `--compiled` also times the tower with its rotary and
-MLPs compiled by torch.compile (as train.py does from fastpath.COMPILED_TOWER_FROM pictures where vlcap/kernels.py's
+MLPs compiled by torch.compile (as train.py does from vision_encoding.COMPILED_TOWER_FROM pictures where vlcap/kernels.py's
 fused kernels are off), what compiling cost, and the whole encoding with it; `--pin` has the workers' batches arrive in
-page-locked memory (as train.py from fastpath.PINNED_FROM pictures); `--profile` also prints where the GPU waits while
+page-locked memory (as train.py from vision_encoding.PINNED_FROM pictures); `--profile` also prints where the GPU waits while
 the tower encodes decoded batches. bench/RESULTS.md, runs AH, AI and BC, has its figures.
 """
 
@@ -37,7 +37,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from vlcap import fastpath, formats, qwen, training_data, vision_attention
+    from vlcap import feature_store, formats, qwen, training_data, vision_attention, vision_encoding
 
     from bench import prepare
 
@@ -49,7 +49,7 @@ def main() -> None:
     rows = {}
 
     start = time.perf_counter()
-    batches, n_batches, n = fastpath.start_encoding(dataset, config, args.workers, args.batch)
+    batches, n_batches, n = vision_encoding.start_encoding(dataset, config, args.workers, args.batch)
     first = next(batches)
     for _ in batches:
         pass
@@ -81,27 +81,27 @@ def main() -> None:
         *([("cache on the GPU, tower compiled", None, True)] if args.compiled else []),
     ):
         layout = (
-            fastpath.CacheLayout(n, 0, 0, folder, {"bench": True}) if folder else fastpath.CacheLayout.all_on_device(n)
+            feature_store.CacheLayout(n, 0, 0, folder, {"bench": True}) if folder else feature_store.CacheLayout.all_on_device(n)
         )
         sync()
         start = time.perf_counter()
-        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
-        fastpath.finish_encoding(model, *encoding, layout, compiled=compiled)
+        encoding = vision_encoding.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
+        vision_encoding.finish_encoding(model, *encoding, layout, compiled=compiled)
         sync()
         rows[f"whole encoding, {name}"] = n / (time.perf_counter() - start)
         if folder:
-            fastpath.remove_cache(folder)
+            feature_store.remove_cache(folder)
     if args.profile:  # the GPU's idle time during 20 batches of the encoding with the cache on the GPU
         from itertools import islice
 
         from torch.profiler import ProfilerActivity, profile
 
-        encoding = fastpath.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
+        encoding = vision_encoding.start_encoding(dataset, config, args.workers, args.batch, pin_memory=args.pin)
         batches = list(islice(encoding[0], 24))  # decoded first: the profile sees the main process's part alone
         sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
-            fastpath.finish_encoding(model, iter(batches), len(batches), len(batches) * args.batch)
+            vision_encoding.finish_encoding(model, iter(batches), len(batches), len(batches) * args.batch)
             sync()
             wall = (time.perf_counter() - start) * 1e3
         print(f"\n=== encoding {len(batches)} decoded batches: wall {wall:.1f} ms, GPU busy {gpu_busy_ms(prof):.1f} ms")

@@ -28,7 +28,7 @@ def make_graphed_callables(callables, sample_args, num_warmup_iters=3, allow_unu
 @contextlib.contextmanager
 def _as_captured(module):
     """A replay runs what was captured: the modules' own forwards, not what was installed on them after capture (the
-    routing of fastpath.graph_decoder_layers, instance attributes)."""
+    routing of graphed_layers.capture, instance attributes)."""
     later = {m: m.__dict__.pop("forward") for m in module.modules() if "forward" in m.__dict__}
     try:
         yield
@@ -79,7 +79,9 @@ def install(train_module, monkeypatch=None) -> None:
     after the test with pytest's `monkeypatch`; for good in a process of its own without)."""
     setattr_ = monkeypatch.setattr if monkeypatch is not None else setattr
     setattr_(torch.cuda, "make_graphed_callables", make_graphed_callables)
-    setattr_(train_module, "can_graph", lambda device: True)
+    from vlcap import caption_trainer
+
+    setattr_(caption_trainer, "can_graph", lambda device: True)
 
 
 if __name__ == "__main__":

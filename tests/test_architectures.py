@@ -14,7 +14,7 @@ import transformers
 from PIL import Image
 from test_fastpath import train_run
 
-from vlcap import captioning, cli, compat, fastpath, formats, images, qwen, training_data
+from vlcap import captioning, cli, compat, formats, images, qwen, training_data, vision_encoding
 
 import infer
 import train
@@ -53,7 +53,7 @@ def test_the_folder_decides_the_model_class_and_the_image_size(tiny_models, arch
         match=rf"image size {unit + 4} is not a multiple of {unit} .* e\.g\. {default - unit} or {default}, or 0",
     ):
         qwen.resolve_image_size(processor, unit + 4)
-    assert fastpath.image_token_count(processor, default) == (default // unit) ** 2  # 100 or 81 tokens
+    assert vision_encoding.image_token_count(processor, default) == (default // unit) ** 2  # 100 or 81 tokens
 
 
 def test_a_folder_of_another_architecture_is_one_line_naming_those_supported(shapes_24, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlcap import cli, processes
+from vlcap import cli, processes, run_outputs
 
 import train
 from helpers import REPO, closed_port, compared_args, needs_fast_paths
@@ -232,9 +232,9 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path):
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     args = train.read_settings(["--output-dir", str(tmp_path), "--resume"])
-    assert train.check_output_dir(args, is_main=True) == str(tmp_path / "checkpoint-2")
+    assert run_outputs.checkpoint_to_resume(args, is_main=True) == str(tmp_path / "checkpoint-2")
     with pytest.raises(cli.UserError, match="holds checkpoints of an earlier run"):
-        train.check_output_dir(train.read_settings(["--output-dir", str(tmp_path)]), is_main=True)
+        run_outputs.checkpoint_to_resume(train.read_settings(["--output-dir", str(tmp_path)]), is_main=True)
 
 
 def test_processes_that_would_start_differently_stop_with_one_line(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vlcap import fastpath, qwen, training_data, vision_attention
+from vlcap import caption_trainer, fused_layers, qwen, training_data, vision_attention, vision_encoding
 
 import train
 from helpers import FAMILIES, QUICK, TEST_IMAGE_SIZE, Losses, compared_args, for_family, needs_fast_paths, train_args
@@ -64,7 +64,7 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
         torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=3e-6)
 
     if arch == "qwen3_vl":  # the comparison above can tell a fast path that leaves the DeepStack features out
-        monkeypatch.setattr(fastpath, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs))
+        monkeypatch.setattr(caption_trainer, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs))
         without, _, _ = train_run(tiny_models[arch], shapes_24, tmp_path / "no-deepstack", arch)
         gap = (torch.tensor(without) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)
         agree = (torch.tensor(fast_losses) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)
@@ -117,7 +117,7 @@ def test_encoded_batch_keeps_exactly_the_caption_labels(tiny_models, shapes_24, 
         for i, e in enumerate(dataset[j] for j in range(5))
     ]
     pad_to = plain["input_ids"].shape[1] + 8
-    batch = fastpath.collate_encoded(examples, processor.tokenizer.pad_token_id, pad_to)
+    batch = caption_trainer.collate_encoded(examples, processor.tokenizer.pad_token_id, pad_to)
     assert batch["input_ids"].shape == (5, pad_to)
     keep = batch["logits_to_keep"]
     # Position t's logits predict token t + 1: the kept labels are the shifted labels at the kept positions, all of them.
@@ -161,7 +161,7 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 
     def same_batched_or_not(sides):
         expected, got = features(sides, batched=False), features(sides, batched=True)
-        assert len(got) == fastpath.feature_levels(model.config)
+        assert len(got) == vision_encoding.feature_levels(model.config)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         return expected[0]
@@ -219,8 +219,8 @@ def test_the_compiled_tower_encodes_as_the_eager_one_and_gives_way_when_compilin
     config = AutoConfig.from_pretrained(tiny_model)
 
     def encode(compiled):
-        encoding = fastpath.start_encoding(dataset, config, workers=0, batch_size=4)
-        return fastpath.finish_encoding(model, *encoding, compiled=compiled)[1].on_device
+        encoding = vision_encoding.start_encoding(dataset, config, workers=0, batch_size=4)
+        return vision_encoding.finish_encoding(model, *encoding, compiled=compiled)[1].on_device
 
     eager = encode(False)
     graphs = counters["stats"]["unique_graphs"]
@@ -254,7 +254,7 @@ def test_fused_rms_norms_replace_every_language_model_norm_with_its_own_output(t
     layers = len(language_model.layers)
     assert len(norms) == (4 * layers if arch == "qwen3_vl" else 2 * layers) + 1
     torch.manual_seed(0)
-    with fastpath.fused_rms_norms(model):
+    with fused_layers.fused_rms_norms(model):
         assert all("forward" in vars(norm) for norm in norms)
         assert not any("forward" in vars(m) for m in tower.modules() if type(m).__name__.endswith("RMSNorm"))
         for norm in norms:
@@ -268,9 +268,9 @@ def test_fused_rms_norms_replace_every_language_model_norm_with_its_own_output(t
                 torch.testing.assert_close(fused, own, rtol=tolerance, atol=0)
             norm.float()
     assert not any("forward" in vars(norm) for norm in norms)
-    with fastpath.fast_training(model, active=True, autocast=False):  # what train.py trains inside
+    with fused_layers.fast_training(model, active=True, autocast=False):  # what train.py trains inside
         assert all("forward" in vars(norm) for norm in norms)
-    with fastpath.fast_training(model, active=False, autocast=False):  # the plain path
+    with fused_layers.fast_training(model, active=False, autocast=False):  # the plain path
         assert not any("forward" in vars(norm) for norm in norms)
 
 
@@ -308,7 +308,7 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
     as_given, weights = run(tmp_path / "as-given")
     assert seen == {False}
     seen.clear()
-    monkeypatch.setattr(fastpath, "lora_inputs_as_given", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(fused_layers, "lora_inputs_as_given", lambda *a: contextlib.nullcontext())
     copied, weights_copied = run(tmp_path / "copied")
     assert seen == {True}
     assert as_given == copied and len(as_given) == 4 and as_given[0] != as_given[-1]
@@ -318,7 +318,7 @@ def test_lora_takes_its_input_in_bf16_on_the_fast_path_and_learns_the_same(
 
 @needs_fast_paths
 def test_lora_update_summed_inside_the_product_learns_what_peft_learns(tiny_model, shapes_24, tmp_path, monkeypatch):
-    """fastpath.lora_sum_in_product against peft's own forward (the context made a no-op), fp32, dropout off: the same
+    """fused_layers.lora_sum_in_product against peft's own forward (the context made a no-op), fp32, dropout off: the same
     losses and weights to rounding. The fused forward is on for every LoRA layer during the steps only (the run's sample
     captions after training go through peft's)."""
     import contextlib
@@ -336,17 +336,17 @@ def test_lora_update_summed_inside_the_product_learns_what_peft_learns(tiny_mode
     def run(out):
         return losses_and_adapter(tiny_model, shapes_24, out, "fp32", Fused())
 
-    models, original = [], fastpath.lora_sum_in_product
+    models, original = [], fused_layers.lora_sum_in_product
 
     def recorded(model, active=True):
         models.append(model)
         return original(model, active)
 
-    monkeypatch.setattr(fastpath, "lora_sum_in_product", recorded)
+    monkeypatch.setattr(fused_layers, "lora_sum_in_product", recorded)
     fused, weights = run(tmp_path / "fused")
     assert seen and set(seen) == {1.0}, "every LoRA layer should take the fused forward during the steps"
     assert models and all("forward" not in vars(m) for m in models[0].modules()), "peft's forward after training"
-    monkeypatch.setattr(fastpath, "lora_sum_in_product", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(fused_layers, "lora_sum_in_product", lambda *a, **k: contextlib.nullcontext())
     seen.clear()
     plain, weights_plain = run(tmp_path / "peft")
     assert set(seen) == {0.0}
@@ -374,13 +374,13 @@ def test_encoding_holds_no_open_file_per_picture(tiny_model, shapes_132):
 import resource, sys
 sys.path[:0] = [{str(REPO)!r}]
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-from vlcap import fastpath, formats, qwen, training_data
+from vlcap import caption_trainer, formats, fused_layers, qwen, training_data, vision_encoding
 from transformers import AutoConfig
 items = formats.read_conversations({str(shapes_132)!r})
 processor = qwen.load_processor({str(tiny_model)!r})
 dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
-encoding = fastpath.start_encoding(dataset, AutoConfig.from_pretrained({str(tiny_model)!r}), workers=2)
-examples, features = fastpath.finish_encoding(qwen.load_model({str(tiny_model)!r}, "cpu"), *encoding)
+encoding = vision_encoding.start_encoding(dataset, AutoConfig.from_pretrained({str(tiny_model)!r}), workers=2)
+examples, features = vision_encoding.finish_encoding(qwen.load_model({str(tiny_model)!r}, "cpu"), *encoding)
 print(len(examples), tuple(features.shape))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

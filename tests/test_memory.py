@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from vlcap import cli, memory
+from vlcap import cli, memory, memory_plan
 from vlcap.memory import Card, Job, Settings
 
 # The tutorial's job: 496 training pictures at 280x280 (100 image tokens, a 0.15 GB cache in bf16), sequences padded to
@@ -18,9 +18,16 @@ TUTORIAL = Job(pictures=496, seq_tokens=144, caption_tokens=18, cache_gb=496 * 1
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
+def shipped() -> dict:
+    """train.py's values of the settings the plan may choose, as shipped (its constants)."""
+    import train
+
+    return memory_plan.knob_values(train.read_settings([]))
+
+
 def plan_for(total_gb, bf16=True, free_gb=None, job=TUTORIAL, user=None, precision="auto"):
     card = Card.simulate(total_gb, bf16=bf16, free_gb=free_gb)
-    return memory.plan(card, memory.QWEN2_VL_2B, job, memory.choose_precision(card, precision), user)
+    return memory_plan.plan(card, memory.QWEN2_VL_2B, job, memory.choose_precision(card, precision), shipped(), user)
 
 
 def test_the_memory_model_reproduces_the_measured_peaks():
@@ -70,18 +77,18 @@ def test_each_card_gets_the_fastest_settings_that_fit(total_gb, bf16):
     assert s.vision_cache and s.cuda_graphs == (bf16 and not s.gradient_checkpointing)  # graphs are captured in bf16
     assert plan.precision.name == ("bf16" if bf16 else "fp16")
     assert plan.estimate.need <= total_gb
-    # Every faster rung of the ladder needs more than the card has.
-    rungs = [se[0] for se in plan.ladder]
-    assert all(e.need > total_gb for _, e in plan.ladder[: rungs.index(s)])
+    # Every faster configuration tried needs more than the card has.
+    tried = [se[0] for se in plan.tried]
+    assert all(e.need > total_gb for _, e in plan.tried[: tried.index(s)])
     assert f"{total_gb:.1f} GB free" in plan.reason
     assert ("in one step" if s.grad_accum == 1 else f"x {s.grad_accum} accumulation") in plan.reason
 
 
 def test_less_free_memory_means_smaller_steps_then_checkpointing():
     # Another process holds most of a 24 GB card: the plan reads what is free, not the card's size.
-    assert plan_for(24, free_gb=10).settings == Settings(4, 4, False, True, True)
+    assert plan_for(24, free_gb=10).settings == Settings(4, 4, False, True, True, 32)
     low = plan_for(24, free_gb=7.5)
-    assert low.fits and low.settings == Settings(8, 2, True, True, False)  # no graphs with checkpointing
+    assert low.fits and low.settings == Settings(8, 2, True, True, False, 32)  # no graphs with checkpointing
     low_memory = plan_for(24, free_gb=7.0)
     assert low_memory.settings == Settings(4, 4, True, True, False, 16)
     assert "as --low-memory, captions 16 pictures at a time" in low_memory.reason
@@ -116,7 +123,7 @@ def test_the_users_settings_are_kept_and_checked():
     plan = plan_for(12, user={"batch_size": 16})
     assert plan.fits and plan.settings.gradient_checkpointing and plan.settings.batch_size == 16
     # Checkpointing asked for on a large card: kept.
-    assert plan_for(80, user={"gradient_checkpointing": True}).settings == Settings(16, 1, True, True, False)
+    assert plan_for(80, user={"gradient_checkpointing": True}).settings == Settings(16, 1, True, True, False, 32)
     assert not plan_for(80, user={"cuda_graphs": False}).settings.cuda_graphs
     assert not plan_for(80, user={"vision_cache_gb": 0.0}).settings.vision_cache
     # The user's batch of 8 with accumulation 4 is an effective batch of 32: kept too.
@@ -125,7 +132,7 @@ def test_the_users_settings_are_kept_and_checked():
 
 def test_the_cpu_plan_changes_nothing():
     precision = memory.choose_precision(None)
-    plan = memory.plan(None, memory.QWEN2_VL_2B, TUTORIAL, precision, {"batch_size": 4})
+    plan = memory_plan.plan(None, memory.QWEN2_VL_2B, TUTORIAL, precision, shipped(), {"batch_size": 4})
     assert (
         plan.fits and plan.settings.batch_size == 4 and plan.settings.grad_accum == 1 and not plan.settings.cuda_graphs
     )
@@ -154,44 +161,53 @@ def test_precision_follows_the_card():
 def test_the_next_smaller_settings_and_the_out_of_memory_line(tmp_path):
     plan = plan_for(12)
     assert plan.smaller() == Settings(4, 4, False, True, True, 16)
-    line = memory.out_of_memory(plan, tmp_path, now=(0.2, 11.5))
+    line = memory_plan.out_of_memory(plan, tmp_path, now=(0.2, 11.5))
     assert "ran out of memory" in line and "--batch-size 4 --grad-accum 4" in line and "no checkpoint yet" in line
     (tmp_path / "checkpoint-100").mkdir()
     (tmp_path / "checkpoint-200").mkdir()
-    shared = memory.plan(
-        Card("RTX 4090", 25.2, 24.6, (8, 9), True), memory.QWEN2_VL_2B, TUTORIAL, memory.choose_precision(None, "bf16")
+    shared = memory_plan.plan(
+        Card("RTX 4090", 25.2, 24.6, (8, 9), True),
+        memory.QWEN2_VL_2B,
+        TUTORIAL,
+        memory.choose_precision(None, "bf16"),
+        shipped(),
     )
-    line = memory.out_of_memory(shared, tmp_path, now=(0.1, 16.0))
+    line = memory_plan.out_of_memory(shared, tmp_path, now=(0.1, 16.0))
     assert "other processes took" in line and "--resume (it continues from checkpoint-200)" in line
     assert "\n" not in line
     mine = plan_for(80, user={"batch_size": 16})
-    assert "lower --batch-size" in memory.out_of_memory(mine, tmp_path, now=(0.1, 70.0))
+    assert "lower --batch-size" in memory_plan.out_of_memory(mine, tmp_path, now=(0.1, 70.0))
 
 
 def test_the_loss_guard_stops_fp16_on_inf_or_nan():
-    assert memory.loss_guard(memory.Precision("bf16", "")) is None
-    guard = memory.loss_guard(memory.Precision("fp16", ""))
+    assert memory_plan.loss_guard(memory.Precision("bf16", "")) is None
+    guard = memory_plan.loss_guard(memory.Precision("fp16", ""))
     guard.on_log(None, None, None, logs={"loss": 2.5})
     with pytest.raises(cli.UserError, match="--precision fp32"):
         guard.on_log(None, type("State", (), {"global_step": 30})(), None, logs={"loss": math.nan})
 
 
 def test_settings_the_user_gave_are_told_apart_from_defaults():
+    """Parsing knows the flags given (argparse's SUPPRESS); a constant shipped as cli.fitted(...) and edited to a plain
+    value is the user's too. The plan's defaults are train.py's constants, read, not copied."""
     import train
 
+    def user(namespace, argv):
+        return set(memory_plan.user_settings(cli.parse_settings(namespace, argv)))
+
     namespace = vars(train)
-    assert {
-        k.lower(): v for k, v in cli.settings_of(namespace).items() if k.lower() in memory.SHIPPED
-    } == memory.SHIPPED
-    assert memory.explicit_settings(namespace, []) == set()
-    assert memory.explicit_settings(namespace, ["--batch-size", "16", "--epochs", "1"]) == {"batch_size"}
-    assert memory.explicit_settings(namespace, ["--no-gradient-checkpointing", "--no-cuda-graphs"]) == {
+    assert shipped() == {n.lower(): v.value for n, v in namespace.items() if isinstance(v, cli._Fitted)}
+    assert set(shipped()) == set(memory_plan.KNOBS)
+    assert user(namespace, []) == set()
+    assert user(namespace, ["--batch-size", "16", "--epochs", "1"]) == {"batch_size"}
+    assert user(namespace, ["--no-gradient-checkpointing", "--no-cuda-graphs"]) == {
         "gradient_checkpointing",
         "cuda_graphs",
     }
-    assert memory.explicit_settings(namespace, ["--vision-cache-gb=0"]) == {"vision_cache_gb"}
+    assert user(namespace, ["--vision-cache-gb=0"]) == {"vision_cache_gb"}
     edited = {**namespace, "BATCH_SIZE": 8, "GRADIENT_CHECKPOINTING": True}  # constants edited in the file
-    assert memory.explicit_settings(edited, []) == {"batch_size", "gradient_checkpointing"}
+    assert user(edited, []) == {"batch_size", "gradient_checkpointing"}
+    assert cli.parse_settings(edited, []).batch_size == 8
 
 
 def test_the_shape_is_counted_from_the_model_folder(tiny_model, tmp_path):
@@ -213,18 +229,18 @@ def test_the_shape_is_counted_from_the_model_folder(tiny_model, tmp_path):
 
 
 def test_token_counts_match_the_fast_paths_batches(tiny_model, shapes_24):
-    """Job.measure's counts are the padded length and the LM head's positions fastpath.collate_encoded makes."""
+    """Job.measure's counts are the padded length and the LM head's positions caption_trainer.collate_encoded makes."""
     import torch
 
-    from vlcap import fastpath, formats, qwen, training_data
+    from vlcap import caption_trainer, formats, qwen, training_data, vision_encoding
 
     processor = qwen.load_processor(tiny_model)
     items = formats.read_conversations(shapes_24)
     dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", 56, 8192)
-    job = Job.measure(dataset, fastpath.image_token_count(processor, 56), 8192)
+    job = Job.measure(dataset, vision_encoding.image_token_count(processor, 56), 8192)
     examples = [dataset[i] for i in range(len(dataset))]
     pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
-    batch = fastpath.collate_encoded(
+    batch = caption_trainer.collate_encoded(
         [
             {
                 "input_ids": e["input_ids"],
@@ -311,10 +327,13 @@ def test_fp16_mixed_precision_trains_the_tiny_model_as_fp32_does(tiny_model, sha
 def test_train_records_which_settings_the_user_gave():
     import train
 
-    assert train.read_settings([]).set_by_user == []
-    assert train.read_settings(["--batch-size", "8"]).set_by_user == ["batch_size"]
+    def set_by_user(settings):
+        return sorted(memory_plan.user_settings(settings))
+
+    assert set_by_user(train.read_settings([])) == []
+    assert set_by_user(train.read_settings(["--batch-size", "8"])) == ["batch_size"]
     low = train.read_settings(["--low-memory"])
-    assert low.set_by_user == ["batch_size", "grad_accum", "gradient_checkpointing"] and low.precision == "auto"
+    assert set_by_user(low) == ["batch_size", "grad_accum", "gradient_checkpointing"] and low.precision == "auto"
     with pytest.raises(cli.UserError, match="--precision must be one of"):
         train.read_settings(["--precision", "fp8"])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from vlcap import fastpath, formats
+from vlcap import feature_store, formats, vision_encoding
 
 import train
 from helpers import QUICK, Losses, needs_fast_paths, train_args
@@ -46,16 +46,17 @@ def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(
 ):
     processor = AutoProcessor.from_pretrained(tiny_model)
     picture_gb = (
-        fastpath.vision_cache_bytes(AutoConfig.from_pretrained(tiny_model), processor, 1, 56, torch.float32) / 1e9
+        vision_encoding.vision_cache_bytes(AutoConfig.from_pretrained(tiny_model), processor, 1, 56, torch.float32)
+        / 1e9
     )
     in_memory, in_memory_weights = run(tiny_model, shapes_24, tmp_path / "memory")
     assert "22 pictures: 22 on cpu" in capsys.readouterr().out
-    assert not (tmp_path / "memory" / fastpath.CACHE_FOLDER).exists(), "no file when everything fits"
+    assert not (tmp_path / "memory" / feature_store.CACHE_FOLDER).exists(), "no file when everything fits"
 
     # 22 training pictures: 7 on the device, 6 in host memory, 9 read from the file (which holds all 22).
     spill = ["--vision-cache-gb", str(7.5 * picture_gb), "--host-cache-gb", str(6.5 * picture_gb)]
     spilled, spilled_weights = run(tiny_model, shapes_24, tmp_path / "spill", *spill)
-    folder = tmp_path / "spill" / fastpath.CACHE_FOLDER
+    folder = tmp_path / "spill" / feature_store.CACHE_FOLDER
     printed = capsys.readouterr().out
     assert (
         f"22 pictures: 7 on cpu (0.00 GB), 6 in host memory (0.00 GB), 9 read from {folder / 'features.bin'}" in printed
@@ -71,7 +72,7 @@ def test_a_spilled_cache_trains_bit_identically_and_a_later_run_reads_it_back(
     def no_encoding(*args, **kwargs):
         raise AssertionError("the pictures were encoded again")
 
-    monkeypatch.setattr(fastpath, "start_encoding", no_encoding)
+    monkeypatch.setattr(vision_encoding, "start_encoding", no_encoding)
     resumed, _ = run(tiny_model, shapes_24, tmp_path / "spill", *spill, "--resume", "--no-keep-vision-cache", steps=8)
     printed = capsys.readouterr().out
     assert f"reading {folder} back" in printed and "9 read from" in printed and len(resumed) == 2
@@ -83,7 +84,7 @@ def test_the_cache_takes_every_batch_s_rows_from_where_they_are(tmp_path):
     all on the device, all in the file, mixed, one row, duplicates."""
     torch.manual_seed(0)
     features = torch.randn(30, 2, 4, 8)  # pictures x levels x image tokens x hidden (two levels: Qwen3-VL's DeepStack)
-    layout = fastpath.CacheLayout.choose(
+    layout = feature_store.CacheLayout.choose(
         30,
         features[0].numel() * 4,
         10 * features[0].numel() * 4 / 1e9,
@@ -101,14 +102,14 @@ def test_the_cache_takes_every_batch_s_rows_from_where_they_are(tmp_path):
         }
         for _ in range(30)
     ]
-    writer = fastpath._CacheWriter(layout, features.shape[1:], "cpu", features.dtype)
+    writer = feature_store.CacheWriter(layout, features.shape[1:], "cpu", features.dtype)
     for start in range(0, 30, 7):  # batches of the encoding pass, across the tiers' borders
         writer.put(start, features[start : start + 7])
     cache = writer.finish(examples)
-    assert fastpath.reusable(tmp_path / "cache", {"data": "x"}) and not fastpath.reusable(
+    assert feature_store.reusable(tmp_path / "cache", {"data": "x"}) and not feature_store.reusable(
         tmp_path / "cache", {"data": "y"}
     )
-    _, read_back = fastpath.read_cache(tmp_path / "cache", layout, "cpu")
+    _, read_back = feature_store.read_cache(tmp_path / "cache", layout, "cpu")
     for c in (cache, read_back):
         for index in ([3, 25, 11, 0, 17, 29], [1, 2], [20, 21, 29], [12], [5, 5, 28, 28], list(range(30))):
             batch = c.collate({"image_index": torch.tensor(index), "input_ids": torch.zeros(len(index), 3)})
@@ -131,7 +132,7 @@ def test_the_encoding_key_changes_with_what_the_features_depend_on(tiny_model, s
 
     def key(items=items, size=56, dtype=torch.float32):
         dataset = training_data.CaptionDataset(items, processor, "COCO Yes:", size, 8192)
-        return fastpath.encoding_key(dataset, str(tiny_model), dtype)
+        return feature_store.encoding_key(dataset, str(tiny_model), dtype)
 
     first = key()
     assert key() == first
@@ -161,4 +162,4 @@ def test_a_cache_that_fits_nowhere_stops_before_the_model_loads(tiny_model, shap
         run(tiny_model, shapes_24, tmp_path / "out", "--vision-cache-gb", "1e-7", "--host-cache-gb", "0")
     # Host memory holds the rest: trained without a file.
     run(tiny_model, shapes_24, tmp_path / "host", "--vision-cache-gb", "1e-7", "--host-cache-gb", "1", steps=1)
-    assert not (tmp_path / "host" / fastpath.CACHE_FOLDER).exists()
+    assert not (tmp_path / "host" / feature_store.CACHE_FOLDER).exists()

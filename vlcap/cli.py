@@ -8,7 +8,11 @@ Every script keeps its settings as UPPER_CASE constants in one block at the top,
     LORA_TARGETS: cli.CommaSeparated = "q_proj,v_proj"  # projections given LoRA
 
 `parse_settings` turns that block into argparse flags (`--learning-rate 1e-4`, help text included), so there is exactly one
-override mechanism and the comments are the documentation. The type is checked against the value first, so an edit such
+override mechanism and the comments are the documentation. It returns the settings as one frozen object: a later step that
+decides a value (the image size for the model, the memory plan) makes a new one with `dataclasses.replace`. The object
+knows which flags were given on the command line (`given`), and which settings it may still choose for the machine
+(`fitted`): those whose shipped value is wrapped in `fitted(...)` (`BATCH_SIZE: int = cli.fitted(16)`) and that the user
+left alone; writing a plain value in its place, or giving the flag, makes a setting the user's. The type is checked against the value first, so an edit such
 as `LEARNING_RATE = "1e-4"` or a stray trailing comma is taken as meant or refused in one line before anything loads.
 A constant without a type still works (its value's type is the flag's). `require_at_least`, `require_positive` and
 `require_range` check values up front. `run` gives every script the same behaviour on mistakes a user can make: one line on
@@ -18,7 +22,9 @@ stderr saying what is wrong and what to do, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import io
 import shlex
@@ -36,7 +42,7 @@ CommaSeparated = typing.Annotated[str, "names separated by commas"]
 INTERRUPTED = "interrupted; rerun the same command to continue where it stopped"
 
 _EXPECTED = {bool: "True or False", int: "a whole number", float: "a number", str: "text in quotes"}
-_EXAMPLE = {bool: "True", int: "2", float: "0.5", str: '"text"'}
+_EXAMPLE = {bool: "True", int: "2", float: "1e-4", str: '"text"'}
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
@@ -49,6 +55,20 @@ class Setting(typing.NamedTuple):
     default: object  # the constant's value, checked against `kind`
     kind: type  # bool, int, float or str: what a flag's text is converted to
     help: str  # the constant's trailing comment
+    fitted: bool = False  # shipped as fitted(value): the script may choose it for the machine unless the user sets it
+
+
+class _Fitted(typing.NamedTuple):
+    value: object
+
+
+def fitted(value):
+    """A setting's shipped value that the script may fit to the machine (train.py: the batch split to the GPU's memory).
+
+    `BATCH_SIZE: int = cli.fitted(16)`: 16 unless the GPU needs less. A plain value written in its place (the user edited
+    the constant) or the flag on the command line is the user's, and is kept as given.
+    """
+    return _Fitted(value)
 
 
 def _setting_comments(source: str) -> dict[str, str]:
@@ -190,14 +210,18 @@ def settings(namespace: dict) -> list[Setting]:
         if name.startswith("_") or name not in namespace:
             continue
         value = namespace[name]
+        is_fitted = isinstance(value, _Fitted)
+        value = value.value if is_fitted else value
         if name in annotations:
             kind, optional, comma = _declared_type(annotations[name], namespace, f"{script}: {name}")
-            namespace[name] = value = _checked(script, name, value, kind, optional, comma)
+            value = _checked(script, name, value, kind, optional, comma)
+            if not is_fitted:  # the value as its type, in the script too (a fitted value stays marked as shipped)
+                namespace[name] = value
         else:
             kind = _untyped(script, name, value)
             if kind is None:
                 continue
-        found.append(Setting(name, value, kind, help_text))
+        found.append(Setting(name, value, kind, help_text, is_fitted))
     return found
 
 
@@ -214,11 +238,16 @@ def flag_of(name: str) -> str:
     return "--" + name.lower().replace("_", "-")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help already says what the default is."""
+def setting_names(name: str) -> str:
+    """Both ways a setting is set, for a message: learning_rate -> "LEARNING_RATE / --learning-rate"."""
+    return f"{name.upper()} / {flag_of(name)}"
 
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+def _with_default(setting: Setting) -> str:
+    """A flag's help: the constant's comment, and its default unless the comment says what the default is."""
+    if "default" in setting.help:
+        return setting.help
+    return f"{setting.help} (default: {setting.default})".replace("%", "%%")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,40 +296,62 @@ def parse_settings(
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     prog: str | None = None,
     suggest: Iterable[str] = (),
-) -> argparse.Namespace:
+):
     """Parse `argv` into the script's settings: each setting (see `settings`) is a `--lower-case` flag.
 
-    Returns a namespace with lower_case attributes holding the defaults, overridden by the command line. Flags may be
-    spelt with underscores (--learning_rate) but not abbreviated; an unknown flag is one line naming the closest one
-    (among the settings and `suggest`, flags the caller handles itself), exit status 2.
+    Returns a frozen object with lower_case attributes holding the defaults, overridden by the command line, plus
+    `given` (the names whose flag was on the command line) and `fitted` (the settings shipped as fitted(...) that the
+    user left alone: the script may choose them). Flags may be spelt with underscores (--learning_rate) but not
+    abbreviated; an unknown flag is one line naming the closest one (among the settings and `suggest`, flags the caller
+    handles itself), exit status 2.
     """
     doc = (namespace.get("__doc__") or "").strip()
-    parser = _Parser(
-        prog=prog, description=doc.split("\n\n")[0] if doc else None, formatter_class=_HelpFormatter, allow_abbrev=False
-    )
-    for s in settings(namespace):
-        flag = flag_of(s.name)
+    parser = _Parser(prog=prog, description=doc.split("\n\n")[0] if doc else None, allow_abbrev=False)
+    known = settings(namespace)
+    for s in known:
+        flag, suppressed = flag_of(s.name), argparse.SUPPRESS  # absent from the result unless given: `given` is exact
         if s.kind is bool and s.name.startswith("NO_"):  # --no-adapter, not --no-adapter/--no-no-adapter
-            parser.add_argument(flag, action="store_true", default=s.default, help=s.help)
+            parser.add_argument(flag, action="store_true", default=suppressed, help=_with_default(s))
         elif s.kind is bool:
-            parser.add_argument(flag, default=s.default, action=argparse.BooleanOptionalAction, help=s.help)
+            parser.add_argument(flag, default=suppressed, action=argparse.BooleanOptionalAction, help=_with_default(s))
         else:
-            parser.add_argument(flag, default=s.default, type=s.kind, metavar=s.name, help=s.help)
+            parser.add_argument(flag, default=suppressed, type=s.kind, metavar=s.name, help=_with_default(s))
     if add_arguments:
         add_arguments(parser)
     flags = _flags(parser)
     argv = _with_hyphens(sys.argv[1:] if argv is None else argv, flags)
-    args, extras = parser.parse_known_args(argv)
+    parsed, extras = parser.parse_known_args(argv)
     if extras:
         parser.error(_unknown(extras, flags + list(suggest)))
-    return args
+    names = {s.name.lower() for s in known}
+    given = frozenset(n for n in vars(parsed) if n in names)
+    values = {**{s.name.lower(): s.default for s in known}, **vars(parsed)}
+    fitted_names = frozenset(s.name.lower() for s in known if s.fitted) - given
+    return _settings_class(tuple(values))(**values, given=given, fitted=fitted_names)
+
+
+@functools.cache
+def _settings_class(names: tuple[str, ...]) -> type:
+    """A frozen dataclass of these settings, plus `given` and `fitted` (see parse_settings)."""
+    fields = [(n, object) for n in names]
+    fields += [(n, frozenset, dataclasses.field(default=frozenset())) for n in _RECORDS]
+    return dataclasses.make_dataclass("Settings", fields, frozen=True)
+
+
+def values(settings) -> dict:
+    """The settings' values by name, without `given` and `fitted`: what a run saves beside its results."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.name not in _RECORDS}
+
+
+_RECORDS = ("given", "fitted")
 
 
 def check_arguments(script: str | Path, argv: list[str], prog: str | None = None, suggest: Iterable[str] = ()) -> None:
-    """Parse `argv` as `script` would, without running it: a one-line error and exit status 2 for a mistake, else nothing.
+    """Parse and check `argv` as `script` would, without running it: a one-line error for a mistake, else nothing.
 
     For a script whose arguments are all settings. It imports the script (not as __main__, so its main() does not run):
-    its imports at the top must stay cheap. run.sh checks train.py's arguments this way before any download.
+    its imports at the top must stay cheap. A script with a `read_settings(argv)` (train.py) has its values checked by
+    it as well. run.sh checks train.py's arguments this way before any download.
     """
     path = Path(script)
     spec = importlib.util.spec_from_file_location(f"_checked_{path.stem}", path)
@@ -308,6 +359,8 @@ def check_arguments(script: str | Path, argv: list[str], prog: str | None = None
     sys.modules[spec.name] = module  # a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     parse_settings(vars(module), list(argv), prog=prog or path.name, suggest=suggest)
+    if callable(getattr(module, "read_settings", None)):
+        module.read_settings(list(argv))
 
 
 def _bounds_text(above, at_least, below, at_most) -> str:
@@ -320,7 +373,7 @@ def _bounds_text(above, at_least, below, at_most) -> str:
 
 
 def require_range(
-    args: argparse.Namespace,
+    args,
     names: Iterable[str],
     *,
     above: float | None = None,
@@ -330,7 +383,8 @@ def require_range(
 ) -> None:
     """One line for the first of `names` outside the bounds (None, an optional setting left unset, passes).
 
-    require_range(args, ["lora_dropout"], at_least=0, below=1) -> "--lora-dropout must be at least 0 and below 1, not 1.5."
+    require_range(args, ["lora_dropout"], at_least=0, below=1)
+    -> "LORA_DROPOUT / --lora-dropout must be at least 0 and below 1, not 1.5." (the constant, or the flag, was wrong)
     NaN is outside every bound.
     """
     for name in names:
@@ -344,15 +398,18 @@ def require_range(
             and (at_most is None or value <= at_most)
         )
         if not inside:
-            raise UserError(f"{flag_of(name)} must be {_bounds_text(above, at_least, below, at_most)}, not {value}.")
+            raise UserError(
+                f"{setting_names(name)} must be {_bounds_text(above, at_least, below, at_most)}, not {value}."
+            )
 
 
-def require_positive(args: argparse.Namespace, names: Iterable[str]) -> None:
-    """One line for the first of `names` not above 0: ["learning_rate"] -> "--learning-rate must be greater than 0, not -1.0"."""
+def require_positive(args, names: Iterable[str]) -> None:
+    """One line for the first of `names` not above 0: ["learning_rate"] -> "LEARNING_RATE / --learning-rate must be
+    greater than 0, not -1.0"."""
     require_range(args, names, above=0)
 
 
-def require_at_least(args: argparse.Namespace, minimums: dict[str, float]) -> None:
+def require_at_least(args, minimums: dict[str, float]) -> None:
     """One line for the first setting below its minimum, e.g. {"batch_size": 1} -> "--batch-size must be at least 1"."""
     for name, low in minimums.items():
         require_range(args, [name], at_least=low)

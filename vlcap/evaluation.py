@@ -4,15 +4,20 @@
     captions, scores = evaluation.evaluate(model, processor, items, captioning.Recipe("COCO Yes:", 280))
     evaluation.write_results(output_dir, items, {"before": (captions0, scores0), "after": (captions, scores)})
 
+train.py calls `score` (caption, score, print and log one split), `print_samples` (the held-out pictures) and
+`write_page` (the scores, the captions and the page that shows them beside the pictures).
+
 Scores are vlcap/caption_metrics.py's (pycocoevalcap: BLEU-1..4, ROUGE-L, CIDEr), plus the mean caption length in words.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from vlcap import captioning, fastdecode, formats
+from vlcap import captioning, fastdecode, formats, gallery
+from vlcap.cli import UserError
 from vlcap.training_data import usable_conversations
 
 SCORES_FILE, CAPTIONS_FILE = "eval_scores.json", "eval_captions.jsonl"
@@ -29,7 +34,13 @@ def load_split(eval_json: str | Path, size: int) -> list[dict]:
             "`python csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json`."
         )
         return []
-    return usable_conversations(formats.read_conversations(eval_json), limit=size)
+    try:
+        return usable_conversations(formats.read_conversations(eval_json), limit=size)
+    except UserError as e:  # the scores are optional: the run trains without them, and says which file to fix
+        print(
+            f"warning: no evaluation split: {e} (--eval-json {eval_json}); captions will not be scored", file=sys.stderr
+        )
+        return []
 
 
 def caption_conversations(model, processor, items: list[dict], recipe: captioning.Recipe) -> dict[str, str]:
@@ -79,3 +90,28 @@ def write_results(output_dir: Path, items: list[dict], results: dict) -> None:
                 "references": formats.references_of(item),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def score(model, processor, items: list[dict], recipe: captioning.Recipe, when: str, tracker) -> tuple[dict, dict]:
+    """(captions, scores) of the evaluation split, printed and logged as eval/<when>/<metric>."""
+    captions, scores = evaluate(model, processor, items, recipe)
+    print(summary(when, scores))
+    tracker.log(metrics(when, scores))
+    return captions, scores
+
+
+def write_page(output_dir: Path, items: list[dict], results: dict) -> None:
+    """The scores and captions before and after (files), and the page that shows them beside the pictures."""
+    write_results(output_dir, items, results)
+    page = gallery.write_evaluation_page(output_dir / gallery.PAGE_FILE, items, results)
+    print(f"the evaluation pictures with their captions before and after training: {page}")
+
+
+def print_samples(items: list[dict], captions: dict[str, str], most: int = 4) -> None:
+    """A few held-out pictures with their reference and generated captions (infer.py captions all of them)."""
+    shown = [item for item in items if formats.image_of(item) in captions][:most]
+    for item in shown:
+        path = formats.image_of(item)
+        print(f"{path}\n  reference: {formats.caption_of(item)}\n  generated: {captions[path]}")
+    if len(captions) > len(shown):
+        print(f"... and {len(captions) - len(shown)} more held-out pictures: `python infer.py` captions them all")

@@ -1,19 +1,14 @@
-"""Fit training to the GPU the reader has: its free memory picks the batch split, gradient checkpointing and the vision
-cache; whether it has bf16 picks the precision. What the user set explicitly is never changed, only checked.
+"""The memory a training run needs on the GPU the reader has, and the precision that card computes in.
 
     card = memory.Card.detect("cuda")                     # total / free memory, compute capability, bf16
     precision = memory.choose_precision(card, "auto")     # bf16; fp16 mixed precision on cards without bf16
     shape = memory.Shape.of_model(model_dir, lora_r=64, lora_targets="q_proj,...")
     job = memory.Job(pictures=496, seq_tokens=144, caption_tokens=18, cache_gb=0.15)
-    plan = memory.plan(card, shape, job, precision, user={"gradient_checkpointing": True})
-    print(plan.reason)   # "memory: 12.0 GB free on ...: batch 8 x 2 accumulation (needs about 11.8 GB with headroom; ...)"
+    need = memory.estimate(shape, job, precision, memory.Settings(16, 1, False, True, True, 32)).need   # GB
 
-`plan` is a pure function of those four things and the settings the user gave: tests call it for simulated cards.
-It walks a ladder from fastest to smallest and takes the first rung the memory model says fits: the whole batch in
-one step; smaller batches with accumulation (the same effective batch); then gradient checkpointing from the largest
-batch down; each with fewer pictures captioned at a time after training before the next; when a rung does not fit
-with the vision cache on the GPU up to VISION_CACHE_GB, with less of it there (the rest is read from host memory ahead
-of each step: vlcap/fastpath.py's VisionCache). GB here is 10^9 bytes, as bench/RESULTS.md and
+This module is the memory model: what a GPU is (Card), how training computes (Precision), what a model and a job
+need (Shape, Job), and the expected peak of one configuration (`estimate`). vlcap/memory_plan.py chooses among
+configurations with it. GB here is 10^9 bytes, as bench/RESULTS.md and
 torch.cuda.max_memory_allocated() / 1e9 report it.
 
 For testing, VLCAP_GPU_MEMORY_GB=12 makes Card.detect cap this process's GPU memory at 12 GB
@@ -25,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 
 from vlcap import cli
 
@@ -33,24 +28,13 @@ GB = 1e9
 MEMORY_ENV = "VLCAP_GPU_MEMORY_GB"  # testing: imitate a card of this many GB (the process is capped to it)
 BF16_ENV = "VLCAP_GPU_BF16"  # testing: 0 imitates a card without bf16
 
-# train.py's settings this module chooses when the user leaves them alone, at their shipped values (train.py's
-# constants; tests/test_memory.py checks the two agree). A setting counts as the user's when it is on the command line or
-# its constant no longer holds this value.
-SHIPPED = {
-    "batch_size": 16,
-    "grad_accum": 1,
-    "gradient_checkpointing": False,
-    "vision_cache_gb": 8.0,
-    "cuda_graphs": True,
-    "eval_batch_size": 32,
-}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # ---------------------------------------------------------------------------------------------------- memory model
 # Peak GPU memory of a training run =
 #     base weights                    parameters x 2 bytes (bf16 / fp16) or 4 (fp32)
 #   + LoRA                            its parameters x 16 bytes: fp32 weight, gradient, Adam's two moments
-#   + vision cache on the GPU         pictures x image tokens x hidden x 2 or 4 bytes (fastpath.vision_cache_bytes), up to
+#   + vision cache on the GPU         pictures x image tokens x hidden x 2 or 4 bytes (vision_cache_bytes), up to
 #                                     VISION_CACHE_GB or less when that makes training fit; the rest is in host memory
 #   + OVERHEAD_GB
 #   + the larger of
@@ -261,7 +245,7 @@ class Job:
     cache_gb: float | None = (
         None  # the vision cache's size (all of it); None: no cache possible (each picture's own size)
     )
-    cache_limit_gb: float = SHIPPED["vision_cache_gb"]  # VISION_CACHE_GB
+    cache_limit_gb: float = math.inf  # VISION_CACHE_GB: GB of the cache on the GPU at most
     fast: bool = True  # the fast path (vision cache) is available with the installed transformers
 
     @classmethod
@@ -299,7 +283,7 @@ class Settings:
     gradient_checkpointing: bool
     vision_cache: bool
     cuda_graphs: bool
-    eval_batch_size: int = SHIPPED["eval_batch_size"]  # pictures captioned at a time, after training
+    eval_batch_size: int  # pictures captioned at a time, after training
     cache_gpu_gb: float | None = None  # GB of the vision cache kept on the GPU when less than VISION_CACHE_GB allows
 
     def describe(self) -> str:
@@ -310,8 +294,8 @@ class Settings:
         )
         return split + (" with checkpointing" if self.gradient_checkpointing else "")
 
-    def flags(self) -> str:
-        """The command-line flags that ask for these settings."""
+    def flags(self, eval_batch_size: int | None = None) -> str:
+        """The command-line flags that ask for these settings (--eval-batch-size where it is not `eval_batch_size`)."""
         return (
             f"--batch-size {self.batch_size} --grad-accum {self.grad_accum}"
             + (" --gradient-checkpointing" if self.gradient_checkpointing else "")
@@ -321,11 +305,7 @@ class Settings:
                 if self.cache_gpu_gb is None or not self.vision_cache
                 else f" --vision-cache-gb {self.cache_gpu_gb:g}"
             )
-            + (
-                ""
-                if self.eval_batch_size == SHIPPED["eval_batch_size"]
-                else f" --eval-batch-size {self.eval_batch_size}"
-            )
+            + ("" if self.eval_batch_size == eval_batch_size else f" --eval-batch-size {self.eval_batch_size}")
         )
 
 
@@ -382,243 +362,3 @@ def estimate(shape: Shape, job: Job, precision: Precision, settings: Settings) -
         retained=settings.batch_size * layers / GB if settings.cuda_graphs else 0.0,
         captioning=settings.eval_batch_size * job.seq_tokens * CAPTION_BYTES_PER_TOKEN * scale / GB,
     )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The chosen settings, why, and what was tried."""
-
-    settings: Settings
-    precision: Precision
-    estimate: Estimate
-    card: Card | None
-    fits: bool  # with headroom
-    reason: str  # one line, for the user
-    user: dict = field(default_factory=dict)  # the settings the user gave (never changed)
-    ladder: tuple = ()  # ((Settings, Estimate), ...) tried, best first
-    instead: Settings | None = None  # when the user's settings do not fit: what fits with those left to the plan
-
-    @property
-    def hopeless(self) -> bool:
-        """Even the expected peak, without headroom, is more than the card has free: training would run out."""
-        return self.card is not None and self.estimate.peak > self.card.free_gb
-
-    def apply(self, args) -> None:
-        """Write the chosen settings into train.py's parsed settings (on the CPU only the precision)."""
-        args.precision = self.precision.name
-        if self.card is not None:
-            s = self.settings
-            args.batch_size, args.grad_accum = s.batch_size, s.grad_accum
-            args.gradient_checkpointing, args.cuda_graphs = s.gradient_checkpointing, s.cuda_graphs
-            args.eval_batch_size = s.eval_batch_size
-            if s.cache_gpu_gb is not None:
-                args.vision_cache_gb = s.cache_gpu_gb
-
-    def smaller(self) -> Settings | None:
-        """The next rung of the ladder whose training step needs less memory than this plan's, or None."""
-        rungs = [s for s, _ in self.ladder]
-        later = self.ladder[rungs.index(self.settings) + 1 :] if self.settings in rungs else self.ladder
-        smaller = [s for s, e in later if e.activations < self.estimate.activations]
-        same_captions = [s for s in smaller if s.eval_batch_size == self.settings.eval_batch_size]
-        return (same_captions or smaller or [None])[0]
-
-    def as_dict(self) -> dict:
-        """For train_settings.json: what was chosen, the estimate, the card."""
-        return {
-            "settings": asdict(self.settings),
-            "precision": self.precision.name,
-            "estimated_peak_gb": round(self.estimate.peak, 2),
-            "estimated_need_gb": round(self.estimate.need, 2),
-            "card": asdict(self.card) if self.card else None,
-            "user": sorted(self.user),
-            "reason": self.reason,
-        }
-
-
-def _splits(batch: int) -> list[tuple[int, int]]:
-    """Ways to run an effective batch of `batch` per device: (per-step batch, accumulation), largest batch first."""
-    return [(b, batch // b) for b in range(batch, 0, -1) if batch % b == 0]
-
-
-def plan(card: Card | None, shape: Shape, job: Job, precision: Precision, user: dict | None = None) -> Plan:
-    """The fastest settings that fit `card`, keeping every setting in `user` (train.py's names: batch_size, grad_accum,
-    gradient_checkpointing, vision_cache_gb, cuda_graphs) as the user gave it.
-
-    On the CPU (card None) nothing is chosen: the settings are the user's or the shipped ones.
-    """
-    user = dict(user or {})
-    given = {**SHIPPED, **user}
-    # What does not fit VISION_CACHE_GB goes to host memory (fastpath.VisionCache): the cache is used whatever its size.
-    cache_ok = job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0
-    job = replace(job, cache_limit_gb=given["vision_cache_gb"])
-
-    def settings(batch, accum, ckpt, cache, captions=given["eval_batch_size"]):
-        graphs = given["cuda_graphs"] and cache and not ckpt and precision.name == "bf16" and card is not None
-        return Settings(batch, accum, ckpt, cache, graphs, captions)
-
-    if card is None:
-        s = settings(given["batch_size"], given["grad_accum"], given["gradient_checkpointing"], cache_ok)
-        e = estimate(shape, job, precision, s)
-        return Plan(
-            s, precision, e, None, True, f"memory: the CPU: {s.describe()}; precision {precision.name}", user, ((s, e),)
-        )
-
-    if "batch_size" in user or "grad_accum" in user:
-        splits = [(given["batch_size"], given["grad_accum"])]
-    else:
-        splits = _splits(given["batch_size"] * given["grad_accum"])
-    # Captioning fewer pictures at a time after training costs seconds; a slower training step costs minutes: each
-    # training rung is tried with smaller captioning batches before the next rung.
-    captions = given["eval_batch_size"]
-    caption_batches = [captions] if "eval_batch_size" in user else [captions] + [c for c in (16, 8, 4) if c < captions]
-
-    def rungs(cache: bool):
-        for ckpt in [user["gradient_checkpointing"]] if "gradient_checkpointing" in user else [False, True]:
-            for batch, accum in splits:
-                if batch == 1 and not ckpt and len(splits) > 1 and "gradient_checkpointing" not in user:
-                    continue  # one picture per step without checkpointing: checkpointing a larger batch is as small, faster
-                for c in caption_batches:
-                    s = settings(batch, accum, ckpt, cache, c)
-                    yield s, estimate(shape, job, precision, s)
-
-    def less_on_gpu(s: Settings, e: Estimate):
-        """The same step with as much of the cache on the GPU as fits beside it (the rest read from host memory or disk)."""
-        s = replace(s, cache_gpu_gb=math.floor(100 * max(0.0, e.cache - (e.need - card.free_gb))) / 100)
-        return s, estimate(shape, job, precision, s)
-
-    # Rungs with the cache on the GPU up to VISION_CACHE_GB first; when one does not fit, the same rung with less of
-    # it there. Where part of the cache is read from host memory anyway, right after the rung: streaming more costs
-    # about nothing, a smaller step costs time. Where it all fits, only after every rung with all of it on the GPU.
-    with_cache = list(rungs(True)) if cache_ok else []
-    spills = cache_ok and job.cache_gb > given["vision_cache_gb"]
-    ladder = []
-    for s, e in with_cache:
-        ladder.append((s, e))
-        if spills and e.need > card.free_gb and e.cache > 0:
-            ladder.append(less_on_gpu(s, e))
-    if not spills:
-        ladder += [less_on_gpu(s, e) for s, e in with_cache if e.need > card.free_gb and e.cache > 0]
-    ladder += list(rungs(False))
-    chosen = next(((s, e) for s, e in ladder if e.need <= card.free_gb), None)
-    fits = chosen is not None
-    if chosen is None:
-        chosen = min(ladder, key=lambda se: se[1].need)
-    s, e = chosen
-    instead = None
-    split_or_ckpt = {"batch_size", "grad_accum", "gradient_checkpointing"}
-    if not fits and split_or_ckpt & set(user):
-        free_choice = plan(card, shape, job, precision, {k: v for k, v in user.items() if k not in split_or_ckpt})
-        instead = free_choice.settings if free_choice.fits else None
-    p = Plan(s, precision, e, card, fits, "", user, tuple(ladder), instead)
-    return replace(p, reason=_reason(p, job))
-
-
-def _reason(p: Plan, job: Job) -> str:
-    s, card, given = p.settings, p.card, {**SHIPPED, **p.user}
-    where = f"{card.free_gb:.1f} GB free on {card.name}"
-    mine = [n for n in ("batch_size", "grad_accum", "gradient_checkpointing") if n in p.user]
-    split = (
-        f"batch {s.batch_size} in one step"
-        if s.grad_accum == 1
-        else f"batch {s.batch_size} x {s.grad_accum} accumulation"
-    )
-    what = split + (" (as set)" if {"batch_size", "grad_accum"} & set(mine) else "")
-    if s.gradient_checkpointing:
-        what += " with checkpointing" + (" (as set)" if "gradient_checkpointing" in mine else "")
-    if (s.batch_size, s.grad_accum, s.gradient_checkpointing) == (4, 4, True) and not mine:
-        what += ", as --low-memory"
-    if s.eval_batch_size != given["eval_batch_size"]:
-        what += f", captions {s.eval_batch_size} pictures at a time"
-    if p.fits and not s.vision_cache and job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0:
-        what += f", without the vision cache (its {job.cache_gb:.1f} GB do not fit beside training)"
-    if s.vision_cache and job.cache_gb and job.cache_gb > p.estimate.cache:
-        what += (
-            f", {p.estimate.cache:.1f} GB of the {job.cache_gb:.1f} GB vision cache on the GPU (the rest read ahead "
-            "of each step from host memory or disk)"
-        )
-    if given["cuda_graphs"] and s.vision_cache and not s.gradient_checkpointing and not s.cuda_graphs:
-        what += f", no CUDA graphs in {p.precision.name} (they are captured in bf16)"
-    if not p.fits:
-        flags = ", ".join("--" + n.replace("_", "-") for n in mine)
-        if mine:
-            hint = f"leave out {flags} to let train.py choose" + (
-                f" ({p.instead.describe()} fits)" if p.instead else ""
-            )
-        else:
-            hint = "the smallest configuration; free GPU memory (other processes?) or use a card with more"
-        return f"memory: {where}, but {what} needs about {p.estimate.need:.1f} GB with headroom: {hint}"
-    first_s, first_e = p.ladder[0]
-    why = f"; {first_s.describe()} needs {first_e.need:.1f}" if first_s != s else ""
-    return f"memory: {where}: {what} (needs about {p.estimate.need:.1f} GB with headroom{why})"
-
-
-# ------------------------------------------------------------------------------------------------ explicit settings
-def explicit_settings(namespace: dict, argv: list[str] | None, names=tuple(SHIPPED)) -> set[str]:
-    """The settings among `names` the user gave: on the command line, or by editing the constant in the script
-    (`namespace`, the script's globals) away from its shipped value (SHIPPED)."""
-    args = cli.parse_settings(namespace, argv)
-    # Parsed again with every default moved: a value that stays put came from the command line.
-    moved = {
-        n.upper(): (not namespace[n.upper()]) if isinstance(namespace[n.upper()], bool) else namespace[n.upper()] + 7919
-        for n in names
-    }
-    again = cli.parse_settings({**namespace, **moved}, argv)
-    return {n for n in names if getattr(args, n) == getattr(again, n) or getattr(args, n) != SHIPPED.get(n)}
-
-
-# --------------------------------------------------------------------------------------------------- when it fails
-def out_of_memory(plan: Plan, output_dir, device: str = "cuda", now: tuple[float, float] | None = None) -> str:
-    """One line for an out-of-memory error during training: what happened, which setting to lower, how to resume.
-
-    `now` is (GB free on the card, GB this process holds), read from the GPU when not given.
-    """
-    from pathlib import Path
-
-    if now is None:
-        import torch
-
-        now = torch.cuda.mem_get_info(device)[0] / GB, torch.cuda.memory_reserved(device) / GB
-    free, mine = now
-    card = plan.card
-    if card is not None and card.simulated:  # capped by VLCAP_GPU_MEMORY_GB: free within the cap
-        free = min(free, max(0.0, card.total_gb - mine))
-    others_then = card.total_gb - card.free_gb if card else 0.0
-    others_now = (card.total_gb - free - mine) if card else 0.0
-    cause = (
-        f"other processes took {others_now - others_then:.1f} GB since it started"
-        if card and others_now > others_then + 0.5
-        else f"it held {mine:.1f} GB, {free:.1f} GB were left"
-    )
-    smaller = plan.smaller()
-    chosen = [n for n in ("batch_size", "grad_accum", "gradient_checkpointing") if n in plan.user]
-    checkpoints = sorted(
-        (p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:])
-    )
-    resume = (
-        f" --resume (it continues from {checkpoints[-1].name})"
-        if checkpoints
-        else " (no checkpoint yet: it starts again)"
-    )
-    if smaller is None:
-        return f"the GPU ran out of memory while training ({cause}); nothing smaller fits this model: free GPU memory and rerun with{resume}"
-    lower = f"lower {', '.join('--' + n.replace('_', '-') for n in chosen)}: " if chosen else ""
-    return f"the GPU ran out of memory while training ({cause}); {lower}rerun with {smaller.flags()}{resume}"
-
-
-def loss_guard(precision: Precision):
-    """A transformers TrainerCallback that stops fp16 training with one line when the logged loss is inf or nan (the
-    model's activations overflowed fp16's range, which loss scaling does not cure), or None for other precisions."""
-    if precision.name != "fp16":
-        return None
-    from transformers import TrainerCallback
-
-    class _LossGuard(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise cli.UserError(
-                    f"the loss is {loss} at step {state.global_step} in fp16: the model's activations overflow fp16; "
-                    "rerun with --precision fp32 (slower, twice the memory)."
-                )
-
-    return _LossGuard()

@@ -1,6 +1,7 @@
 """Training examples: which conversations are usable, the held-out split, and pictures + captions as token ids, labels
-and pixels, batched. This is the plain path's data; vlcap/fastpath.py encodes the same examples once and caches them.
+and pixels, batched. This is the plain path's data; vlcap/vision_cache.py encodes the same examples once and caches them.
 
+    data = training_data.prepare(settings, is_main=True)   # train.py: Data(model_dir, processor, train/test items, dataset)
     items = training_data.usable_conversations(formats.read_conversations("data_vl.json"))
     train_items, test_items = training_data.hold_out(items, test_size=4)
     dataset = training_data.CaptionDataset(train_items, processor, "COCO Yes:", image_size=280, max_length=8192)
@@ -15,12 +16,49 @@ caption too long for max_length is cut, never the image tokens.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vlcap import formats, images
 from vlcap.cli import UserError
 from vlcap.qwen import answer_end_id, prompt_text
+
+
+@dataclass(frozen=True)
+class Data:
+    """train.py's data: the model folder and its processor, the conversations split into training and held-out ones,
+    and the training conversations as a dataset at the run's image size."""
+
+    model_dir: str
+    processor: object
+    image_size: int
+    train_items: list
+    test_items: list
+    dataset: CaptionDataset
+
+
+def prepare(settings, is_main: bool) -> Data:
+    """Read and check the conversations (settings.data_json), hold out the last TEST_SIZE, find the model folder and its
+    processor, fix the image size to the model's patches, check the LoRA targets and encode the first example: every
+    check that can fail does, before anything is written. Then (process 0) the split files are written."""
+    from vlcap import qwen
+
+    items = usable_conversations(formats.read_conversations(settings.data_json))
+    train_items, test_items = hold_out(items, settings.test_size)
+    model_dir = qwen.resolve_model_dir(settings.model_dir)
+    if Path(model_dir).is_dir():
+        model_dir = str(Path(model_dir).resolve())  # recorded with the adapter: infer.py may run from another folder
+    processor = qwen.load_processor(model_dir)
+    image_size = qwen.resolve_image_size(processor, settings.image_size)  # a multiple of this model's patches
+    qwen.check_lora_targets(model_dir, settings.lora_targets)
+    dataset = CaptionDataset(train_items, processor, settings.prompt, image_size, settings.max_length)
+    dataset.check_first()
+    if is_main:  # every check that can fail early has passed: now the split files may change
+        for path, part in zip(formats.split_paths(settings.data_json), (train_items, test_items)):
+            formats.write_json(path, part)
+    return Data(model_dir, processor, image_size, train_items, test_items, dataset)
 
 
 def usable_conversations(items: list[dict], limit: int | None = None) -> list[dict]:
