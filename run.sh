@@ -9,16 +9,18 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bash run.sh [--smoke] [TRAIN.PY FLAGS...]
+usage: bash run.sh [--smoke] [--source COCO_FOLDER] [TRAIN.PY FLAGS...]
 
 The whole pipeline, in order: data2csv.py -> csv2json.py -> train.py -> infer.py.
 
   bash run.sh                   600 COCO 2014 pictures and Qwen2-VL-2B-Instruct (about 4.5 GB) from ModelScope -> CSV
                                 -> JSON -> LoRA fine-tune on the GPU -> captions of the held-out pictures
+  bash run.sh --source DIR      the pictures from a local COCO folder (train2014/, val2014/, annotations/) instead of
+                                ModelScope: what to do when ModelScope cannot be reached
   bash run.sh --smoke           the same steps offline on a CPU: tiny model, generated pictures, about a minute;
                                 files go to $SMOKE_DIR (default: smoke/)
-  bash run.sh --epochs 1        any other argument goes to train.py (python train.py --help lists them); they are
-                                checked before anything is downloaded
+  bash run.sh --epochs 1        any other argument goes to train.py (python train.py --help lists them); their names
+                                and values are checked, and a GPU looked for, before anything is downloaded
   bash run.sh --help            this text
 
 Python: $PYTHON, else .venv/bin/python, else python.
@@ -27,18 +29,28 @@ EOF
 
 cd "$(dirname "$0")"
 smoke=0
+source=()  # the data steps' --source, when given
+take_source=0
 for arg; do  # run.sh's own flags, anywhere; every other argument stays in "$@" for train.py
     shift
+    if [ $take_source = 1 ]; then source=(--source "$arg"); take_source=0; continue; fi
     case $arg in
         --smoke) smoke=1 ;;
+        --source) take_source=1 ;;
+        --source=*) source=(--source "${arg#--source=}") ;;
         -h | --help) usage; exit 0 ;;
         *) set -- "$@" "$arg" ;;
     esac
 done
+if [ $take_source = 1 ]; then echo "run.sh: error: --source needs a folder: --source COCO_FOLDER" >&2; exit 2; fi
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 
-# train.py's own parser checks its arguments now (its settings too), not after the downloads; nothing heavy is loaded.
-$PY -c 'import sys; from vlcap import cli; cli.run(lambda: cli.check_arguments("train.py", sys.argv[1:], "run.sh", ["--smoke"]))' "$@"
+# train.py's own parser and checks take its arguments now (names and values), not after the downloads.
+$PY -c 'import sys; from vlcap import cli; cli.run(lambda: cli.check_arguments("train.py", sys.argv[1:], "run.sh", ["--smoke", "--source"]))' "$@"
+if [ $smoke = 0 ] && ! $PY -c 'import sys, torch, train; sys.exit(train.read_settings(sys.argv[1:]).device != "cpu" and not torch.cuda.is_available())' "$@"; then
+    echo "run.sh: error: no CUDA GPU is visible, and train.py needs one for Qwen2-VL-2B (nothing was downloaded); run it on a machine with a GPU, or try the whole pipeline offline on this CPU with: bash run.sh --smoke" >&2
+    exit 2
+fi
 
 if [ $smoke = 1 ]; then
     S=${SMOKE_DIR:-smoke}  # where the smoke run writes everything
@@ -57,8 +69,8 @@ if [ $smoke = 1 ]; then
     exit
 fi
 
-$PY data2csv.py                                          # the tutorial's 500 training pictures
-$PY data2csv.py --split validation --n 100 --image-dir coco_2014_caption_val --csv coco-2014-val.csv
+$PY data2csv.py ${source[@]+"${source[@]}"}                           # the tutorial's 500 training pictures
+$PY data2csv.py ${source[@]+"${source[@]}"} --split validation --n 100 --image-dir coco_2014_caption_val --csv coco-2014-val.csv
 $PY csv2json.py                                          # -> data_vl.json
 $PY csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json
 $PY train.py "$@"                                        # scores data_vl_eval.json before and after training

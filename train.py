@@ -18,7 +18,6 @@ the command line, or by writing a plain value in place of cli.fitted(...)) are k
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from vlcap import cli, formats, processes, run_outputs, timing, tracking, train_settings
 
@@ -102,17 +101,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     batches = pending.finish(model)
     marks("prepared")
 
-    # Caption quality before training, the base model's captions of the held-out pictures
+    # Caption quality before training (and the base model's captions of the held-out pictures, to SwanLab)
     tracker = tracking.start(swanlab_mode, settings.swanlab_project, settings.swanlab_experiment, cli.values(settings))
     recipe = captioning.Recipe(
         settings.prompt, settings.image_size, settings.eval_batch_size, settings.sample_max_new_tokens
     )
-    results = {}
-    if settings.eval_before and eval_items:
-        results["before"] = evaluation.score(model, data.processor, eval_items, recipe, "before", tracker)
-    if settings.eval_before and tracker.enabled:
-        before = evaluation.caption_conversations(model, data.processor, data.test_items, recipe)
-        tracker.log_pictures("Prediction/before", before)
+    results = evaluation.before_training(model, data, eval_items, recipe, tracker) if settings.eval_before else {}
     marks("scored_before")
 
     # LoRA, the Trainer, training
@@ -132,21 +126,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None, marks: ti
     # Save the adapter, caption the held-out pictures, score the evaluation split
     adapter_dir = run_outputs.save(model, data.processor, record, result, marks, device)
     marks("saved")
-    captions = evaluation.caption_conversations(model, data.processor, data.test_items, recipe)
-    evaluation.print_samples(data.test_items, captions)
-    tracker.log_pictures("Prediction/after", captions)
-    marks("sampled")
-    if eval_items:
-        results["after"] = evaluation.score(model, data.processor, eval_items, recipe, "after", tracker)
-        evaluation.write_page(Path(settings.output_dir), eval_items, results)
+    evaluation.after_training(model, data, eval_items, recipe, tracker, results, settings.output_dir, marks)
     tracker.finish()
     marks("end")
-    record["seconds"]["run"] = marks.parts(timing.TRAIN_RUN)
-    formats.write_train_settings(adapter_dir, record)  # again, with where the whole run's time went
-    seconds = record["seconds"]["train"]
-    print(f"trained {result.global_step} steps in {seconds:.1f} s, final loss {result.training_loss:.4f}")
-    print(timing.summary(record["seconds"]["run"]))
-    print(f"adapter saved to {adapter_dir}")
+    run_outputs.finish(adapter_dir, record, result, marks)  # the summary lines, the last naming the adapter
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -62,7 +63,10 @@ def test_constants_with_comments_become_typed_flags(namespace):
     )
     assert args.learning_rate == 3e-3 and args.epochs == 5 and args.model_dir == "m"
     assert args.fast is False and args.no_adapter is True and args.name == "run"
-    assert set(vars(args)) == {"learning_rate", "epochs", "name", "model_dir", "fast", "no_adapter"}
+    assert set(cli.values(args)) == {"learning_rate", "epochs", "name", "model_dir", "fast", "no_adapter"}
+    assert args.given == {"learning_rate", "epochs", "model_dir", "fast", "no_adapter"}  # "name" was left alone
+    with pytest.raises(dataclasses.FrozenInstanceError):  # resolved once: a later step makes a new object
+        args.epochs = 3
 
 
 def test_defaults_and_help_come_from_the_block(namespace, capsys):
@@ -151,7 +155,7 @@ def test_a_list_of_names_keeps_its_flag(tmp_path, capsys):
         (
             "LEARNING_RATE: float = 1e-4",
             'LEARNING_RATE: float = "fast"',
-            "script.py: LEARNING_RATE = 'fast' is text; write a number, e.g. LEARNING_RATE = 0.5",
+            "script.py: LEARNING_RATE = 'fast' is text; write a number, e.g. LEARNING_RATE = 1e-4",
         ),
         (
             "EPOCHS: int = 2",
@@ -254,7 +258,16 @@ def edited_train(tmp_path, old: str, new: str):
             'EPOCHS: int = "2 epochs"',
             "error: train.py: EPOCHS = '2 epochs' is text; write a whole number",
         ),
-        ("BATCH_SIZE: int = 16", 'BATCH_SIZE: int = "sixteen"', "error: train.py: BATCH_SIZE = 'sixteen' is text"),
+        (
+            "BATCH_SIZE: int = cli.fitted(16)",
+            'BATCH_SIZE: int = "sixteen"',
+            "error: train.py: BATCH_SIZE = 'sixteen' is text",
+        ),
+        (  # out of range: the line names the constant the user edited, and the flag
+            "LEARNING_RATE: float = 1e-4",
+            "LEARNING_RATE: float = -1e-4",
+            "error: LEARNING_RATE / --learning-rate must be greater than 0, not -0.0001.",
+        ),
         (
             'LORA_TARGETS: cli.CommaSeparated = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"',
             'LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]',
@@ -291,7 +304,7 @@ def test_an_edited_train_py_says_what_is_wrong_before_anything_loads(tmp_path, o
             2e-4,
         ),
         ("EPOCHS: int = 2", 'EPOCHS: int = "2"', [], "epochs", 2),
-        ("BATCH_SIZE: int = 16", 'BATCH_SIZE: int = "16"', ["--epochs", "1"], "batch_size", 16),
+        ("BATCH_SIZE: int = cli.fitted(16)", 'BATCH_SIZE: int = "16"', ["--epochs", "1"], "batch_size", 16),
         (
             '"q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"',
             '["q_proj", "k_proj", "v_proj", "o_proj"]',
@@ -299,7 +312,7 @@ def test_an_edited_train_py_says_what_is_wrong_before_anything_loads(tmp_path, o
             "lora_targets",
             "q_proj,k_proj,v_proj,o_proj",
         ),
-        ("CUDA_GRAPHS: bool = True", 'CUDA_GRAPHS: bool = "False"', [], "cuda_graphs", False),
+        ("CUDA_GRAPHS: bool = cli.fitted(True)", 'CUDA_GRAPHS: bool = "False"', [], "cuda_graphs", False),
     ],
 )
 def test_an_edited_train_py_takes_the_obvious_forms(tmp_path, old, new, argv, name, value):
@@ -355,19 +368,21 @@ def test_require_positive_refuses_zero_negative_and_nan(namespace):
         args = cli.parse_settings(namespace, ["--learning-rate", value])
         with pytest.raises(cli.UserError) as e:
             cli.require_positive(args, ["learning_rate"])
-        assert str(e.value) == f"--learning-rate must be greater than 0, not {float(value)}."
+        assert str(e.value) == f"LEARNING_RATE / --learning-rate must be greater than 0, not {float(value)}."
 
 
 def test_require_range_names_both_bounds_and_skips_unset_settings(namespace):
     args = cli.parse_settings(namespace, ["--learning-rate", "1.5"])
     cli.require_range(args, ["model_dir"], at_least=0)  # None: an optional setting left unset
     cli.require_range(args, ["learning_rate"], at_least=0, at_most=1.5)
-    with pytest.raises(cli.UserError, match=r"^--learning-rate must be at least 0 and below 1, not 1\.5\.$"):
+    with pytest.raises(
+        cli.UserError, match=r"^LEARNING_RATE / --learning-rate must be at least 0 and below 1, not 1\.5\.$"
+    ):
         cli.require_range(args, ["learning_rate"], at_least=0, below=1)
 
 
 def test_require_at_least_keeps_its_message(namespace):
-    with pytest.raises(cli.UserError, match=r"^--epochs must be at least 1, not 0\.$"):
+    with pytest.raises(cli.UserError, match=r"^EPOCHS / --epochs must be at least 1, not 0\.$"):
         cli.require_at_least(cli.parse_settings(namespace, ["--epochs", "0"]), {"epochs": 1})
 
 

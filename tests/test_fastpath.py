@@ -64,7 +64,9 @@ def test_fast_and_plain_paths_train_the_same(tiny_models, shapes_24, tmp_path, a
         torch.testing.assert_close(fast_weights[name], weight, rtol=1e-4, atol=3e-6)
 
     if arch == "qwen3_vl":  # the comparison above can tell a fast path that leaves the DeepStack features out
-        monkeypatch.setattr(caption_trainer, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs))
+        monkeypatch.setattr(
+            caption_trainer, "_with_deepstack", lambda masks, embeds, module, args, kwargs: (args, kwargs)
+        )
         without, _, _ = train_run(tiny_models[arch], shapes_24, tmp_path / "no-deepstack", arch)
         gap = (torch.tensor(without) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)
         agree = (torch.tensor(fast_losses) - torch.tensor(plain_losses)).abs() / torch.tensor(plain_losses)

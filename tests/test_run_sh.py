@@ -88,12 +88,51 @@ def test_a_mistyped_argument_is_one_line_before_any_step(tmp_path, args, message
 
 def test_train_py_flags_pass_through_to_train_py(tmp_path):
     result, steps = run_sh(
-        tmp_path, str(REPO / "run.sh"), "--epochs", "1", "--learning_rate", "2e-4", "--prompt", "a b"
+        tmp_path, str(REPO / "run.sh"), "--epochs", "1", "--learning_rate", "2e-4", "--prompt", "a b", "--device", "cpu"
     )
     assert result.returncode == 0, result.stderr
     assert scripts(steps) == STEPS
-    assert steps[4] == "train.py --epochs 1 --learning_rate 2e-4 --prompt a b"
+    assert steps[4] == "train.py --epochs 1 --learning_rate 2e-4 --prompt a b --device cpu"
     assert steps[0] == "data2csv.py" and steps[5] == "infer.py", "the other steps get no extra arguments"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--learning-rate", "-1"], "LEARNING_RATE / --learning-rate must be greater than 0, not -1.0."),
+        (["--batch-size", "0"], "BATCH_SIZE / --batch-size must be at least 1, not 0."),
+        (["--epochs", "-3"], "EPOCHS / --epochs must be greater than 0, not -3."),
+        (["--device", "gpu"], "DEVICE / --device must be auto, cuda or cpu, not 'gpu'."),
+        (["--precision", "bf17"], "--precision must be one of auto, bf16, fp16, fp32, not 'bf17'."),
+        (["--image-size", "30"], "IMAGE_SIZE / --image-size must be 0 (each picture's own size) or a multiple"),
+    ],
+)
+def test_a_wrong_value_is_one_line_before_any_step(tmp_path, args, message):
+    """train.py's own checks run on run.sh's arguments before the downloads, not only the flags' names."""
+    result, steps = run_sh(tmp_path, str(REPO / "run.sh"), *args)
+    assert result.returncode == 2 and steps == []
+    assert result.stderr.startswith("error: " + message) and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible here")
+def test_no_gpu_is_said_before_any_download(tmp_path):
+    result, steps = run_sh(tmp_path, str(REPO / "run.sh"), "--epochs", "1")
+    assert result.returncode == 2 and steps == []
+    assert result.stderr.startswith("run.sh: error: no CUDA GPU is visible") and "bash run.sh --smoke" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("form", [["--source", "/data/coco"], ["--source=/data/coco"]])
+def test_source_goes_to_the_data_steps(tmp_path, form):
+    """ModelScope unreachable: its error names --source; run.sh takes it and gives it to both data2csv.py steps."""
+    result, steps = run_sh(tmp_path, str(REPO / "run.sh"), *form, "--device", "cpu", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert scripts(steps) == STEPS
+    assert steps[0] == "data2csv.py --source /data/coco"
+    assert steps[1].startswith("data2csv.py --source /data/coco --split validation")
+    assert steps[4] == "train.py --device cpu --epochs 1", "train.py does not get --source"
+    missing, _ = run_sh(tmp_path, str(REPO / "run.sh"), "--source")
+    assert missing.returncode == 2 and "--source needs a folder" in missing.stderr
 
 
 @pytest.mark.parametrize("shell", ["bash", "sh"])

@@ -4,8 +4,9 @@
     captions, scores = evaluation.evaluate(model, processor, items, captioning.Recipe("COCO Yes:", 280))
     evaluation.write_results(output_dir, items, {"before": (captions0, scores0), "after": (captions, scores)})
 
-train.py calls `score` (caption, score, print and log one split), `print_samples` (the held-out pictures) and
-`write_page` (the scores, the captions and the page that shows them beside the pictures).
+train.py calls `before_training` and `after_training`: the evaluation split captioned and scored each time (printed
+and logged), the held-out pictures captioned (printed, and logged to SwanLab), and at the end the scores, the captions
+and the page that shows them beside the pictures written to OUTPUT_DIR.
 
 Scores are vlcap/caption_metrics.py's (pycocoevalcap: BLEU-1..4, ROUGE-L, CIDEr), plus the mean caption length in words.
 """
@@ -90,6 +91,29 @@ def write_results(output_dir: Path, items: list[dict], results: dict) -> None:
                 "references": formats.references_of(item),
             }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def before_training(model, data, eval_items: list[dict], recipe: captioning.Recipe, tracker) -> dict:
+    """{"before": (captions, scores)} of the evaluation split (none: {}); the held-out pictures' captions to SwanLab.
+    `data` is training_data.Data."""
+    results = {}
+    if eval_items:
+        results["before"] = score(model, data.processor, eval_items, recipe, "before", tracker)
+    if tracker.enabled:
+        tracker.log_pictures("Prediction/before", caption_conversations(model, data.processor, data.test_items, recipe))
+    return results
+
+
+def after_training(model, data, eval_items, recipe, tracker, results: dict, output_dir, marks) -> None:
+    """The held-out pictures captioned (a few printed, all logged), then the evaluation split scored and written with
+    the scores before (`results`) to OUTPUT_DIR: eval_scores.json, eval_captions.jsonl and the page."""
+    captions = caption_conversations(model, data.processor, data.test_items, recipe)
+    print_samples(data.test_items, captions)
+    tracker.log_pictures("Prediction/after", captions)
+    marks("sampled")
+    if eval_items:
+        results = {**results, "after": score(model, data.processor, eval_items, recipe, "after", tracker)}
+        write_page(Path(output_dir), eval_items, results)
 
 
 def score(model, processor, items: list[dict], recipe: captioning.Recipe, when: str, tracker) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@
 
 This module is the memory model: what a GPU is (Card), how training computes (Precision), what a model and a job
 need (Shape, Job), and the expected peak of one configuration (`estimate`). vlcap/memory_plan.py chooses among
-configurations with it. GB here is 10^9 bytes, as bench/RESULTS.md and
+configurations with it. GB here is 10^9 bytes, as the benchmarks and
 torch.cuda.max_memory_allocated() / 1e9 report it.
 
 For testing, VLCAP_GPU_MEMORY_GB=12 makes Card.detect cap this process's GPU memory at 12 GB
@@ -46,19 +46,19 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 #       beside the memory pool of the CUDA graphs (when used), which keeps a batch's layer activations for the graphs' life
 # with activations, logits and captioning twice as large in fp32.
 #
-# Calibration: bench/RESULTS.md, one H100 80GB, the 2B stand-in (2,208,985,600 parameters: 4.42 GB in bf16; LoRA r=64 on
+# Calibration: bench/bench.py on one H100 80GB, the 2B stand-in (2,208,985,600 parameters: 4.42 GB in bf16; LoRA r=64 on
 # the seven projections, 73,859,072 parameters: 1.18 GB), 496 pictures at 280x280 (100 image tokens each: a 0.15 GB
 # cache), sequences padded to 144 tokens of which 18 are caption positions, the 4 held-out pictures captioned after
 # training, peaks from torch.cuda.max_memory_allocated:
-#   (a) fast path, batch 16, no checkpointing                     14.1 GB   runs B, C, D, F-L
-#   (b) fast path, batch 4 x 4 with checkpointing (--low-memory)   6.1 GB   runs A-C, H, I
-#   (c) plain path (no vision cache), batch 16                    17.3 GB   runs B-D, H, I
+#   (a) fast path, batch 16, no checkpointing                     14.1 GB
+#   (b) fast path, batch 4 x 4 with checkpointing (--low-memory)   6.1 GB
+#   (c) plain path (no vision cache), batch 16                    17.3 GB
 # (c) - (a) is the full logits: 16 x 126 more positions x 151,936 x LOGIT_BYTES, less the cache: LOGIT_BYTES 10.9.
 # (a) and (b) then give ACTIVATION_BYTES (120 KB per token and layer of the 2B shape: 11.46 x (1536 + 8960)) and
 # OVERHEAD_GB 0.11. Counting the tensors autograd saves for one decoder layer of that shape on the CPU gives 184 KB per
 # token (the CPU's autocast keeps more fp32 copies), the same order. Checked against measurements not used to fit:
-#   the tutorial's recipe (plain path, batch 4 x 4, checkpointing)   6.9 GB measured (run A), 6.8 predicted
-#   5,000 pictures (a 1.52 GB cache), fast path, batch 16            15.4 GB measured (runs E, K), 15.5 predicted
+#   the tutorial's recipe (plain path, batch 4 x 4, checkpointing)   6.9 GB measured, 6.8 predicted
+#   5,000 pictures (a 1.52 GB cache), fast path, batch 16            15.4 GB measured, 15.5 predicted
 ACTIVATION_BYTES = 11.46  # saved per token, decoder layer and unit of (hidden + intermediate) size, 16-bit training
 LOGIT_BYTES = 11.0  # per logit the LM head computes: bf16 logits, their fp32 copy, log-softmax and gradient (in part)
 OVERHEAD_GB = 0.11  # what the rest of a step holds at its peak (cuBLAS workspace, optimizer temporaries, masks)
@@ -67,9 +67,9 @@ OVERHEAD_GB = 0.11  # what the rest of a step holds at its peak (cuBLAS workspac
 # 400 patches) and one decoder layer's prefill (~7 MB): about 20 MB, 140 KB per token of the prompt.
 CAPTION_BYTES_PER_TOKEN = 140e3
 # Headroom: the caching allocator reserves more than it hands out, mostly in what changes every step; and the CUDA
-# context, kernels loaded later and other libraries use memory outside it. From bench/memory_fit.py (bench/RESULTS.md,
-# memory_fit run 1): batch 16 in one step, estimated 13.8 GB, needed 16.1 GB under a 16 GB cap (it ran out there at
-# 0.15 / 0.75), while batch 8 x 2, estimated 10.1 GB, ran within 12 GB (10.8 GB reserved).
+# context, kernels loaded later and other libraries use memory outside it. From bench/memory_fit.py: batch 16 in one
+# step, estimated 13.8 GB, needed 16.1 GB under a 16 GB cap (it ran out there at 0.15 / 0.75), while batch 8 x 2,
+# estimated 10.1 GB, ran within 12 GB (10.8 GB reserved).
 FRAGMENTATION = 0.25  # reserve this fraction of what changes (a step's activations, or captioning) on top
 MARGIN_GB = 0.6  # and leave this much of the card untouched
 # Token counts when none are measured: the chat template, the prompt and the closing tokens around the picture take 26

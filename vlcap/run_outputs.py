@@ -140,3 +140,16 @@ def save(model, processor, settings: dict, result, marks, device: str) -> Path:
     )
     formats.write_train_settings(adapter_dir, settings)
     return adapter_dir
+
+
+def finish(adapter_dir: Path, record: dict, result, marks) -> None:
+    """train_settings.json again, with where the whole run's time went; the run's summary lines, the last naming the
+    adapter folder."""
+    from vlcap import timing
+
+    record["seconds"]["run"] = marks.parts(timing.TRAIN_RUN)
+    formats.write_train_settings(adapter_dir, record)
+    seconds = record["seconds"]["train"]
+    print(f"trained {result.global_step} steps in {seconds:.1f} s, final loss {result.training_loss:.4f}")
+    print(timing.summary(record["seconds"]["run"]))
+    print(f"adapter saved to {adapter_dir}")

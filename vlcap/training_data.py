@@ -45,7 +45,8 @@ def prepare(settings, is_main: bool) -> Data:
     check that can fail does, before anything is written. Then (process 0) the split files are written."""
     from vlcap import qwen
 
-    items = usable_conversations(formats.read_conversations(settings.data_json))
+    source = f"{settings.data_json} (--data-json)"
+    items = usable_conversations(formats.read_conversations(settings.data_json), source=source)
     train_items, test_items = hold_out(items, settings.test_size)
     model_dir = qwen.resolve_model_dir(settings.model_dir)
     if Path(model_dir).is_dir():
@@ -61,9 +62,10 @@ def prepare(settings, is_main: bool) -> Data:
     return Data(model_dir, processor, image_size, train_items, test_items, dataset)
 
 
-def usable_conversations(items: list[dict], limit: int | None = None) -> list[dict]:
+def usable_conversations(items: list[dict], limit: int | None = None, source: str = "the data JSON") -> list[dict]:
     """Leave out conversations whose picture is missing or not a picture, or whose caption is empty; a warning each.
-    With `limit`, stop once that many are kept (the rest are not opened)."""
+    With `limit`, stop once that many are kept (the rest are not opened). `source` names the file for the error when
+    none is usable."""
     kept = []
     for i, item in enumerate(items):
         if limit is not None and len(kept) == limit:
@@ -76,7 +78,7 @@ def usable_conversations(items: list[dict], limit: int | None = None) -> list[di
         else:
             kept.append(item)
     if not kept:
-        raise UserError("no conversation has a readable image and a caption; check the data JSON.")
+        raise UserError(f"no conversation in {source} has a readable image and a caption; check that file.")
     return kept
 
 
