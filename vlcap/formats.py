@@ -122,7 +122,7 @@ def conversation(
 
 
 def read_conversations(path: str | Path, flag: str = "--data-json") -> list[dict]:
-    """A data_vl JSON, checked: a list of {"id", "conversations": [user turn with a picture, assistant caption]}.
+    """A data_vl JSON, checked: a list of {"id", "conversations": [user message with a picture, assistant caption]}.
 
     `flag` is the reading script's option that names the file (train.py's --data-json, infer.py's --json), for the
     message when it does not exist."""
@@ -138,7 +138,7 @@ def read_conversations(path: str | Path, flag: str = "--data-json") -> list[dict
     for i, item in enumerate(items):
         if not _is_conversation(item):
             raise UserError(
-                f"{path}: item {i + 1} is not a user turn with <|vision_start|>IMAGE<|vision_end|> followed by an "
+                f"{path}: item {i + 1} is not a user message with <|vision_start|>IMAGE<|vision_end|> followed by an "
                 "assistant caption; regenerate the file with csv2json.py."
             )
     return items
