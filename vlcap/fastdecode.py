@@ -209,8 +209,8 @@ class GreedyDecoder:
 def _positions(inner, inputs: dict) -> torch.Tensor:
     """transformers' M-RoPE positions (3 x rows x tokens) for the processor's CPU tensors. Rows that are all alike
     (the same tokens, mask and picture grids, as captioning.model_inputs makes for pictures of one size) have the same
-    positions: they are worked out for the first row and repeated (get_rope_index goes row by row in Python, which
-    for a batch of 64 costs the CPU more than the GPU's work of a step)."""
+    positions: they are worked out for the first row and repeated (get_rope_index goes row by row in Python:
+    milliseconds of the CPU for a batch of 64)."""
     ids, kinds, grid, mask = (inputs[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"))
     rows = len(ids)
     alike = rows > 1 and len(grid) % rows == 0 and all(bool((t == t[:1]).all()) for t in (ids, kinds, mask, grid))
