@@ -117,7 +117,7 @@ def pictures_to_caption(args, trained: formats.AdapterSettings | None) -> tuple[
     split = args.json or (trained.test_json if trained else None)
     if not split:
         raise cli.UserError("nothing to caption; pass image paths or folders, or --json SPLIT.json.")
-    items = formats.read_conversations(split)
+    items = formats.read_conversations(split, flag="--json")
     return [formats.image_of(it) for it in items], {formats.image_of(it): formats.references_of(it) for it in items}
 
 

@@ -1,5 +1,5 @@
 """The vision tower's element-wise work, one block's worth, three ways: as transformers writes it, as vlcap's eager code
-computes it (vision_attention.turned_queries_and_keys), and as vlcap/kernels.py's fused kernels do; with whether each
+computes it (vision_attention.rotary_queries_and_keys), and as vlcap/kernels.py's fused kernels do; with whether each
 gives the transformers result bit for bit.
 
     python bench/tower_kernels.py                  # 64 pictures of 280x280: 25,600 patches, Qwen2-VL-2B's tower
@@ -55,10 +55,10 @@ def main() -> None:
         ("rotary, transformers", family, turned),
         (
             "rotary, vlcap eager (four passes)",
-            lambda: vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin),
+            lambda: vision_attention.rotary_queries_and_keys(qkv[:, :2], cos, sin),
             turned,
         ),
-        ("rotary, fused kernel", lambda: kernels.turned_queries_and_keys(qkv[:, :2], cos, sin), turned),
+        ("rotary, fused kernel", lambda: kernels.rotary_queries_and_keys(qkv[:, :2], cos, sin), turned),
         ("QuickGELU, transformers", lambda: activation(x), activated),
         ("QuickGELU, fused kernel", lambda: kernels.quick_gelu(x), activated),
     )

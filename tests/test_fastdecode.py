@@ -221,7 +221,7 @@ def test_the_loop_stops_at_the_step_every_caption_has_ended(captioner, pictures,
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_rotary_turn_is_the_families_formula(tokens):
+def test_rotary_embedding_is_the_families_formula(tokens):
     """One token a row: one matrix product a layer; more (the prompt): element-wise, bit for bit the family's."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
@@ -230,12 +230,12 @@ def test_rotary_turn_is_the_families_formula(tokens):
     x = torch.randn(rows, heads, tokens, dim, dtype=torch.float64)
     angles = torch.randn(rows, 1, tokens, dim // 2, dtype=torch.float64).repeat(1, 1, 1, 2)
     cos, sin = angles.cos(), angles.sin()
-    turned = fastdecode._turning(cos, sin)(x)
+    rotated = fastdecode._rotary_embedding(cos, sin)(x)
     expected = x * cos + rotate_half(x) * sin
     if tokens == 1:
-        torch.testing.assert_close(turned, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rotated, expected, rtol=1e-12, atol=1e-12)
     else:
-        assert torch.equal(turned, expected)
+        assert torch.equal(rotated, expected)
 
 
 @needs_fast_paths

@@ -185,7 +185,7 @@ def test_batched_vision_attention_gives_transformers_per_picture_features(tiny_m
 @needs_fast_paths
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_the_towers_rotary_turns_queries_and_keys_as_the_family_does(arch):
-    """turned_queries_and_keys (four passes over q and k together) against the family's apply_rotary_pos_emb_vision:
+    """rotary_queries_and_keys (four passes over q and k together) against the family's apply_rotary_pos_emb_vision:
     bit for bit in fp32, bf16 and fp16, from a strided view of the attention's qkv output, with and without gradients
     (a sign or a half swapped the wrong way fails it at once)."""
     import importlib
@@ -198,10 +198,10 @@ def test_the_towers_rotary_turns_queries_and_keys_as_the_family_does(arch):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         qkv = (torch.randn(length, 3, heads, dim) * 3).to(dtype)
         q, k = family(qkv[:, 0], qkv[:, 1], cos, sin)
-        turned = vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin)
+        turned = vision_attention.rotary_queries_and_keys(qkv[:, :2], cos, sin)
         assert turned.dtype == dtype and torch.equal(turned[:, 0], q) and torch.equal(turned[:, 1], k)
         with torch.enable_grad():
-            graded = vision_attention.turned_queries_and_keys(qkv[:, :2].clone().requires_grad_(), cos, sin)
+            graded = vision_attention.rotary_queries_and_keys(qkv[:, :2].clone().requires_grad_(), cos, sin)
         assert graded.requires_grad and torch.equal(graded.detach(), turned)
 
 

@@ -35,10 +35,10 @@ CHECKS = textwrap.dedent(
         qkv = torch.randn(length, 3, heads, dim) * 3
         angles = torch.randn(length, dim // 2) * 20
         cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        fused = kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)
-        assert torch.equal(fused, vision_attention.turned_queries_and_keys(qkv[:, :2], cos, sin)), (length, heads, dim)
+        fused = kernels.rotary_queries_and_keys(qkv[:, :2], cos, sin)
+        assert torch.equal(fused, vision_attention.rotary_queries_and_keys(qkv[:, :2], cos, sin)), (length, heads, dim)
     try:
-        kernels.turned_queries_and_keys(qkv[:, :2].transpose(1, 2), cos, sin)
+        kernels.rotary_queries_and_keys(qkv[:, :2].transpose(1, 2), cos, sin)
         raise AssertionError("a layout that is not a view of qkv must be refused")
     except ValueError:
         pass
@@ -115,7 +115,7 @@ DECODING = textwrap.dedent(
     qkv = torch.randn(rows, tokens, heads + 2 * kv, dim) * 3
     cos, sin = torch.randn(rows, tokens, dim), torch.randn(rows, tokens, dim)
     keys, values = torch.zeros(2, rows, kv, slots, dim)
-    q = kernels.turn_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens), heads)
+    q = kernels.rotary_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens), heads)
     q_eager, k_eager = apply_rotary_pos_emb(
         qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
     )

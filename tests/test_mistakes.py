@@ -30,6 +30,13 @@ from helpers import (
 from swanlab_files import only_run, read_run
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Kill a process that is still running and wait for it, within a bound."""
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
 # ----------------------------------------------------------------------------------------------- nothing lost, nothing late
 def test_a_run_that_fails_early_leaves_the_split_files_as_they_were(tiny_model, shapes_24, tmp_path):
     data = tmp_path / "data_vl.json"
@@ -74,25 +81,37 @@ def test_one_ctrl_c_stops_training_keeps_the_checkpoint_and_names_the_command_th
         "offline",
     ]
     env = {**os.environ, "SWANLAB_LOG_DIR": str(tmp_path / "swanlog")}
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoint-5" / "trainer_state.json").is_file():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
-        time.sleep(0.2)
-    time.sleep(1)
-    process.send_signal(signal.SIGINT)  # once
+    # Output goes to files, not pipes: a run that logs every step would fill a pipe nobody reads while the test waits.
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
     try:
-        _, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError("one Ctrl-C did not stop train.py within 60 s") from None
+        # Any complete checkpoint will do: the save limit removes older ones a fraction of a second after a newer one
+        # is written, so waiting for one by name can miss it.
+        deadline = time.monotonic() + 300
+        while not any(out.glob("checkpoint-*/trainer_state.json")):
+            ended = process.poll() is not None
+            if ended or time.monotonic() > deadline:
+                stop(process)
+                why = "ended before its first checkpoint" if ended else "wrote no checkpoint in 300 s"
+                raise AssertionError(f"train.py {why}: " + (tmp_path / "stderr").read_text()[-2000:])
+            time.sleep(0.2)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)  # once
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("one Ctrl-C did not stop train.py within 60 s") from None
+    finally:
+        stop(process)
+    err = (tmp_path / "stderr").read_text()
     assert process.returncode == 130, err[-2000:]
     hint = re.search(r"interrupted; continue from the last checkpoint with: (.*)", err)
     assert "Traceback" not in err and hint, err[-2000:]

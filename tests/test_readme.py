@@ -29,7 +29,7 @@ def test_every_flag_is_in_the_readme(name):
 def test_ci_runs_the_readmes_commands():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    for command in ["python -m venv .venv && .venv/bin/pip install -r requirements.txt", ".venv/bin/python -m pytest"]:
+    for command in ["python3 -m venv .venv && .venv/bin/pip install -r requirements.txt", ".venv/bin/python -m pytest"]:
         assert command in readme and command in ci
 
 

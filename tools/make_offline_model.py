@@ -18,6 +18,7 @@ local model folder (AutoConfig's model_type picks the family's model class).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import sys
@@ -456,7 +457,10 @@ def build_tokenizer(seed: int, vocab_size: int, extra_tokens: tuple[str, ...] = 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bars print blank lines where the output is not a terminal
     )
     tok.train_from_iterator(caption_corpus(seed), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
@@ -569,11 +573,26 @@ def make_offline_model(
     model.generation_config = GenerationConfig(
         eos_token_id=[im_end, endoftext], pad_token_id=endoftext, bos_token_id=endoftext, do_sample=False
     )
-    model.save_pretrained(out)
+    with _no_progress_bars():  # one line below says what was written
+        model.save_pretrained(out)
     processor.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {size} {family.name} ({n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}) to {out}")
     return out
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off for the block (its "Writing model shards" bar), then as they were."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> None:

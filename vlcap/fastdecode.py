@@ -3,7 +3,7 @@
     new_tokens = fastdecode.greedy_tokens(model, processor_inputs, max_new_tokens=32)   # CPU tensors in
 
 transformers' `generate` is CPU-bound for short captions: every new token runs its logits processors, stopping criteria,
-cache and mask bookkeeping and every decoder layer's small kernels one launch at a time (bench/RESULTS.md has the figures).
+cache and mask bookkeeping and every decoder layer's small kernels one launch at a time.
 Here the pictures go through the vision tower, their features take the image tokens' places, and the prompt runs once
 through the language model into the cache (`LanguageModelStep`, one CUDA graph replay on the GPU for every batch of a
 shape after the first); every later token is one replay of a CUDA graph of the language model's step, the LM head and
@@ -115,7 +115,7 @@ class GreedyDecoder:
         # tensors it waits on the GPU per row), then everything to the GPU in one go without waiting.
         positions = _positions(self.model.model, inputs)
         # No row padded (pictures of one size, as infer.py's batches are): the prompt attends causally over its own
-        # slots, which SDPA's flash kernel does without a mask (bench/RESULTS.md, run BJ: 0.18 -> 0.03 ms a layer)
+        # slots, which SDPA's flash kernel does without a mask (a mask sends it to a slower kernel)
         causal = self.step.sdpa and bool(inputs["attention_mask"].all())
         places = (inputs["input_ids"].flatten() == self.image_token).nonzero().squeeze(1)
         grid = inputs["image_grid_thw"]  # kept on the CPU: the tower's call reads it there, without waiting on the GPU
@@ -209,8 +209,8 @@ class GreedyDecoder:
 def _positions(inner, inputs: dict) -> torch.Tensor:
     """transformers' M-RoPE positions (3 x rows x tokens) for the processor's CPU tensors. Rows that are all alike
     (the same tokens, mask and picture grids, as captioning.model_inputs makes for pictures of one size) have the same
-    positions: they are worked out for the first row and repeated (get_rope_index goes row by row in Python: 64 rows
-    took ~11 ms of the CPU, bench/RESULTS.md run BE)."""
+    positions: they are worked out for the first row and repeated (get_rope_index goes row by row in Python:
+    milliseconds of the CPU for a batch of 64)."""
     ids, kinds, grid, mask = (inputs[k] for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask"))
     rows = len(ids)
     alike = rows > 1 and len(grid) % rows == 0 and all(bool((t == t[:1]).all()) for t in (ids, kinds, mask, grid))
@@ -226,7 +226,7 @@ class _Ended:
 
     On the GPU each step's answer is copied to pinned host memory behind the step, and the loop reads the answer of the
     step before last: the GPU always has the last step queued while the CPU waits (a blocking question every token
-    left it idle for the next replay's launch, ~1 ms a token at batch 64 in bench/RESULTS.md), and at most one step runs
+    would leave it idle until the next replay's launch), and at most one step runs
     after the last caption ended (asking every 8 tokens ran up to 7). On the CPU the answer is read after every step."""
 
     AHEAD = 2  # steps launched and not yet asked about, at most
@@ -339,8 +339,8 @@ class LanguageModelStep:
     What differs from calling the language model: q, k and v come from one matrix product (their weights concatenated
     once, ~6 MB a layer for the 2B model; with LoRA layers unmerged, from their own calls); RMSNorm is torch's fused
     `rms_norm` and the norm's weight (the family's module computes the same in six kernels: in fp32, cast to the input's
-    type, times the weight); the rotary embedding turns queries and keys in one pass (a new token: one matrix product,
-    `_turning`); the mask is made additive once, not by SDPA in every layer; keys and values are written
+    type, times the weight); the rotary embedding rotates queries and keys in one pass (a new token: one matrix product,
+    `_rotary_embedding`); the mask is made additive once, not by SDPA in every layer; keys and values are written
     straight into the cache at their slots; Qwen3-VL's DeepStack features are added at the image tokens' places by
     index (the family's forward selects them by a boolean mask, which waits on the GPU). Positions, the cos/sin tables,
     the attention function (transformers' own, as configured) and the MLP are the family's; a prompt whose rows are
@@ -381,19 +381,19 @@ class LanguageModelStep:
         cos, sin = lm.rotary_emb(hidden, position_ids)
         if self.fused:
             return self._fused_call(hidden, cos, sin, mask, slots, places, deepstack)
-        turn = _turning(cos[:, None], sin[:, None])  # rows x 1 (heads) x tokens x head_dim
+        rotary = _rotary_embedding(cos[:, None], sin[:, None])  # rows x 1 (heads) x tokens x head_dim
         additive = _additive(mask, hidden.dtype)
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(lm.layers):
             attention = self.attention[i]
             x = rms_norm(layer.input_layernorm, hidden)
             qkv = self.qkv[i](x).view(rows, tokens, heads + 2 * kv, dim).transpose(1, 2)  # rows x heads x tokens x dim
-            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
+            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before the rotary embedding
                 q, k = rms_norm(attention.q_norm, qkv[:, :heads]), rms_norm(attention.k_norm, qkv[:, heads:-kv])
                 qk = torch.cat([q, k], dim=1)
             else:
                 qk = qkv[:, :-kv]
-            qk = turn(qk)
+            qk = rotary(qk)
             self.keys[i].index_copy_(2, slots, qk[:, heads:])
             self.values[i].index_copy_(2, slots, qkv[:, -kv:])
             out = self._attend(attention, qk[:, :heads], self.keys[i], self.values[i], additive)
@@ -424,7 +424,7 @@ class LanguageModelStep:
         embedding with the cache writes, SwiGLU's silu and product, and a new token's attention (grouped-query heads
         reading the cache once, where SDPA with a mask repeats the keys and values for every head). Per layer and
         token about ten kernels instead of about twenty; the same arithmetic but for the norms' sums of squares and
-        the new token's attention, which round as such kernels do (bench/RESULTS.md, run BF)."""
+        the new token's attention, which round as such kernels do."""
         lm, layers = self.model, self.model.layers
         (rows, tokens, _), heads, kv, dim = hidden.shape, self.heads, self.kv_heads, self.head_dim
         additive = _additive(mask, hidden.dtype) if tokens > 1 else None
@@ -432,10 +432,10 @@ class LanguageModelStep:
         for i, layer in enumerate(layers):
             attention, keys, values = self.attention[i], self.keys[i], self.values[i]
             qkv = self.qkv[i](x).view(rows, tokens, heads + 2 * kv, dim)
-            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before turning
+            if hasattr(attention, "q_norm"):  # Qwen3: each head's query and key normalised before the rotary embedding
                 q, k = rms_norm(attention.q_norm, qkv[:, :, :heads]), rms_norm(attention.k_norm, qkv[:, :, heads:-kv])
                 qkv = torch.cat([q, k, qkv[:, :, -kv:]], dim=2)
-            q = kernels.turn_into_cache(qkv, cos, sin, keys, values, slots, heads)
+            q = kernels.rotary_into_cache(qkv, cos, sin, keys, values, slots, heads)
             if tokens == 1:
                 out = kernels.decode_attention(q, keys, values, mask[:, 0, 0], attention.scaling)
             else:
@@ -478,7 +478,7 @@ def _plain_swiglu(language_model) -> bool:
     )
 
 
-def _turning(cos: torch.Tensor, sin: torch.Tensor):
+def _rotary_embedding(cos: torch.Tensor, sin: torch.Tensor):
     """The rotary embedding as a function of queries and keys (rows x heads x tokens x head_dim): x * cos +
     rotate_half(x) * sin, the families' own formula. For one token a row (every step after the prompt) it is one
     batched matrix product with a head_dim x head_dim matrix a row, made once for all the layers, instead of five

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,52 @@ def atomic_file(path: str | Path, mode: str = "w"):
     """Open a temporary file beside `path`; on a clean exit it is renamed to `path`, on an error it is removed.
 
     The temporary name is unique to this writer, so two writers never share one; the rename is atomic on one file system.
+    The file gets the permissions a plain open() would give it (mkstemp's are 0600, which would hide the file from the
+    user's group on a shared machine): a new file 0666 less the umask, a replaced file its own.
     """
     path = Path(path)
     fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with open(fd, mode, encoding=None if "b" in mode else "utf-8", newline=None if "b" in mode else "") as f:
+            os.chmod(part, _mode_for(path))
             yield f
         os.replace(part, path)
     except BaseException:
         Path(part).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits open(path, "w") would leave `path` with: its own if it exists, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc (reading it there changes nothing); elsewhere it can only be read by
+    setting it and putting it back, a moment in which another thread's new file would be made under 022."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(folder: str | Path) -> None:
+    """Give the files directly in `folder` the permissions open() gives a new file (0666 less the umask): safetensors
+    (0.8) writes its files 0600, which hides an adapter or a merged model from the user's group on a shared machine.
+    For a folder just written by save_pretrained."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -84,11 +121,14 @@ def conversation(
     return item
 
 
-def read_conversations(path: str | Path) -> list[dict]:
-    """A data_vl JSON, checked: a list of {"id", "conversations": [user turn with a picture, assistant caption]}."""
+def read_conversations(path: str | Path, flag: str = "--data-json") -> list[dict]:
+    """A data_vl JSON, checked: a list of {"id", "conversations": [user message with a picture, assistant caption]}.
+
+    `flag` is the reading script's option that names the file (train.py's --data-json, infer.py's --json), for the
+    message when it does not exist."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist; run csv2json.py first (or pass the right --data-json / --json).")
+        raise UserError(f"{path} does not exist; run csv2json.py first, or pass the right file with {flag}.")
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -98,7 +138,7 @@ def read_conversations(path: str | Path) -> list[dict]:
     for i, item in enumerate(items):
         if not _is_conversation(item):
             raise UserError(
-                f"{path}: item {i + 1} is not a user turn with <|vision_start|>IMAGE<|vision_end|> followed by an "
+                f"{path}: item {i + 1} is not a user message with <|vision_start|>IMAGE<|vision_end|> followed by an "
                 "assistant caption; regenerate the file with csv2json.py."
             )
     return items
@@ -174,5 +214,8 @@ def latest_adapter(root: str | Path = OUTPUT_ROOT) -> Path:
     """The newest adapter folder train.py saved under root."""
     found = sorted(Path(root).glob(f"**/{SETTINGS_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UserError(f"no adapter found under {root}/; run train.py first or pass --adapter DIR.")
+        raise UserError(
+            f"no adapter found under {root}/; run train.py first or pass --adapter DIR (the smoke run saves its "
+            "adapter in smoke/output/adapter: `python infer.py --adapter smoke/output/adapter ...`)."
+        )
     return found[-1].parent

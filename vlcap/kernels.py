@@ -1,32 +1,31 @@
 """Fused GPU kernels (Triton) for the element-wise work of captioning: the vision tower's and the language model's.
 
     if kernels.usable(device, dtype):                   # the tower's, bit for bit the eager code
-        qk = kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)   # the rotary embedding of queries and keys
+        qk = kernels.rotary_queries_and_keys(qkv[:, :2], cos, sin)   # the rotary embedding of queries and keys
         y = kernels.quick_gelu(x)                                     # Qwen2-VL's activation: x * sigmoid(1.702 x)
         h, normed = kernels.add_layer_norm(h, delta, norm.weight, norm.bias, norm.eps)   # residual sum + norm
     if kernels.usable_for_decoding(device, dtype):      # fastdecode's language-model step
         h, normed = kernels.add_rms_norm(h, delta, norm.weight, eps)
-        q = kernels.turn_into_cache(qkv, cos, sin, keys, values, slots, heads)   # rotary + cache writes
+        q = kernels.rotary_into_cache(qkv, cos, sin, keys, values, slots, heads)   # rotary + cache writes
         out = kernels.decode_attention(q, keys, values, valid, scale)            # one new token, grouped heads
         y = kernels.silu_mul(gate, up)                                            # SwiGLU
 
-For 64 pictures the tower turns 33 million query and key values a block in fp32 and runs its activation over 131 million:
+For 64 pictures the tower rotates 33 million query and key values a block in fp32 and runs its activation over 131 million:
 memory-bound work that eager PyTorch does in several passes, each reading and writing the whole tensor (the rotary in
-four, vision_attention.turned_queries_and_keys; the activation in three). Each kernel here reads its input once and
+four, vision_attention.rotary_queries_and_keys; the activation in three). Each kernel here reads its input once and
 writes its output once, doing the same arithmetic in the same order with the same roundings: products rounded before
 they are summed (no fused multiply-add), PyTorch's sigmoid and silu (x / (1 + expf(-x)) with CUDA's accurate expf and an
-IEEE division), a rounding to the tensor's dtype wherever the eager code stores one. One H100, 64 pictures of 280x280
-(bench/tower_kernels.py, bench/RESULTS.md runs BB, BK): the rotary 0.97 -> 0.17-0.20 ms a block (transformers' own:
-1.60), the activation 0.63 -> 0.25 ms. The norms (a residual sum with the norm after it) sum their squares in another
-order than torch's kernels: equal to rounding, as torch's own fused norms are.
+IEEE division), a rounding to the tensor's dtype wherever the eager code stores one (bench/tower_kernels.py times
+them against the eager code and transformers' own). The norms (a residual sum with the norm after it) sum their squares
+in another order than torch's kernels: equal to rounding, as torch's own fused norms are.
 
-A new caption token is ~20 small kernels a layer in eager PyTorch, each a few microseconds at 64 rows (bench/RESULTS.md
-run AQ); with these, ten (two norms, the rotary with the cache writes, the attention, SwiGLU, five matrix products):
-2.4 ms a token for 64 rows where it was 3.2 (run BF). The attention reads each row's cached keys and values once for
-all the query heads that share them, where SDPA with a mask repeats them per head.
+A new caption token is ~20 small kernels a layer in eager PyTorch, each a few microseconds at 64 rows, so launching
+them is most of a token's time; with these, ten (two norms, the rotary embedding with the cache writes, the attention,
+SwiGLU, five matrix products). The attention reads each row's cached keys and values once for all the query heads that
+share them, where SDPA with a mask repeats them per head.
 
-Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): ~2 s on
-an H100 the first time (runs BB, BC, BK), a fraction of a second in a later process. `usable` and
+Triton compiles each kernel on its first use on a machine and keeps it in its cache on disk (~/.triton/cache): a few
+seconds the first time, a fraction of a second in a later process. `usable` and
 `usable_for_decoding` check the kernels once per process and dtype against transformers' own code (bit for bit where
 the arithmetic is the same, to the dtype's rounding for the norms and the attention) before anything uses them; where
 Triton is missing, the device is not a CUDA GPU, or compiling or a check fails, each says so once and the eager code
@@ -50,8 +49,8 @@ except ImportError:  # no Triton (it comes with torch's CUDA wheels for Linux): 
     triton = None
 
 
-# Warps a block of the element-wise kernels (1,024 values): 8 where Triton's default is 4, QuickGELU over 64 pictures'
-# 131 million values 0.32 -> 0.22 ms on an H100 (bench/RESULTS.md, run BH)
+# Warps a block of the element-wise kernels (1,024 values): 8 where Triton's default is 4, so that more loads are in
+# flight in this memory-bound work (the faster of the two for the tower's QuickGELU on an H100)
 ELEMENTWISE_WARPS = 8
 
 
@@ -104,7 +103,7 @@ def _check_tower(randn) -> None:
     angles = randn(97, 40, scale=20).float()
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     eager = torch.stack(apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin), dim=1)
-    _same(turned_queries_and_keys(qkv[:, :2], cos, sin), eager, "the rotary embedding")
+    _same(rotary_queries_and_keys(qkv[:, :2], cos, sin), eager, "the rotary embedding")
     norm = torch.nn.LayerNorm(1280, eps=1e-6).to(x.device, x.dtype)
     norm.weight.data, norm.bias.data = randn(1280), randn(1280)
     hidden, delta = randn(37, 1280, scale=4), randn(37, 1280)
@@ -122,7 +121,7 @@ def _check_decoding(randn) -> None:
     qkv = randn(rows, tokens, heads + 2 * kv, dim, scale=3)
     cos, sin = randn(rows, tokens, dim), randn(rows, tokens, dim)
     keys, values = torch.zeros(2, rows, kv, slots, dim, dtype=qkv.dtype, device=qkv.device)
-    q = turn_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens, device=qkv.device), heads)
+    q = rotary_into_cache(qkv, cos, sin, keys, values, torch.arange(4, 4 + tokens, device=qkv.device), heads)
     q_eager, k_eager = apply_rotary_pos_emb(
         qkv[:, :, :heads].transpose(1, 2), qkv[:, :, heads:-kv].transpose(1, 2), cos, sin
     )
@@ -144,16 +143,16 @@ def _check_decoding(randn) -> None:
     torch.testing.assert_close(attended, eager.transpose(1, 2).reshape(rows, 1, heads * dim), rtol=1e-2, atol=1e-2)
 
 
-def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """vision_attention.turned_queries_and_keys in one kernel: queries and keys (length, 2, heads, head_dim; each
-    token's 2 x heads x head_dim values contiguous, as in a view of the attention's qkv output) turned by cos and sin
+def rotary_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """vision_attention.rotary_queries_and_keys in one kernel: queries and keys (length, 2, heads, head_dim; each
+    token's 2 x heads x head_dim values contiguous, as in a view of the attention's qkv output) rotated by cos and sin
     (length, head_dim), in qk's dtype."""
     length, pair, heads, dim = qk.shape
     if pair != 2 or qk.stride()[1:] != (heads * dim, dim, 1) or dim % 2:
         raise ValueError(f"queries and keys laid out as {tuple(qk.shape)} / {qk.stride()}: not a view of qkv")
     out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
     rows, block_rows = length * 2 * heads, 16
-    _turn[(triton.cdiv(rows, block_rows),)](
+    _rotary[(triton.cdiv(rows, block_rows),)](
         qk,
         cos.float().contiguous(),
         sin.float().contiguous(),
@@ -212,17 +211,17 @@ def _add_norm(hidden, delta, weight, bias, eps: float, rms: bool):
     return added, normed
 
 
-def turn_into_cache(qkv, cos, sin, keys, values, slots, heads: int) -> torch.Tensor:
-    """The queries of `qkv` (rows, tokens, heads + 2 x kv heads, head_dim; the last dimension contiguous) turned by the
+def rotary_into_cache(qkv, cos, sin, keys, values, slots, heads: int) -> torch.Tensor:
+    """The queries of `qkv` (rows, tokens, heads + 2 x kv heads, head_dim; the last dimension contiguous) rotated by the
     rotary embedding's cos and sin (rows, tokens, head_dim) as the families' apply_rotary_pos_emb does (each product
-    rounded, then the sum), returned as rows x heads x tokens x head_dim; its keys turned and its values written into
+    rounded, then the sum), returned as rows x heads x tokens x head_dim; its keys rotated and its values written into
     the caches `keys` and `values` (rows, kv heads, slots, head_dim) at `slots` (one a token)."""
     rows, tokens, all_heads, dim = qkv.shape
     if qkv.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride() != keys.stride():
-        raise ValueError("turn_into_cache needs the last dimension contiguous")
+        raise ValueError("rotary_into_cache needs the last dimension contiguous")
     out = torch.empty(rows, heads, tokens, dim, dtype=qkv.dtype, device=qkv.device)
     cos, sin = cos.expand(rows, tokens, dim).contiguous(), sin.expand(rows, tokens, dim).contiguous()
-    _turn_into_cache[(rows * tokens, all_heads)](
+    _rotary_into_cache[(rows * tokens, all_heads)](
         qkv,
         cos,
         sin,
@@ -311,7 +310,7 @@ def _accurate_exp() -> bool:
 if triton is not None:
 
     @triton.jit(do_not_specialize=["rows", "token_stride"])
-    def _turn(
+    def _rotary(
         qk,
         cos,
         sin,
@@ -358,7 +357,7 @@ if triton is not None:
         tl.store(out + i, (x * gate).to(given.dtype), mask=inside)
 
     @triton.jit(do_not_specialize=["tokens"])
-    def _turn_into_cache(
+    def _rotary_into_cache(
         qkv,
         cos,
         sin,
@@ -391,12 +390,12 @@ if triton is not None:
             c = tl.load(cos + position * DIM + col, mask=inside, other=0.0).to(tl.float32)
             s = tl.load(sin + position * DIM + col, mask=inside, other=0.0).to(tl.float32)
             s = tl.where(col < DIM // 2, -s, s)  # rotate_half's negation: -x2 * s == x2 * -s exactly
-            turned = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32) + (partner * s).to(x.dtype).to(tl.float32)
+            rotated = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32) + (partner * s).to(x.dtype).to(tl.float32)
             if head < HEADS:
-                tl.store(out + ((row * HEADS + head) * tokens + token) * DIM + col, turned.to(x.dtype), mask=inside)
+                tl.store(out + ((row * HEADS + head) * tokens + token) * DIM + col, rotated.to(x.dtype), mask=inside)
             else:
                 target = keys + row * cache_row + (head - HEADS) * cache_head + slot * cache_slot
-                tl.store(target + col, turned.to(x.dtype), mask=inside)
+                tl.store(target + col, rotated.to(x.dtype), mask=inside)
         else:
             target = values + row * cache_row + (head - HEADS - KV) * cache_head + slot * cache_slot
             tl.store(target + col, x, mask=inside)

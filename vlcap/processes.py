@@ -56,8 +56,8 @@ def stop_with_one_line() -> None:
     """When one process fails, torchrun stops the others of its machine with SIGTERM (and SIGKILL 30 s later): each says
     so in one line (and how to continue) instead of dying silently or with a traceback. A thread of its own waits for
     the signal, because the main thread is then often blocked inside CUDA, where no Python signal handler runs: with
-    NCCL, the collective that waits for the dead process never returns (measured on 2 H200s: killed by torchrun 31 s
-    after the other died, without a word, before this thread). The thread prints the line and ends the process at once;
+    NCCL, the collective that waits for the dead process never returns, and torchrun's SIGKILL would end the process
+    without a word. The thread prints the line and ends the process at once;
     a checkpoint it cuts short is skipped by --resume. Processes of other machines learn it from the process group:
     gloo raises the lost connection in the collective they wait in at once (lost_peer); with NCCL, its watchdog ends
     the process when the transport reports the lost peer, at the latest at the collective timeout (transformers'

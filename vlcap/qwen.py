@@ -248,7 +248,7 @@ _answer_ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # process
 
 
 def answer_end_id(processor) -> int:
-    """The token the chat template closes an assistant turn with (<|im_end|> in every Qwen-VL family): what a caption
+    """The token the chat template closes an assistant message with (<|im_end|> in every Qwen-VL family): what a caption
     ends with in training, so that the model learns to stop."""
     if processor not in _answer_ends:
         mark = "CAPTION"

@@ -14,10 +14,13 @@ Tracker whose methods do nothing, so callers never ask whether SwanLab is on.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from vlcap.cli import UserError
 
@@ -52,11 +55,14 @@ class SwanLab(Tracker):
         from swanlab.integration.transformers import SwanLabCallback
 
         before = signal.getsignal(signal.SIGINT)
-        swanlab.init(project=project, experiment_name=experiment, mode=mode, config=config)
+        with _own_greeting() as ours:
+            run = swanlab.init(project=project, experiment_name=experiment, mode=mode, config=config)
         # swanlab.init installs its own Ctrl-C handler, which finishes the run inside the signal handler and can leave the
         # process waiting at exit for a second Ctrl-C. Ours: Ctrl-C raises KeyboardInterrupt and finish(aborted=True) runs.
         signal.signal(signal.SIGINT, before)
         self.swanlab, self.callback, self.enabled = swanlab, SwanLabCallback(), True
+        if ours:
+            print(where_it_goes(run, mode))
 
     def update_config(self, settings: dict) -> None:
         self.callback.update_config(settings)
@@ -70,7 +76,57 @@ class SwanLab(Tracker):
 
     def finish(self, aborted: bool = False) -> None:
         if self.swanlab.has_run():
-            self.swanlab.finish(state="aborted") if aborted else self.swanlab.finish()
+            with _own_greeting():
+                self.swanlab.finish(state="aborted") if aborted else self.swanlab.finish()
+
+
+@contextlib.contextmanager
+def _own_greeting():
+    """SwanLab's greeting and goodbye off within the block; yields whether they were found.
+
+    SwanLab prints its version, the run folder and the command that uploads the run when it starts, and the command again
+    when it finishes, folded at 80 columns where the output is not a terminal (the command breaks in two). The tracker
+    prints one line of its own instead (`where_it_goes`). A SwanLab release that keeps its greeting elsewhere keeps its
+    own lines, and the tracker prints none."""
+    try:
+        from swanlab.sdk.internal.run import greeting
+    except ImportError:
+        yield False
+        return
+    if not (callable(getattr(greeting, "welcome", None)) and callable(getattr(greeting, "goodbye", None))):
+        yield False
+        return
+    saved = greeting.welcome, greeting.goodbye
+    greeting.welcome = greeting.goodbye = _say_nothing
+    try:
+        yield True
+    finally:
+        greeting.welcome, greeting.goodbye = saved
+
+
+def _say_nothing(*args, **kwargs) -> None:
+    pass
+
+
+def where_it_goes(run, mode: str) -> str:
+    """One line: where a started run's curves can be seen (cloud), or its folder and the command that uploads it
+    (offline) or shows it (local)."""
+    if mode in ("cloud", "online"):
+        return f"SwanLab: the run's curves and pictures are at {run.url}"
+    folder = _shown(run.dir)
+    if mode == "local":
+        return f"SwanLab: this run is saved in {folder}; view it with `swanlab watch {_shown(run.dir.parent)}`"
+    return f"SwanLab: this run is saved in {folder}; upload it later with `swanlab sync {folder}`"
+
+
+def _shown(path) -> str:
+    """A path as a command line would take it: relative to the current folder when it lies inside it."""
+    path = Path(path).resolve()
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))
 
 
 def choose_mode(setting: str | None, require_cloud: bool = False) -> str:
@@ -86,10 +142,7 @@ def choose_mode(setting: str | None, require_cloud: bool = False) -> str:
     if not key:
         if mode or require_cloud:  # cloud asked for by name, and no key: swanlab would stop at once
             raise UserError("SwanLab cloud mode needs an API key: run `swanlab login` (or set SWANLAB_API_KEY) first.")
-        print(
-            "SwanLab: no API key configured (`swanlab login`), so this run logs offline; upload it later with "
-            "`swanlab sync RUN_FOLDER` (SwanLab prints the folder below)."
-        )
+        print("SwanLab: no API key configured (`swanlab login`), so this run logs offline (`swanlab sync` uploads it).")
         return "offline"
     why = _login_problem(key)
     if why is None:
@@ -98,10 +151,7 @@ def choose_mode(setting: str | None, require_cloud: bool = False) -> str:
         raise UserError(
             f"SwanLab cloud is required (--swanlab-require-cloud) but {why}; check the key and the network."
         )
-    print(
-        f"SwanLab: {why}, so this run logs offline; upload it later with `swanlab sync RUN_FOLDER` "
-        "(SwanLab prints the folder below)."
-    )
+    print(f"SwanLab: {why}, so this run logs offline (`swanlab sync` uploads it).")
     return "offline"
 
 

@@ -12,15 +12,15 @@ Qwen2-VL, Qwen3-VL and Qwen2.5-VL's full-attention blocks attend within each pic
 captioning use it.
 
 Its element-wise work: the rotary embedding of queries and keys runs in four passes over both together
-(`turned_queries_and_keys`, where transformers' function makes fourteen, seven per tensor), bit for bit the family's;
+(`rotary_queries_and_keys`, where transformers' function makes fourteen, seven per tensor), bit for bit the family's;
 on a CUDA GPU with Triton, in one fused kernel, Qwen2-VL's QuickGELU activation in another (vlcap/kernels.py, bit for
 bit the eager code's, checked on the GPU before use), and each residual sum with the norm after it in a third
-(`_fused_block`; equal to rounding): for 64 pictures on one H100 the tower took 125 -> 88 ms with the first two. Also
+(`_fused_block`; equal to rounding). Also
 here, on any device: the patch embedding (a convolution whose kernel is its stride) as the matrix product it is, and
 the pictures' attention trying cuDNN's SDPA kernel first.
 `compiled=True` instead hands the family's rotary function and each block's MLP to torch.compile, which fuses their
-element-wise work into a few kernels: 1.37x the eager tower on an H200 (bench/RESULTS.md, before the kernels), for ~7 s
-of compiling in a fresh process, so training's encoding turns it on only for many pictures
+element-wise work into a few kernels where the fused kernels are not available; compiling costs seconds in a fresh
+process, so training's encoding asks for it only for many pictures
 (fastpath.COMPILED_TOWER_FROM). Its features agree with the eager tower's to bf16 rounding, not bit for bit.
 
 It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat says the installed
@@ -59,7 +59,7 @@ def batched(model, patches: int | None, compiled: bool = False):
     tower = base_model(model).model.visual
     weight = tower.patch_embed.proj.weight
     fused = not compiled and kernels.usable(weight.device, weight.dtype)
-    rotary = _kernel_turn if fused else _eager_turn
+    rotary = _kernel_rotary if fused else _eager_rotary
     mlps = [block.mlp for block in tower.blocks]
     activations = [m.act for m in mlps if fused and isinstance(getattr(m, "act", None), QuickGELUActivation)]
     full = set(getattr(tower, "fullatt_block_indexes", range(len(tower.blocks))))  # Qwen2.5-VL: the rest are windowed
@@ -68,7 +68,7 @@ def batched(model, patches: int | None, compiled: bool = False):
     embeds = [tower.patch_embed] if _convolution_is_a_product(getattr(tower.patch_embed, "proj", None)) else []
     blocks = list(tower.blocks) if fused and all(_norms_known(b) for b in tower.blocks) else []
     if compiled:
-        rotary = _family_turn(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
+        rotary = _family_rotary(_compiled(sys.modules[type(attentions[0]).__module__].apply_rotary_pos_emb_vision))
     chain = _Chain()
     replaced = {  # each residual sum with the norm after it, in one kernel
         block: functools.partial(_fused_block, block, blocks[i + 1].norm1 if i + 1 < len(blocks) else None, chain)
@@ -119,8 +119,8 @@ class _Chain:
 
 def _fused_block(block, following, chain, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     """The families' vision block (`h + attn(norm1(h))`, then `h + mlp(norm2(h))`) with each residual sum fused with
-    the norm after it: norm2 in this block, the next block's norm1 (`following`) handed on by `chain`. For 64 pictures
-    the tower's 64 sums and 64 norms were 128 passes over a 65 MB tensor; here 64 (bench/RESULTS.md, run BI)."""
+    the norm after it: norm2 in this block, the next block's norm1 (`following`) handed on by `chain`, so that each
+    sum and its norm are one pass over the hidden states instead of two."""
     if _needs_gradient(hidden_states):
         return type(block).forward(block, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
     normed = chain.take(hidden_states)
@@ -148,8 +148,8 @@ def _convolution_is_a_product(conv) -> bool:
 
 def _patches_by_product(embed, hidden_states):
     """The families' patch embedding (a Conv3d whose kernel is its stride, over each patch's flattened pixels) as the
-    one matrix product it is: for 64 pictures on an H100 cuDNN ran the convolution in 3.2 ms, an fp32 kernel, the
-    product takes a fraction of a millisecond (bench/RESULTS.md, run BF). The same sums in another order."""
+    one matrix product it is, where cuDNN runs the convolution as a slow fp32 kernel. The same sums in another
+    order."""
     weight = embed.proj.weight
     patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
     return torch.nn.functional.linear(patches, weight.flatten(1), embed.proj.bias)
@@ -160,19 +160,19 @@ def _needs_gradient(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _eager_turn(qkv, cos, sin):
-    qk = turned_queries_and_keys(qkv[:, :2], cos, sin)
+def _eager_rotary(qkv, cos, sin):
+    qk = rotary_queries_and_keys(qkv[:, :2], cos, sin)
     return qk[:, 0], qk[:, 1]
 
 
-def _kernel_turn(qkv, cos, sin):
+def _kernel_rotary(qkv, cos, sin):
     if _needs_gradient(qkv):
-        return _eager_turn(qkv, cos, sin)
-    qk = kernels.turned_queries_and_keys(qkv[:, :2], cos, sin)
+        return _eager_rotary(qkv, cos, sin)
+    qk = kernels.rotary_queries_and_keys(qkv[:, :2], cos, sin)
     return qk[:, 0], qk[:, 1]
 
 
-def _family_turn(apply_rotary_pos_emb_vision):
+def _family_rotary(apply_rotary_pos_emb_vision):
     return lambda qkv, cos, sin: apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
 
 
@@ -192,18 +192,18 @@ def _compiled(function):
 
 def _qkv(attention, rotary, hidden_states, position_embeddings):
     """Queries, keys and values (length, heads, head_dim) as transformers' vision attention computes them; `rotary`
-    turns the queries and keys of the qkv output (length, 3, heads, head_dim)."""
+    applies the rotary embedding to the queries and keys of the qkv output (length, 3, heads, head_dim)."""
     length = hidden_states.shape[0]
     qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1)
     q, k = rotary(qkv, *position_embeddings)
     return q, k, qkv[:, 2]
 
 
-def turned_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary_queries_and_keys(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The families' apply_rotary_pos_emb_vision for queries and keys side by side (length, 2, heads, head_dim), bit
-    for bit, in four passes instead of fourteen. The family's turns q and k in fp32, each in seven kernels (a copy to
-    fp32, x * cos, rotate_half's negation and concatenation, x * sin, the sum, the cast back), and each writes a full
-    fp32 tensor: for 64 pictures a third of the tower's GPU time (bench/RESULTS.md, run AQ). Here the products read
+    for bit, in four passes instead of fourteen. The family's function rotates q and k in fp32, each in seven kernels
+    (a copy to fp32, x * cos, rotate_half's negation and concatenation, x * sin, the sum, the cast back), and each
+    writes a full fp32 tensor, a large share of the tower's GPU time for many pictures. Here the products read
     the half-precision values and write fp32 (type promotion casts exactly as .float() does), rotate_half is the
     halves swapped with the sign folded into sin (-x * s == x * -s in floating point), and the sum is written straight
     in the input's dtype (the same rounding as a cast after it)."""
@@ -228,9 +228,9 @@ def _attention(attention, rotary, patches: int, hidden_states, cu_seqlens, posit
     return attention.proj(out.transpose(1, 2).reshape(length, -1))
 
 
-# SDPA's backends in the order tried for the pictures' attention: cuDNN's first, which torch picks by itself only for
-# contiguous queries, keys and values (these are views of the qkv output): 0.37 -> 0.30 ms a block for 64 pictures on
-# an H100 (bench/RESULTS.md, run BG). Any backend that cannot take the call passes it on, down to the plain one.
+# SDPA's backends in the order tried for the pictures' attention: cuDNN's first, the fastest for it on an H100, which
+# torch picks by itself only for contiguous queries, keys and values (these are views of the qkv output). Any backend
+# that cannot take the call passes it on, down to the plain one.
 _PICTURE_ATTENTION = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
