@@ -35,7 +35,7 @@ def untested_transformers() -> str | None:
 
 
 FAST_PATHS = untested_transformers() is None  # False on Python 3.10: train.py and infer.py take the plain path there
-# For tests of the fast paths themselves (fastpath.py, fastdecode.py, vision_attention.py, compat's internal checks):
+# For tests of the fast paths themselves (vision_cache.py and its modules, fastdecode.py, vision_attention.py, compat's internal checks):
 # skipped where the installed transformers is not the tested release; they run, unchanged, wherever it is.
 needs_fast_paths = pytest.mark.skipif(not FAST_PATHS, reason=f"needs the fast paths: {untested_transformers()}")
 

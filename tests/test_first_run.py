@@ -4,6 +4,7 @@ an optional step that must not stop the run, and what the run prints."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -78,7 +79,16 @@ def test_an_evaluation_split_without_a_usable_picture_names_its_file_and_trainin
     assert not (tmp_path / "out" / "eval_scores.json").exists()
 
 
-def test_the_trainable_parameter_count_is_readable_for_a_small_model(tiny_model, shapes_24, tmp_path, capsys):
-    train.main([*train_args(tiny_model, shapes_24, tmp_path / "out"), "--max-steps", "1", *QUICK])
+def test_the_parameter_count_is_readable_and_the_adapter_readable_by_colleagues(
+    tiny_model, shapes_24, tmp_path, capsys
+):
+    old = os.umask(0o022)
+    try:
+        train.main([*train_args(tiny_model, shapes_24, tmp_path / "out"), "--max-steps", "1", *QUICK])
+    finally:
+        os.umask(old)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("training "))
     assert "0.0M" not in line and "K trainable parameters" in line, line
+    adapter = tmp_path / "out" / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_settings.json"):
+        assert (adapter / name).stat().st_mode & 0o777 == 0o644, name  # what open() gives under umask 022

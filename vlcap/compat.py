@@ -4,8 +4,8 @@
     if compat.available("fast training", model):   # prints one line, once, when it is not
         ...
 
-The fast training path (vlcap/fastpath.py), the fast captioning loop (vlcap/fastdecode.py) and the batched vision attention
-(vlcap/vision_attention.py) lean on transformers internals that are not public API and change between releases:
+The fast training path (vlcap/vision_cache.py and the modules it calls), the fast captioning loop
+(vlcap/fastdecode.py) and the batched vision attention (vlcap/vision_attention.py) lean on transformers internals that are not public API and change between releases:
 `get_rope_index`, the decoder layer's call and modules, the vision attention's attributes, and for Qwen3-VL the language
 model's DeepStack arguments. Each family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; see
 vlcap/qwen.py's ARCHITECTURES) has classes of its own, so given a model or its config the checks read that family's

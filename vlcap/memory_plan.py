@@ -109,7 +109,7 @@ def plan(
     """
     user = dict(user or {})
     given = {**defaults, **user}
-    # What does not fit VISION_CACHE_GB goes to host memory (fastpath.VisionCache): the cache is used whatever its size.
+    # What does not fit VISION_CACHE_GB goes to host memory (feature_store.VisionCache): the cache is used whatever its size.
     cache_ok = job.fast and job.cache_gb is not None and given["vision_cache_gb"] > 0
     job = replace(job, cache_limit_gb=given["vision_cache_gb"])
 

@@ -115,6 +115,7 @@ def save(model, processor, settings: dict, result, marks, device: str) -> Path:
     adapter_dir = Path(settings["output_dir"]) / ADAPTER
     model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
+    formats.plain_permissions(adapter_dir)  # safetensors writes 0600: colleagues on a shared server could not read it
     capture = marks.seconds("capture", "captured")
     steps = marks.seconds("first_step", "train_end")
     cuda = device.startswith("cuda")

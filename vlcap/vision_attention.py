@@ -21,7 +21,7 @@ the pictures' attention trying cuDNN's SDPA kernel first.
 `compiled=True` instead hands the family's rotary function and each block's MLP to torch.compile, which fuses their
 element-wise work into a few kernels where the fused kernels are not available; compiling costs seconds in a fresh
 process, so training's encoding asks for it only for many pictures
-(fastpath.COMPILED_TOWER_FROM). Its features agree with the eager tower's to bf16 rounding, not bit for bit.
+(vision_encoding.COMPILED_TOWER_FROM). Its features agree with the eager tower's to bf16 rounding, not bit for bit.
 
 It replaces a private method of transformers' vision attention, so it runs only where vlcap.compat says the installed
 transformers has what it relies on for this model; elsewhere the tower is left as it is (the same features, slower).
