@@ -13,7 +13,7 @@ import torch
 import transformers
 from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
-from vlcap import captioning, compat, fastdecode, images, qwen, vision_attention
+from vlcap import captioning, compat, decode_step, fastdecode, images, qwen, vision_attention
 
 from helpers import FAMILIES, load_captioner, needs_fast_paths
 
@@ -230,7 +230,7 @@ def test_rotary_embedding_is_the_families_formula(tokens):
     x = torch.randn(rows, heads, tokens, dim, dtype=torch.float64)
     angles = torch.randn(rows, 1, tokens, dim // 2, dtype=torch.float64).repeat(1, 1, 1, 2)
     cos, sin = angles.cos(), angles.sin()
-    rotated = fastdecode._rotary_embedding(cos, sin)(x)
+    rotated = decode_step._rotary_embedding(cos, sin)(x)
     expected = x * cos + rotate_half(x) * sin
     if tokens == 1:
         torch.testing.assert_close(rotated, expected, rtol=1e-12, atol=1e-12)
