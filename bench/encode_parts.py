@@ -81,7 +81,9 @@ def main() -> None:
         *([("cache on the GPU, tower compiled", None, True)] if args.compiled else []),
     ):
         layout = (
-            feature_store.CacheLayout(n, 0, 0, folder, {"bench": True}) if folder else feature_store.CacheLayout.all_on_device(n)
+            feature_store.CacheLayout(n, 0, 0, folder, {"bench": True})
+            if folder
+            else feature_store.CacheLayout.all_on_device(n)
         )
         sync()
         start = time.perf_counter()
