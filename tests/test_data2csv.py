@@ -247,6 +247,12 @@ def test_settings_are_the_documented_flags(capsys):
         "--workers",
         "--modelscope-timeout",
         "--verbose",
+        "--kind",
+        "--image-column",
+        "--caption-column",
+        "--hold-out",
+        "--seed",
+        "--modelscope-subset",
     }
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from vlcap import cli
 from vlcap.sources.coco import SPLITS
-from vlcap.sources.records import Record, Source, captions_in, pick_columns
+from vlcap.sources.records import Record, Source, captions_in, pick_columns, split_kind
 
 COCO_DATASET = "modelscope/coco_2014_caption"
 COCO_SUBSET = "coco_2014_caption"
@@ -29,14 +29,15 @@ def open_coco(split: str, n: int, timeout: float, verbose: bool) -> Source:
     return Source(f"ModelScope {COCO_DATASET} ({split})", split, SPLITS[split][1], records, ordered=False)
 
 
-def open_dataset(dataset: str, split: str, n: int, columns: tuple[str, str], timeout: float, verbose: bool) -> Source:
+def open_dataset(
+    dataset: str, split: str, n: int, columns: tuple[str, str], subset: str, timeout: float, verbose: bool
+) -> Source:
     """The first `n` distinct pictures of a ModelScope dataset's split; columns: (--image-column, --caption-column)."""
-    rows = open_stream(split, timeout, verbose, dataset, None)
+    rows = open_stream(split, timeout, verbose, dataset, subset or None)
     first = next(rows)
     chosen = pick_columns(list(first), *columns, f"ModelScope {dataset}", ("image", "img", "picture", "file_name"))
     records = rows_to_records(itertools.chain([first], rows), n, chosen, dataset, verbose)
-    kind = "validation" if split in ("validation", "val") else "train"
-    return Source(f"ModelScope {dataset} ({split})", kind, f"{dataset} ({split})", records, ordered=False)
+    return Source(f"ModelScope {dataset} ({split})", split_kind(split), f"{dataset} ({split})", records, ordered=False)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ class Record:
     captions: list[str] = field(default_factory=list)
     path: Path | None = None
     image: object = None
+    skip: tuple[str, str] | None = None  # (kind, detail): the source already knows this picture cannot be used
 
 
 @dataclass

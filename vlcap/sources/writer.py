@@ -130,6 +130,8 @@ def write_all(source: Source, image_dir: Path, csv_path: Path, n: int, workers: 
 
 def handle(record: Record, image_dir: Path) -> tuple[Record, str | SkippedImage]:
     """(record, "kept" / "written" / why it was skipped) for one picture; runs in a writer thread."""
+    if record.skip:
+        return record, SkippedImage(*record.skip)
     if not record.captions:
         return record, SkippedImage("no caption", "in the annotations")
     if (image_dir / image_file_name(record.image_id)).exists():
