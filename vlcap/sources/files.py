@@ -9,7 +9,8 @@
 - imagefolder: Hugging Face's layout (pictures + `metadata.jsonl` or `metadata.csv` with `file_name` and a caption
   column), read with the datasets library's own "imagefolder" loader; split folders (train/, validation/) are its splits.
 
-Each gives records in id order (an id column, else the picture's path relative to the source without its extension),
+Each gives records in id order (an id column, else the picture's file name without its extension, or its relative path
+where two pictures share a name),
 a picture listed twice once with every caption, and holds out a seeded fraction for validation when it has no
 validation split of its own (records.of_split).
 """
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,14 +42,22 @@ def hold_out_name(spec: Path, split: str, hold_out: float, seed: int) -> str:
     return f"{spec} ({split}: {share} with seed {seed})"
 
 
-def grouped(records: dict, split: str, n: int, hold_out: float, seed: int) -> list[Record]:
+def grouped(records: dict, root: Path, split: str, n: int, hold_out: float, seed: int) -> list[Record]:
     """The first n records by id of one part (train or held out) of a source without splits of its own."""
-    ordered = sorted(records.values(), key=lambda r: id_order(r.image_id))
-    return list(of_split(ordered, split, hold_out, seed))[:n]
+    return list(of_split(by_id(records, root), split, hold_out, seed))[:n]
+
+
+def by_id(records: dict, root: Path) -> list[Record]:
+    """The records sorted by id; those without one are named by their picture's file name without the extension
+    ("pictures/12.jpg" is 12), or, where two pictures share that name, by their path relative to root (or absolute)."""
+    unnamed = [r for r in records.values() if r.image_id is None]
+    names = Counter(r.path.stem for r in unnamed)
+    for record in unnamed:
+        record.image_id = record.path.stem if names[record.path.stem] == 1 else path_id(record.path, root)
+    return sorted(records.values(), key=lambda r: id_order(r.image_id))
 
 
 def path_id(path: Path, root: Path) -> str:
-    """A picture's id: its path relative to the source's folder (or absolute), without the extension."""
     try:
         relative = path.relative_to(root)
     except ValueError:
@@ -105,12 +115,13 @@ def open_table(file: Path, split: str, n: int, columns: tuple[str, str], hold_ou
         raise cli.UserError(f"{file} has no rows; it needs a picture and its caption(s) on each.")
     image_column, caption_columns, id_column = pick_columns(found, *columns, str(file))
     records: dict = {}
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         where = str(row.get(image_column) or "").strip()
         path = Path(where) if os.path.isabs(where) else file.parent / where
         image_id = row.get(id_column) if id_column and row.get(id_column) not in (None, "") else None
-        image_id = path_id(path, file.parent) if image_id is None else image_id
-        skip = None if where else ("no image", f"(empty {image_column})")
+        image_id, skip = (
+            (image_id, None) if where else (image_id or f"row-{number}", ("no image", f"(empty {image_column})"))
+        )
         add(
             records,
             path if where else object(),
@@ -119,7 +130,7 @@ def open_table(file: Path, split: str, n: int, columns: tuple[str, str], hold_ou
             path=path,
             skip=skip,
         )
-    chosen = grouped(records, split, n, hold_out, seed)
+    chosen = grouped(records, file.parent, split, n, hold_out, seed)
     return Source(hold_out_name(file, split, hold_out, seed), split, f"{split} of {file}", chosen, size=len(chosen))
 
 
@@ -150,7 +161,7 @@ def open_messages(file: Path, split: str, n: int, hold_out: float, seed: int) ->
         add(records, key, image_id, captions_in([caption]), **fields)
     if not records:
         raise cli.UserError(f"{file} has no conversation with a picture and a caption; see README's layouts.")
-    chosen = grouped(records, split, n, hold_out, seed)
+    chosen = grouped(records, file.parent, split, n, hold_out, seed)
     return Source(hold_out_name(file, split, hold_out, seed), split, f"{split} of {file}", chosen, size=len(chosen))
 
 
@@ -205,7 +216,7 @@ def picture_fields(picture: str, root: Path) -> tuple[object, str, dict]:
         return picture, picture, {"skip": ("web address", f"{picture} (download it and give its path)")}
     where = picture.removeprefix("file://")
     path = Path(where) if os.path.isabs(where) else root / where
-    return path, path_id(path, root), {"path": path}
+    return path, None, {"path": path}
 
 
 # ------------------------------------------------------------------------------------------------------------------- txt
@@ -291,13 +302,13 @@ def open_imagefolder(folder: Path, split: str, n: int, caption_column: str, hold
     records: dict = {}
     for row in rows.cast_column("image", datasets.Image(decode=False)):
         path = Path(row["image"]["path"])
-        image_id = row[id_column] if id_column else path_id(path, folder)
+        image_id = row[id_column] if id_column else None
         add(records, path, image_id, captions_in(row[c] for c in caption_columns), path=path)
     if own:
-        chosen = sorted(records.values(), key=lambda r: id_order(r.image_id))[:n]
+        chosen = by_id(records, folder)[:n]
         name = f"{folder} ({split})"
     else:
-        chosen, name = grouped(records, split, n, hold_out, seed), hold_out_name(folder, split, hold_out, seed)
+        chosen, name = grouped(records, folder, split, n, hold_out, seed), hold_out_name(folder, split, hold_out, seed)
     return Source(name, split, f"{split} of {folder}", chosen, size=len(chosen))
 
 
