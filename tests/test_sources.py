@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from vlcap.sources.records import held_out
 
 import csv2json
 import data2csv
+from helpers import REPO as ROOT
 from helpers import one_error_line, run_script
 from make_coco_folder import make_coco_folder
 
@@ -323,3 +328,69 @@ def test_a_modelscope_dataset_other_than_coco(monkeypatch, tmp_path, capsys):
     ]
     assert asked[-1][:4] == ("train", 120.0, False, "someone/shapes")
     assert "source ModelScope someone/shapes (train)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------------- scale
+
+# Runs data2csv.py in a fresh interpreter and prints its resident-memory high-water mark (VmHWM, kB) as it exits: the
+# kernel's own peak for the process, which no sampling can miss.
+_PEAK_RSS = """
+import atexit, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        print("VmHWM", next(line for line in status if line.startswith("VmHWM")).split()[1], file=sys.stderr)
+atexit.register(report)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def text_file_folder(folder: Path, n: int) -> Path:
+    """n pictures, each with a .txt beside it, made cheaply: hard links to a few files (a file system allows some tens of
+    thousands of links to one file)."""
+    folder.mkdir()
+    for i in range(n):
+        if i % 20000 == 0:
+            picture, caption = folder / f".picture{i}.jpg", folder / f".caption{i}.txt"
+            Image.new("RGB", (8, 8), "red").save(picture)
+            caption.write_text("一个红色的正方形\nred square\n", encoding="utf-8")
+        os.link(picture, folder / f"{i}.jpg")
+        os.link(caption, folder / f"{i}.txt")
+    return folder
+
+
+@pytest.fixture()
+def many_files_folder(tmp_path):
+    """A folder for hundreds of thousands of small files: in memory (/dev/shm) where the machine has it, since creating
+    and deleting that many on a slow disk takes minutes; else tmp_path."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir=shm, prefix="test-sources-") as folder:
+        yield Path(folder)
+
+
+def test_text_files_at_100000_pictures_convert_in_the_memory_of_10000(many_files_folder):
+    tmp_path, peaks = many_files_folder, {}
+    for n in (10_000, 100_000):
+        folder = text_file_folder(tmp_path / f"in{n}", n)
+        args = ["--source", str(folder), "--n", str(n), "--hold-out", "0", "--workers", "4"]
+        args += ["--image-dir", str(tmp_path / f"out{n}"), "--csv", str(tmp_path / f"{n}.csv")]
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_RSS, str(ROOT / "data2csv.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"done: {n} images in" in done.stdout and "0 skipped" in done.stdout
+        peaks[n] = int(done.stderr.rsplit("VmHWM", 1)[1].split()[0]) / 1024
+        with open(tmp_path / f"{n}.csv", encoding="utf-8") as f:
+            rows = csv.DictReader(f)
+            first = next(rows)
+            assert first["image_id"] == "0" and json.loads(first["captions"]) == ["一个红色的正方形", "red square"]
+            assert sum(1 for _ in rows) == n - 1
+    print(f"peak memory: {peaks[10_000]:.0f} MB for 10,000 pictures, {peaks[100_000]:.0f} MB for 100,000")
+    assert peaks[100_000] < 1.3 * peaks[10_000], peaks

@@ -9,7 +9,8 @@ What `open` reads (KINDS; "auto" guesses from what `spec` is):
 - "modelscope" (the default spec): COCO 2014 captions streamed from ModelScope; any other ModelScope dataset id
   ("owner/name") streams that dataset (vlcap/sources/modelscope.py);
 - coco: a local COCO folder, PATH/train2014/ + PATH/annotations/captions_train2014.json (vlcap/sources/coco.py);
-- imagefolder, table, txt, messages: a reader's own pictures in the field's usual layouts (vlcap/sources/files.py).
+- imagefolder, table, messages: a reader's own pictures in the field's usual layouts (vlcap/sources/files.py);
+- txt: a folder of pictures with a .txt beside each, of any size (vlcap/sources/text_files.py).
 Sources with splits of their own (COCO, a ModelScope dataset, an imagefolder with split folders) give `split` from
 them; the others hold out a fraction of their pictures (hold_out, chosen by a hash of `seed` and each picture's id) as
 the validation split and give the rest as train. The writer is vlcap/sources/writer.py.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlcap import cli
-from vlcap.sources import coco, files, modelscope
+from vlcap.sources import coco, files, modelscope, text_files
 from vlcap.sources.records import Record, SkippedImage, Source, split_kind
 from vlcap.sources.writer import Collected, collect, outputs
 
@@ -67,7 +68,7 @@ def open(spec: str, split: str, n: int, options: Options = Options()) -> Source:
     if kind == "imagefolder":
         return files.open_imagefolder(path, split, n, options.caption_column, *hold)
     if kind == "txt":
-        return files.open_text_files(path, split, n, *hold)
+        return text_files.open_text_files(path, split, n, *hold)
     if kind == "messages":
         return files.open_messages(path, split, n, *hold)
     return files.open_table(path, split, n, columns, *hold)
@@ -83,7 +84,7 @@ def guess_kind(spec: str, split: str) -> str:
         for kind, holds in (("coco", coco.is_coco_folder), ("imagefolder", files.has_metadata)):
             if holds(path):
                 return kind
-        if files.has_text_files(path):
+        if text_files.has_text_files(path):
             return "txt"
         folder_split = coco.SPLITS.get(split.lower(), ("", "train2014"))[1]
         raise cli.UserError(

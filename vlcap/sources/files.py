@@ -2,8 +2,7 @@
 
 - table: a CSV (or TSV) or JSONL (or a JSON list) of picture paths and captions; paths relative to the file or absolute;
   one or several captions a picture (several rows for one picture, a list, or several caption columns);
-- txt: a folder of pictures with a caption file beside each (`photo.jpg` + `photo.txt`, one caption a line), as
-  image-generation training sets keep them; read one picture at a time, so memory does not grow with the folder;
+- txt: a folder of pictures with a caption file beside each (vlcap/sources/text_files.py);
 - messages: a JSONL of chat conversations (a user turn with the picture, an assistant turn with the caption), as
   fine-tuning services, ms-swift and LLaMA-Factory take them; pictures as paths or `data:` URIs;
 - imagefolder: Hugging Face's layout (pictures + `metadata.jsonl` or `metadata.csv` with `file_name` and a caption
@@ -28,8 +27,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlcap import cli, images
-from vlcap.sources.records import Record, Source, captions_in, held_out, id_order, of_split, pick_columns
+from vlcap import cli
+from vlcap.sources.records import Record, Source, captions_in, id_order, of_split, pick_columns
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -219,67 +218,19 @@ def picture_fields(picture: str, root: Path) -> tuple[object, str, dict]:
     return path, None, {"path": path}
 
 
-# ------------------------------------------------------------------------------------------------------------------- txt
-
-
-def has_text_files(folder: Path) -> bool:
-    for _, _, names in os.walk(folder):
-        stems = {Path(name).stem for name in names if name.lower().endswith(".txt")}
-        if any(Path(name).stem in stems for name in names if Path(name).suffix.lower() in images.EXTENSIONS):
-            return True
-    return False
-
-
-def open_text_files(folder: Path, split: str, n: int, hold_out: float, seed: int) -> Source:
-    """A folder (and its subfolders) of pictures, each with its caption in a .txt file of the same name beside it."""
-    pictures = []  # (sort key, relative path): only names are held, never captions or pixels
-    for directory, subfolders, names in os.walk(folder):
-        subfolders.sort()
-        for name in names:
-            if os.path.splitext(name)[1].lower() in images.EXTENSIONS:
-                relative = os.path.relpath(os.path.join(directory, name), folder)
-                pictures.append(relative)
-    if not pictures:
-        raise cli.UserError(f"--source {folder} holds no pictures ({', '.join(sorted(images.EXTENSIONS))}).")
-    pictures.sort(key=lambda p: (id_order(os.path.splitext(p)[0]), p))
-    validation = split == "validation"
-    pictures = [p for p in pictures if held_out(os.path.splitext(p)[0], hold_out, seed) == validation]
-    return Source(
-        hold_out_name(folder, split, hold_out, seed),
-        split,
-        f"{split} of {folder}",
-        text_file_records(folder, pictures[:n]),
-        size=min(n, len(pictures)),
-    )
-
-
-def text_file_records(folder: Path, pictures: list[str]) -> Iterator[Record]:
-    """Records of the pictures (paths relative to folder) with their captions read from the .txt beside each, made one
-    at a time. A second picture of one name (a.jpg, a.png) would share the first one's .txt: only the first is used."""
-    previous = None
-    for relative in pictures:
-        record = Record(os.path.splitext(relative)[0], path=folder / relative)
-        if record.image_id == previous:
-            print(
-                f"warning: {record.path} has the name of the picture before it; only that one is used", file=sys.stderr
-            )
-            continue
-        previous = record.image_id
-        try:
-            text = record.path.with_suffix(".txt").read_text(encoding="utf-8-sig")
-            record.captions = captions_in(text.splitlines())
-        except FileNotFoundError:
-            record.skip = ("no caption", f"(no {record.path.with_suffix('.txt').name} beside it)")
-        except (OSError, UnicodeDecodeError) as e:
-            record.skip = ("unreadable caption", f"{record.path.with_suffix('.txt')} ({cli.error_text(e, 100)})")
-        yield record
-
-
 # ----------------------------------------------------------------------------------------------------------- imagefolder
 
 
+METADATA = ("metadata.jsonl", "metadata.csv")
+
+
 def has_metadata(folder: Path) -> bool:
-    return any(folder.glob("metadata.*")) or any(folder.glob("*/metadata.*"))
+    """Whether folder, or a split folder in it, has an imagefolder's metadata file. (Not Path.glob: it lists a whole
+    directory in memory, and a folder of pictures may hold millions of files.)"""
+    if any((folder / name).is_file() for name in METADATA):
+        return True
+    with os.scandir(folder) as entries:
+        return any(e.is_dir() and any(Path(e.path, name).is_file() for name in METADATA) for e in entries)
 
 
 def open_imagefolder(folder: Path, split: str, n: int, caption_column: str, hold_out: float, seed: int) -> Source:
