@@ -60,8 +60,8 @@ PTB_JAR = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_
 PUNCTUATION = set(ptbtokenizer.PUNCTUATIONS)
 TOKENIZERS = ("auto", "ptb", "simple", "jieba")
 CHINESE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]+")
-# Chinese punctuation NFKC leaves as it is (the fullwidth ，！？：；（） become ASCII and go the PTB way).
-CHINESE_PUNCTUATION = re.compile(r"[\u3000-\u303f\u2018-\u201f\u2026\u2014\u2013\u00b7\ufe10-\ufe4f]")
+# Chinese punctuation NFKC leaves as it is (the fullwidth ，！？：；（） become ASCII, and curly quotes are simple_tokenize's).
+CHINESE_PUNCTUATION = re.compile(r"[\u3000-\u303f\u2026\u2014\u2013\u00b7\ufe10-\ufe4f]")
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
 
 
