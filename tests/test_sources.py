@@ -126,6 +126,10 @@ def test_the_kind_can_be_named(coco, tmp_path):
     assert {r["caption"] for r in read_csv(tmp_path / "t.csv")} == {"一个名字"}
     with pytest.raises(cli.UserError, match="--kind 'zip' is not a kind of source; use one of auto, coco"):
         data2csv.main(["--source", str(folder), "--kind", "zip"])
+    with pytest.raises(cli.UserError, match=r"--kind messages reads a \.csv, \.tsv, \.jsonl or \.json file, and this"):
+        data2csv.main(["--source", str(folder), "--kind", "messages"])
+    with pytest.raises(cli.UserError, match=r"--kind txt reads a folder, and this is not one"):
+        data2csv.main(["--source", str(folder / "metadata.jsonl"), "--kind", "txt"])
 
 
 # ------------------------------------------------------------------------------------------------------------ columns
@@ -252,6 +256,7 @@ def test_duplicates_bad_pictures_and_reruns_as_for_coco(coco, tmp_path, capsys):
     table = write_layout(coco, tmp_path / "t", "csv")
     rows = table.read_text(encoding="utf-8").splitlines()
     pictures = sorted((tmp_path / "t" / "pictures").glob("*.jpg"), key=lambda p: int(p.stem))
+    pictures[0].unlink()  # a hard link to the shared COCO folder's picture: write a file of its own
     pictures[0].write_bytes(b"not a picture")
     pictures[1].unlink()
     table.write_text("\n".join([*rows, *rows[1:6], "/nowhere/absolute.jpg,一张不存在的图片"]) + "\n", encoding="utf-8")
@@ -394,3 +399,13 @@ def test_text_files_at_100000_pictures_convert_in_the_memory_of_10000(many_files
             assert sum(1 for _ in rows) == n - 1
     print(f"peak memory: {peaks[10_000]:.0f} MB for 10,000 pictures, {peaks[100_000]:.0f} MB for 100,000")
     assert peaks[100_000] < 1.3 * peaks[10_000], peaks
+
+
+def test_a_folder_of_text_files_can_hold_the_run_s_own_output(coco, tmp_path, monkeypatch, capsys):
+    """`--source .` with the default image folder inside it: a rerun does not take the written pictures for sources."""
+    folder = write_layout(coco, tmp_path / "mine", "txt")
+    monkeypatch.chdir(folder)
+    for _ in range(2):
+        data2csv.main(["--source", ".", "--hold-out", "0"])
+    out = capsys.readouterr()
+    assert f"(0 new, {N} already there), 0 skipped" in out.out and "warning: skipped" not in out.err

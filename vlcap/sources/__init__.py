@@ -64,6 +64,10 @@ def open(spec: str, split: str, n: int, options: Options = Options()) -> Source:
     split = split_kind(split)
     if not path.exists():
         raise cli.UserError(f"--source {path}: no such folder or file (--kind {kind}).")
+    wants_folder = kind in ("imagefolder", "txt")
+    if path.is_dir() != wants_folder:
+        what = "a folder" if wants_folder else "a .csv, .tsv, .jsonl or .json file"
+        raise cli.UserError(f"--source {path}: --kind {kind} reads {what}, and this is not one.")
     hold = (options.hold_out, options.seed)
     if kind == "imagefolder":
         return files.open_imagefolder(path, split, n, options.caption_column, *hold)

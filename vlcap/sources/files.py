@@ -84,6 +84,8 @@ def read_rows(file: Path) -> tuple[list[dict], list[str]]:
         text = file.read_text(encoding="utf-8-sig")
     except (UnicodeDecodeError, csv.Error) as e:
         raise cli.UserError(f"{file} is not a UTF-8 table ({e}); save it as UTF-8.") from None
+    except OSError as e:
+        raise cli.UserError(f"{file} cannot be read ({cli.error_text(e)}).") from None
     stripped = text.lstrip()
     try:
         rows = (
@@ -141,7 +143,10 @@ def open_messages(file: Path, split: str, n: int, hold_out: float, seed: int) ->
     caption (the first assistant turn)."""
     records: dict = {}
     left_out = 0
-    text = file.read_text(encoding="utf-8-sig")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.UserError(f"{file} cannot be read as UTF-8 text ({cli.error_text(e)}).") from None
     for number, line in lines(text):
         item = json_line(file, number, line)
         turns = item.get("messages", item.get("conversations")) if isinstance(item, dict) else None

@@ -18,6 +18,7 @@ from pathlib import Path
 from vlcap import cli, images
 from vlcap.sources.files import hold_out_name
 from vlcap.sources.records import Record, Source, captions_in, held_out
+from vlcap.sources.writer import SPLIT_RECORD
 
 
 def has_text_files(folder: Path) -> bool:
@@ -70,8 +71,8 @@ class SortedKeys:
 
 
 def picture_files(folder: Path) -> Iterator[str]:
-    """Paths (relative to folder) of the pictures in folder and its subfolders, hidden ones left out; one directory
-    entry at a time, so a folder of a million files is never listed in memory whole."""
+    """Paths (relative to folder) of the pictures in folder and its subfolders, hidden ones and image folders data2csv
+    wrote left out; one directory entry at a time, so a folder of a million files is never listed in memory whole."""
     folders = [""]
     while folders:
         relative = folders.pop()
@@ -80,7 +81,8 @@ def picture_files(folder: Path) -> Iterator[str]:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    folders.append(os.path.join(relative, entry.name))
+                    if not os.path.exists(os.path.join(entry.path, SPLIT_RECORD)):  # not data2csv's own output
+                        folders.append(os.path.join(relative, entry.name))
                 elif os.path.splitext(entry.name)[1].lower() in images.EXTENSIONS:
                     yield os.path.join(relative, entry.name)
 
