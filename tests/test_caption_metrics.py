@@ -10,7 +10,16 @@ import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from vlcap import caption_metrics
-from vlcap.caption_metrics import METRICS, mean_words, ptb_tokenize, score_captions, simple_tokenize, tokenizer_used
+from vlcap.caption_metrics import (
+    METRICS,
+    jieba_tokenize,
+    mean_words,
+    ptb_tokenize,
+    score_captions,
+    simple_tokenize,
+    tokenizer_for,
+    tokenizer_used,
+)
 
 needs_java = pytest.mark.skipif(not caption_metrics.java_available(), reason="the official PTB tokenizer needs Java")
 BOTH = ["simple", pytest.param("ptb", marks=needs_java)]
@@ -148,3 +157,51 @@ def test_no_java_means_simple_tokenizer(monkeypatch):
 def test_mean_words():
     assert mean_words({"1": "a dog on a couch", "2": "two cats"}) == 3.5
     assert mean_words({}) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------- Chinese
+
+
+def test_chinese_is_cut_into_jieba_words_and_mixed_text_into_both():
+    assert jieba_tokenize("白色背景上有一个红色的圆形。") == "白色 背景 上 有 一个 红色 的 圆形"
+    assert jieba_tokenize("一只dog坐在“sofa”上，很好！") == "一只 dog 坐在 sofa 上 很 好"
+    assert jieba_tokenize("Ａ dog's bone（骨头）") == "a dog 's bone -lrb- 骨头 -rrb-"  # fullwidth forms folded
+    assert [jieba_tokenize(c) for c in TYPICAL] == [simple_tokenize(c) for c in TYPICAL], "English as before"
+
+
+def test_auto_picks_jieba_when_any_text_is_chinese():
+    english = {"1": "a dog on a couch"}
+    assert tokenizer_for(english, {"1": ["a dog"]}) in ("ptb", "simple")
+    assert tokenizer_for(english, {"1": ["一只狗"]}) == "jieba"
+    assert tokenizer_for({"1": "沙发上的狗"}, {"1": ["a dog"]}) == "jieba"
+    assert tokenizer_used("simple", ["一只狗"]) == "simple", "a named tokenizer is used as named"
+
+
+def test_chinese_bleu_and_rouge_by_hand():
+    # jieba words (asserted above): 白色 背景 上 有 一个 红色 的 圆形 against ... 红色 的 正方形. Clipped n-gram
+    # precisions 7/8, 6/7, 5/6, 4/5; equal lengths, so no brevity penalty: BLEU-4 = (4/8)^(1/4).
+    scores = score_captions({"1": "白色背景上有一个红色的圆形"}, {"1": ["白色背景上有一个红色的正方形"]})
+    for n, precisions in enumerate([[7 / 8], [7 / 8, 6 / 7], [7 / 8, 6 / 7, 5 / 6], [7 / 8, 6 / 7, 5 / 6, 4 / 5]], 1):
+        assert scores[f"BLEU-{n}"] == pytest.approx(math.prod(precisions) ** (1 / n), abs=1e-6)
+    assert scores["ROUGE-L"] == pytest.approx(7 / 8, abs=1e-6)  # LCS 7 of 8 words both ways: F = 7/8 for any beta
+
+
+def test_chinese_cider_d_by_hand():
+    # The words of test_cider_d_by_hand, in Chinese (a = 一只, cat = 猫, ran = 跑, sat = 睡觉, dog = 狗, the = 这条), so
+    # the same working gives the value: "cat" 10 e^(-1/72) (1/sqrt(5) + 1/sqrt(6)) / 4; "dog" the mean over its two
+    # references of 3/4 and (1/sqrt(2) + 1/2) / 4, times 10.
+    captions = {"cat": "一只猫，猫跑", "dog": "一只狗睡觉"}
+    references = {"cat": ["一只猫睡觉"], "dog": ["一只狗睡觉", "这条狗睡觉"]}
+    words = [jieba_tokenize(t) for t in [*captions.values(), *references["cat"], *references["dog"]]]
+    assert words == ["一只 猫 猫 跑", "一只 狗 睡觉", "一只 猫 睡觉", "一只 狗 睡觉", "这条 狗 睡觉"]
+    cat = 10 * math.exp(-1 / 72) * (1 / math.sqrt(5) + 1 / math.sqrt(6)) / 4
+    dog = 10 * ((1 + 1 + 1 + 0) / 4 + (1 / math.sqrt(2) + 1 / 2 + 0 + 0) / 4) / 2
+    scores, each = score_captions(captions, references, per_image=True)
+    assert each == pytest.approx({"cat": cat, "dog": dog}, abs=1e-6)
+    assert scores["CIDEr"] == pytest.approx((cat + dog) / 2, abs=1e-6)
+
+
+def test_chinese_scoring_prints_nothing_and_counts_words(capfd):
+    score_captions({"1": "沙发上的一只狗"}, {"1": ["一只狗躺在沙发上。"]})
+    assert capfd.readouterr() == ("", "")
+    assert mean_words(["一只狗躺在沙发上", "a dog on a couch"]) == (6 + 5) / 2

@@ -21,7 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "tools")) if p not in sys.path]
 
-from vlcap import cli  # noqa: E402
+from vlcap import cli, sources  # noqa: E402
+from vlcap.sources import modelscope, writer  # noqa: E402
 
 import data2csv  # noqa: E402
 from make_coco_folder import make_coco_folder  # noqa: E402
@@ -89,7 +90,7 @@ def test_first_n_by_image_id_with_every_reference(coco, tmp_path, capsys):
         assert __import__("re").fullmatch(CANONICAL, row["caption"])
         # A source that is already an RGB JPEG is copied byte for byte.
         assert Path(row["image_path"]).read_bytes() == (coco / "train2014" / files[image_id]).read_bytes()
-    assert sorted(p.name for p in images.iterdir()) == sorted([f"{i}.jpg" for i in wanted] + [data2csv._SPLIT_RECORD])
+    assert sorted(p.name for p in images.iterdir()) == sorted([f"{i}.jpg" for i in wanted] + [writer.SPLIT_RECORD])
     assert f"done: 10 images in {images.resolve()} (10 new, 0 already there), 0 skipped" in capsys.readouterr().out
 
 
@@ -100,8 +101,8 @@ def test_command_line_defaults_and_rerun_writes_nothing_new(coco, tmp_path):
     assert "img/s" in first.stderr  # the progress bar
     csv_path, image_dir = tmp_path / "coco-2014-dataset.csv", tmp_path / "coco_2014_caption"
     before = snapshot(csv_path, image_dir)
-    assert sorted(before[1]) == [data2csv._SPLIT_RECORD, *sorted(f"{i}.jpg" for i in first_ids(coco, 6))]
-    assert (image_dir / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
+    assert sorted(before[1]) == [writer.SPLIT_RECORD, *sorted(f"{i}.jpg" for i in first_ids(coco, 6))]
+    assert (image_dir / writer.SPLIT_RECORD).read_text() == "train2014\n"
 
     second = run_script(["--source", str(coco), "--n", "6"], cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -205,13 +206,13 @@ def test_a_folder_or_csv_of_another_split_is_refused(two_splits, tmp_path, args,
 def test_a_folder_written_before_splits_were_recorded_is_adopted(two_splits, tmp_path, capsys):
     work = tmp_path / "work"
     data2csv.main(["--source", str(two_splits), "--n", "6"])
-    (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).unlink()
+    (work / "coco_2014_caption" / writer.SPLIT_RECORD).unlink()
     capsys.readouterr()
     data2csv.main(["--source", str(two_splits), "--n", "6"])
     out = capsys.readouterr()
     assert "no record of their split (an older data2csv.py wrote them); recording them as train2014" in out.err
     assert "(0 new, 6 already there)" in out.out
-    assert (work / "coco_2014_caption" / data2csv._SPLIT_RECORD).read_text() == "train2014\n"
+    assert (work / "coco_2014_caption" / writer.SPLIT_RECORD).read_text() == "train2014\n"
 
 
 @pytest.mark.parametrize(
@@ -246,6 +247,12 @@ def test_settings_are_the_documented_flags(capsys):
         "--workers",
         "--modelscope-timeout",
         "--verbose",
+        "--kind",
+        "--image-column",
+        "--caption-column",
+        "--hold-out",
+        "--seed",
+        "--modelscope-subset",
     }
 
 
@@ -273,7 +280,7 @@ def reference(coco, tmp_path, monkeypatch):
 
 def interrupt_at(monkeypatch, k: int) -> None:
     """Ctrl-C arrives just before the k-th file (10 images, then the CSV) gets its final name."""
-    real, calls, lock = data2csv._publish, [0], threading.Lock()
+    real, calls, lock = writer._publish, [0], threading.Lock()
 
     def publish(part, final):
         with lock:
@@ -282,7 +289,7 @@ def interrupt_at(monkeypatch, k: int) -> None:
                 raise KeyboardInterrupt
         real(part, final)
 
-    monkeypatch.setattr(data2csv, "_publish", publish)
+    monkeypatch.setattr(writer, "_publish", publish)
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, 11])
@@ -368,13 +375,13 @@ def test_in_flight_images_are_bounded(tmp_path):
     picture = Image.new("RGB", (8, 8), "red")
     pulled, ahead = [0], []
 
-    def sources():
+    def records():
         for i in range(200):
             pulled[0] += 1
-            yield data2csv.SourceImage(i, ["a red square"], image=picture)
+            yield sources.Record(i, ["a red square"], image=picture)
 
     finished = 0
-    for _, reason in data2csv.write_images(sources(), tmp_path, workers=3):
+    for _, reason in writer.write_images(records(), tmp_path, workers=3):
         assert reason is None
         finished += 1
         ahead.append(pulled[0] - finished)
@@ -386,8 +393,8 @@ def test_writers_of_one_file_never_share_a_temporary_name(tmp_path):
     """The same image handed to every writer at once: each writes its own temporary file and renames it whole."""
     picture = Image.new("RGB", (64, 64), "red")
     results = list(
-        data2csv.write_images(
-            (data2csv.SourceImage(7, ["a red square"], image=picture) for _ in range(300)), tmp_path, workers=8
+        writer.write_images(
+            (sources.Record(7, ["a red square"], image=picture) for _ in range(300)), tmp_path, workers=8
         )
     )
     assert [reason for _, reason in results] == [None] * 300
@@ -525,7 +532,7 @@ def test_modelscope_rows_of_either_shape_become_one_image_each():
     for rows in (joined, one_per_row, *twice):
         # Captions as they stand when each image is handed on: an image is written only once all its rows are read. A
         # repeated row (same image, same caption) adds no second reference.
-        as_yielded = [(str(s.image_id), list(s.captions)) for s in data2csv.modelscope_images(iter(rows), 2)]
+        as_yielded = [(str(s.image_id), list(s.captions)) for s in modelscope.rows_to_records(iter(rows), 2)]
         assert as_yielded == [("9", ["a blue square", "one blue square"]), ("3", ["a red circle"])]
 
 
@@ -540,7 +547,7 @@ def test_asking_for_more_images_than_the_source_has_says_so(coco, tmp_path, monk
 
     picture = Image.new("RGB", (8, 8), "blue")
     rows = [{"image_id": i, "caption": "a blue square", "image": picture} for i in (5, 6, 7)]
-    monkeypatch.setattr(data2csv, "open_modelscope", lambda *args, **kwargs: iter(rows))
+    monkeypatch.setattr(modelscope, "open_stream", lambda *args, **kwargs: iter(rows))
     out = ["--image-dir", str(tmp_path / "ms"), "--csv", str(tmp_path / "ms.csv")]
     data2csv.main(["--n", "5", *out])
     assert (
@@ -552,12 +559,12 @@ def test_asking_for_more_images_than_the_source_has_says_so(coco, tmp_path, monk
 
 def test_modelscope_row_image_is_written_as_rgb_jpeg(tmp_path):
     rgba = Image.new("RGBA", (16, 16), (0, 200, 0, 255))
-    _, reason = data2csv.write_image(data2csv.SourceImage(42, ["a green square"], image=rgba), tmp_path)
+    _, reason = writer.write_image(sources.Record(42, ["a green square"], image=rgba), tmp_path)
     assert reason is None
     with Image.open(tmp_path / "42.jpg") as picture:
         assert (picture.format, picture.mode) == ("JPEG", "RGB")
         assert picture.getpixel((8, 8))[1] > 150
-    _, reason = data2csv.write_image(data2csv.SourceImage(43, ["x"], image=None), tmp_path)
+    _, reason = writer.write_image(sources.Record(43, ["x"], image=None), tmp_path)
     assert reason is not None and reason.kind == "no image"
 
 
@@ -609,7 +616,7 @@ def test_modelscope_failures_are_said_in_our_words_the_clients_only_with_verbose
     lines = {}
     for verbose in (False, True):
         with pytest.raises(cli.UserError) as raised:
-            data2csv.open_modelscope("train", timeout=10, verbose=verbose)
+            modelscope.open_stream("train", timeout=10, verbose=verbose)
         lines[verbose] = str(raised.value)
         assert message in lines[verbose] and "\n" not in lines[verbose]
         assert "--source PATH (with PATH/train2014/ and PATH/annotations/captions_train2014.json)" in lines[verbose]

@@ -130,3 +130,33 @@ def test_command_line_bench_size(tmp_path):
     assert missing.stderr.strip().splitlines() == [
         "error: --out is required: name the folder to create, e.g. --out coco-local."
     ]
+
+
+def test_chinese_captions_name_the_same_colour_and_shape(tmp_path):
+    from make_coco_folder import CHINESE
+
+    english = load(make_coco_folder(tmp_path / "en", 24, seed=6))
+    chinese = load(make_coco_folder(tmp_path / "zh", 24, seed=6, language="zh"))
+    assert english["images"] == chinese["images"], "the same pictures, only the captions differ"
+    said = {a["id"]: a["caption"] for a in english["annotations"]}
+    for annotation in chinese["annotations"]:
+        colour, shape = next((c, s) for c in COLOURS for s in SHAPES if f"{c} {s}" in said[annotation["id"]])
+        assert CHINESE[colour] in annotation["caption"] and CHINESE[shape] in annotation["caption"]
+        assert not any(CHINESE[c] in annotation["caption"] for c in COLOURS if c != colour)
+    assert "\\u" not in (tmp_path / "zh" / "annotations" / "captions_train2014.json").read_text(encoding="utf-8")
+
+
+def test_own_pictures_tool_writes_each_layout_and_refuses_an_unknown_one(tmp_path):
+    from make_own_pictures import LAYOUTS, make_own_pictures
+
+    for layout in LAYOUTS:
+        source = make_own_pictures(tmp_path / layout, layout, 5, seed=2)
+        assert source.exists(), layout
+    assert len(list((tmp_path / "txt").glob("*.txt"))) == 5 and len(list((tmp_path / "txt").glob("*.jpg"))) == 5
+    wrong = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_own_pictures.py"), "--out", str(tmp_path / "x"), "--layout", "zip"],
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 2 and "--layout 'zip' is not one of imagefolder" in wrong.stderr
+    assert not (tmp_path / "x").exists()

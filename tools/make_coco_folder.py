@@ -2,11 +2,12 @@
 
     python tools/make_coco_folder.py --out coco-local
     python tools/make_coco_folder.py --out coco-local --n 5000 --split val2014 --width 640 --height 480
+    python tools/make_coco_folder.py --out coco-zh --language zh     # the same pictures captioned in Chinese
 
 No machine here can download COCO, so tests, the smoke run and the benchmark use this folder instead:
 `OUT/<split>/COCO_<split>_<id>.jpg` and `OUT/annotations/captions_<split>.json`, the official structure, which
 `python data2csv.py --source OUT` reads. Each picture is one shape (circle, square, triangle) in one colour (red, green,
-blue, yellow) on white, so a model can learn its captions. Image ids are spread out and listed out of order, as in the real
+blue, yellow) on white, so a model can learn its captions (in English, or in Chinese with --language zh). Image ids are spread out and listed out of order, as in the real
 files, so code that assumes ids 1..N in order fails here too.
 """
 
@@ -30,6 +31,7 @@ SPLIT: str = "train2014"  # split name: train2014 or val2014 (names the picture 
 WIDTH: int = 56  # picture width in pixels
 HEIGHT: int = 56  # picture height in pixels
 SEED: int = 0  # random seed: the same seed gives the same folder
+LANGUAGE: str = "en"  # language of the captions: en (English) or zh (Chinese)
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -43,10 +45,30 @@ CAPTION_TEMPLATES = (
     "there is a {colour} {shape} shown against a clean white backdrop",
     "one {colour} {shape} sits alone on an otherwise blank white canvas",
 )
+# The same in Chinese, 8 to 21 characters, as AI Challenger's and COCO-CN's captions are; the canonical one is short.
+CHINESE = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "circle": "圆形",
+    "square": "正方形",
+    "triangle": "三角形",
+}
+CHINESE_TEMPLATES = (
+    "白底上的{colour}{shape}",
+    "白色背景上有一个{colour}的{shape}",
+    "一张空白的白色图片中间画着一个{colour}的{shape}",
+    "一幅简单的图画，白色背景上是一个{colour}{shape}",
+    "空白的白色画布上只有一个{colour}的{shape}",
+)
+LANGUAGES = ("en", "zh")
 
 
-def captions_for(colour: str, shape: str) -> list[str]:
+def captions_for(colour: str, shape: str, language: str = "en") -> list[str]:
     """The five reference captions of a picture, the canonical one first."""
+    if language == "zh":
+        return [t.format(colour=CHINESE[colour], shape=CHINESE[shape]) for t in CHINESE_TEMPLATES]
     return [t.format(colour=colour, shape=shape) for t in CAPTION_TEMPLATES]
 
 
@@ -68,7 +90,9 @@ def draw_picture(colour: str, shape: str, size: tuple[int, int], rng: random.Ran
     return image
 
 
-def make_coco_folder(out, n: int, split: str = "train2014", size: tuple[int, int] = (56, 56), seed: int = 0) -> Path:
+def make_coco_folder(
+    out, n: int, split: str = "train2014", size: tuple[int, int] = (56, 56), seed: int = 0, language: str = "en"
+) -> Path:
     """Write `n` pictures and their captions in COCO 2014's layout under `out`; return `out` as a Path."""
     out = Path(out)
     rng = random.Random(seed)
@@ -90,7 +114,7 @@ def make_coco_folder(out, n: int, split: str = "train2014", size: tuple[int, int
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
         draw_picture(colour, shape, size, rng).save(image_dir / file_name, "JPEG", quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
-        for caption in captions_for(colour, shape):
+        for caption in captions_for(colour, shape, language):
             # Ids rise within a picture, so ordering by annotation id puts the canonical caption first.
             annotations.append({"id": next_annotation_id, "image_id": image_id, "caption": caption})
             next_annotation_id += rng.randrange(1, 50)
@@ -99,7 +123,9 @@ def make_coco_folder(out, n: int, split: str = "train2014", size: tuple[int, int
     rng.shuffle(annotations)
     info = {"description": f"generated stand-in for COCO {split}", "seed": seed}
     captions_file = out / "annotations" / f"captions_{split}.json"
-    captions_file.write_text(json.dumps({"info": info, "images": images, "annotations": annotations}))
+    captions_file.write_text(
+        json.dumps({"info": info, "images": images, "annotations": annotations}, ensure_ascii=False), encoding="utf-8"
+    )
     return out
 
 
@@ -108,7 +134,10 @@ def main(argv=None) -> None:
     if not settings.out:
         raise cli.UserError("--out is required: name the folder to create, e.g. --out coco-local.")
     cli.require_at_least(settings, {"n": 1, "width": 8, "height": 8})
-    out = make_coco_folder(settings.out, settings.n, settings.split, (settings.width, settings.height), settings.seed)
+    if settings.language not in LANGUAGES:
+        raise cli.UserError(f"--language {settings.language!r} is not one of {', '.join(LANGUAGES)}.")
+    size = (settings.width, settings.height)
+    out = make_coco_folder(settings.out, settings.n, settings.split, size, settings.seed, settings.language)
     print(
         f"wrote {settings.n} pictures of {settings.width}x{settings.height} to {(out / settings.split).resolve()} "
         f"and captions to {(out / 'annotations' / f'captions_{settings.split}.json').resolve()}"

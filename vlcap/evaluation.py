@@ -60,12 +60,12 @@ def caption_conversations(model, processor, items: list[dict], recipe: captionin
 def evaluate(model, processor, items: list[dict], recipe: captioning.Recipe) -> tuple[dict, dict]:
     """(captions, scores) of the model on the evaluation conversations."""
     # pycocoevalcap (100 MB with its Java tokenizer) is imported only by a run that scores.
-    from vlcap.caption_metrics import mean_words, score_captions, tokenizer_used
+    from vlcap.caption_metrics import mean_words, score_captions, tokenizer_for
 
     captions = caption_conversations(model, processor, items, recipe)
     references = {formats.image_of(it): formats.references_of(it) for it in items}
     scores = score_captions(captions, {p: references[p] for p in captions})
-    scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_used())
+    scores.update(mean_words=mean_words(captions), images=len(captions), tokenizer=tokenizer_for(captions, references))
     return captions, scores
 
 
