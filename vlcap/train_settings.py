@@ -40,8 +40,8 @@ def resolved(settings):
         settings.image_size < 0 or settings.image_size % 28 and settings.image_size % 32
     ):
         raise cli.UserError(
-            f"{cli.setting_names('image_size')} must be 0 (each picture's own size) or a multiple of the model's "
-            f"patches (28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL), e.g. 280, not {settings.image_size}."
+            f"{cli.setting_names('image_size')} must be 0 (each picture's own size) or a multiple of 28 (Qwen2-VL, "
+            f"Qwen2.5-VL) or 32 (Qwen3-VL), e.g. 280, not {settings.image_size}."
         )
     if settings.low_memory:  # the same effective batch in up to 4 pieces, with checkpointing; these are the user's now
         pieces = next(d for d in (4, 3, 2, 1) if settings.batch_size % d == 0)
