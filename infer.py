@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from vlcap import cli, formats, gallery, images, memory, timing
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     if args.merge and adapter is None:
         raise cli.UserError("--merge needs an adapter to merge; pass --adapter DIR.")
     trained = formats.read_adapter_settings(adapter) if adapter else None
-    prompt = args.prompt or (trained.prompt if trained else formats.DEFAULT_PROMPT)
+    if args.prompt is not None:  # given, even empty: used as given
+        prompt = args.prompt
+    else:
+        prompt = trained.prompt if trained else formats.DEFAULT_PROMPT
     image_size = args.image_size if args.image_size is not None else (trained.image_size if trained else None)
     paths, references = pictures_to_caption(args, trained)
     if args.score and not references:
@@ -60,6 +64,13 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
         raise cli.UserError("no images found in the given paths.")
     if args.html:
         gallery.check_page_path(args.html)
+    if Path(args.output).is_dir():
+        raise cli.UserError(
+            f"--output {args.output} is a folder; name the captions file to write, e.g. "
+            f"--output {Path(args.output) / 'captions.jsonl'}."
+        )
+    if not args.merge:
+        refuse_unusable(paths)
 
     marks("imports")
     from vlcap import captioning, qwen  # torch and transformers load once the settings are right
@@ -77,19 +88,25 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
 
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
+    written = []  # the file, opened at the first caption: a run that captions nothing leaves any earlier file as it was
 
-        def write(path, caption):
-            print(f"{path}\t{caption}")
-            record = {"image": path, "caption": caption}
-            if path in references:
-                record["references"] = references[path]
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()  # a long run interrupted keeps every caption made so far
+    def write(path, caption):
+        print(f"{path}\t{caption}")
+        record = {"image": path, "caption": caption}
+        if path in references:
+            record["references"] = references[path]
+        if not written:
+            written.append(out.open("w", encoding="utf-8"))
+        written[0].write(json.dumps(record, ensure_ascii=False) + "\n")
+        written[0].flush()  # a long run interrupted keeps every caption made so far
 
+    try:
         captions, failed = captioning.caption_paths(
             model, processor, paths, prompt, image_size, args.batch_size, args.max_new_tokens, write, args.fast_decode
         )
+    finally:
+        for f in written:
+            f.close()
     marks("captioned")
     summary = f"captioned {len(captions)} of {len(paths)} images -> {out}"
     scores = cider = None
@@ -119,6 +136,19 @@ def pictures_to_caption(args, trained: formats.AdapterSettings | None) -> tuple[
         raise cli.UserError("nothing to caption; pass image paths or folders, or --json SPLIT.json.")
     items = formats.read_conversations(split)
     return [formats.image_of(it) for it in items], {formats.image_of(it): formats.references_of(it) for it in items}
+
+
+def refuse_unusable(paths: list[str]) -> None:
+    """Before the model loads: a UserError, each picture's problem reported, when no picture can be used."""
+    problems = []
+    for path in paths:
+        why = images.problem(path)
+        if why is None:
+            return
+        problems.append((path, why))
+    for path, why in problems:
+        print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    raise cli.UserError(f"none of the {len(paths)} pictures can be captioned (see above); nothing written.")
 
 
 def merge_adapter(model, processor, adapter: Path, out: str) -> int:
