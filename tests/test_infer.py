@@ -170,7 +170,7 @@ def test_only_unusable_pictures_stop_before_the_model_loads_and_write_nothing(tm
     fresh = run_script("infer.py", *args, "--output", str(tmp_path / "new.jsonl"))
     kept = tmp_path / "kept.jsonl"
     kept.write_text('{"image": "a.jpg", "caption": "an earlier caption"}\n')
-    again = run_script("infer.py", *args, "--output", str(kept))
+    again = run_script("infer.py", *args, "--output", str(kept), "--overwrite")  # even replacing it
     for result in (fresh, again):
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()
