@@ -10,6 +10,7 @@ and float grayscale, palettes with transparency, CMYK, YCbCr, 1-bit) becomes the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -63,8 +64,7 @@ def load(path: str | Path, image_size: int, max_pixels: int | None = None) -> Im
     """Open any picture as RGB, resized to image_size x image_size (0 keeps its size). Raises Unusable saying why not.
     max_pixels: a larger picture is refused from its header, before its pixels are read."""
     try:
-        with Image.open(path) as opened:
-            _check_size(opened, max_pixels)
+        with _opened(path, max_pixels) as opened:
             picture = as_rgb(opened)
     except FileNotFoundError:
         raise Unusable("no such file") from None
@@ -86,8 +86,7 @@ def problem(path: str | Path, decode: bool = True, max_pixels: int | None = None
     if not str(path).strip():
         return "no image path"
     try:
-        with Image.open(path) as opened:
-            _check_size(opened, max_pixels)
+        with _opened(path, max_pixels) as opened:
             if decode:
                 opened.load()
     except FileNotFoundError:
@@ -101,10 +100,18 @@ def problem(path: str | Path, decode: bool = True, max_pixels: int | None = None
     return None
 
 
-def _check_size(opened: Image.Image, max_pixels: int | None) -> None:
+def _opened(path, max_pixels: int | None) -> Image.Image:
+    """Image.open; with max_pixels, a larger picture refused from its header (and PIL's warning about it unsaid)."""
+    if not max_pixels:
+        return Image.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
     width, height = opened.size
-    if max_pixels and width * height > max_pixels:
+    if width * height > max_pixels:
+        opened.close()
         raise Unusable(f"too large ({width} x {height} pixels; at most {max_pixels / 1e6:.0f} megapixels are read)")
+    return opened
 
 
 def _unreadable(path, error: BaseException) -> str:
