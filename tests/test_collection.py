@@ -258,3 +258,43 @@ def test_two_processes_under_torchrun_write_the_file_one_process_writes(trained,
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_text() == one_run
     assert result.stdout.count("captioned 80 of 80 images") == 1  # process 0 alone reports
+
+
+def test_a_killed_process_stops_the_other_with_one_line_and_the_same_command_continues(
+    trained, pictures, one_run, tmp_path
+):
+    adapter, _ = trained
+    out = tmp_path / "captions.jsonl"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, str(REPO / "infer.py"), *infer_command(adapter, out, "--batch-size", "2", str(pictures))]
+    with (tmp_path / "stderr").open("w+") as log:
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=ENV, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 300
+            while _lines(out) < 8 and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert run.poll() is None, "the run ended before the test could kill a process"
+            (process_1,) = [pid for pid in _children(run.pid) if "RANK=1" in _environment(pid)]
+            os.kill(process_1, signal.SIGKILL)
+            status = run.wait(timeout=120)
+        finally:
+            run.kill()
+            run.wait(timeout=60)
+    assert status != 0
+    lines = (tmp_path / "stderr").read_text().replace("\r", "\n").splitlines()
+    (line,) = [s for s in lines if s.startswith("error: ")]  # process 0's one line
+    rerun = f"run the same command again to continue: torchrun --nproc_per_node 2 {' '.join(command[6:])}"
+    assert line.endswith(rerun), line
+    assert not any(s.startswith("[rank0]") for s in lines), lines[-30:]  # no traceback from process 0
+    assert 8 <= _lines(out) < 80
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_text() == one_run
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _environment(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
