@@ -79,9 +79,25 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     output = captions_file.CaptionsFile.open(args.output, settings, args.overwrite, writes=processes.is_main())
     stream = picture_paths.PictureStream(pictures.find(), output.done)
     problems = stream.check_first()  # before anything loads: is there a picture to caption?
-    if problems is not None:
-        return nothing_to_caption(problems, stream, output)
+    if problems is None:
+        summary = caption(args, adapter, trained, prompt, image_size, stream, output, pictures, marks)
+        if summary is None:  # under torchrun, every process but 0: process 0 reports
+            return 0
+        line, status = summary.line(output.path), 1 if summary.failed else 0
+    else:
+        line, status = nothing_to_caption(problems, stream, output)
+    if args.score or args.html:
+        line += score_and_page(args, adapter, list(pictures.find(quiet=True)), pictures.references, output)
+    print(line)
+    if problems is None:
+        marks("end")
+        print(timing.summary(marks.parts(timing.INFER_RUN)))
+    return status
 
+
+def caption(args, adapter, trained, prompt: str, image_size, stream, output, pictures: Pictures, marks):
+    """Load the model (on this process's GPU under torchrun) and caption the stream into the output: the Summary
+    (None for every process but 0)."""
     marks("imports")
     from vlcap import captioning, collection, qwen  # torch and transformers load once the settings are right
 
@@ -100,56 +116,49 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     workers = args.workers if args.workers is not None else collection.default_workers()
     summary = collection.caption_collection(
         model, processor, stream, recipe, output, workers, args.fast_decode, pictures.references,
-        keep_paths=bool(args.score or args.html), count_paths=pictures.find,
+        count_paths=lambda: pictures.find(quiet=True),
     )  # fmt: skip
     marks("captioned")
-    if not processes.is_main():
-        return 0
-    line = summary.line(output.path)
-    if args.score or args.html:
-        line += score_and_page(args, adapter, summary.paths, pictures.references, output.path)
-    print(line)
-    marks("end")
-    print(timing.summary(marks.parts(timing.INFER_RUN)))
-    return 1 if summary.failed else 0
+    return summary if processes.is_main() else None
 
 
 @dataclass(frozen=True)
 class Pictures:
     """What to caption: `find()` gives the paths (again at each call, lazily); `references` the JSON split's captions."""
 
-    find: Callable[[], Iterable[str]]
+    find: Callable[..., Iterable[str]]  # find(quiet=False)
     references: dict[str, list[str]]
 
 
 def pictures_to_caption(args, trained: formats.AdapterSettings | None) -> Pictures:
     """The command line's pictures, folders and lists of paths, else a JSON split's pictures and reference captions."""
     if args.images:
-        return Pictures(lambda: picture_paths.find(args.images), {})
+        return Pictures(lambda quiet=False: picture_paths.find(args.images, quiet), {})
     split = args.json or (trained.test_json if trained else None)
     if not split:
         raise cli.UserError("nothing to caption; pass image paths or folders, or --json SPLIT.json.")
     items = formats.read_conversations(split)
     references = {formats.image_of(it): formats.references_of(it) for it in items}
-    return Pictures(lambda: iter(references), references)
+    return Pictures(lambda quiet=False: iter(references), references)
 
 
-def nothing_to_caption(problems: list[tuple[str, str]], stream: picture_paths.PictureStream, output) -> int:
-    """Before loading: no picture is left to caption. Every one captioned before is a finished run (status 0); none
-    found, or none usable, is an error. Nothing is written either way."""
+def nothing_to_caption(problems: list[tuple[str, str]], stream, output) -> tuple[str, int]:
+    """Before loading: no picture is left to caption, and nothing is written. Every usable one captioned before is a
+    finished run (its line; status 0, or 1 with pictures that cannot be used); none found, or none usable, is an error."""
     for path, why in problems:
         print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    if stream.already:
+        unusable = f"; {len(problems)} cannot be used (see above)" if problems else ""
+        line = f"all {stream.already} pictures are captioned in {output.path} already{unusable}"
+        return line + "; --overwrite captions them again.", 1 if problems else 0
     if problems:
         raise cli.UserError(f"none of the {len(problems)} pictures can be captioned (see above); nothing written.")
-    if not stream.already:
-        raise cli.UserError("no images found in the given paths.")
-    print(f"all {stream.already} pictures are captioned in {output.path} already; --overwrite captions them again.")
-    return 0
+    raise cli.UserError("no images found in the given paths.")
 
 
-def score_and_page(args, adapter: Path | None, paths: list[str], references: dict, output: Path) -> str:
+def score_and_page(args, adapter: Path | None, paths: list[str], references: dict, output) -> str:
     """--score and --html over every caption of the pictures (this sitting's and earlier ones'); the summary's words."""
-    captions = captions_file.read_captions(output, paths)
+    captions = output.captions(paths)
     words = ""
     scores = cider = None
     if args.score and captions:
@@ -157,7 +166,7 @@ def score_and_page(args, adapter: Path | None, paths: list[str], references: dic
 
         scores, cider = score_captions(captions, {p: references[p] for p in captions}, per_image=True)
         words += "  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        formats.write_json(output.with_suffix(".scores.json"), scores)
+        formats.write_json(output.path.with_suffix(".scores.json"), scores)
     if args.html:
         title = f"Captions by {adapter}" if adapter else "Captions by the base model"
         words += (

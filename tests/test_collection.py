@@ -156,6 +156,9 @@ def test_broken_pictures_among_good_ones_are_each_reported_and_the_rest_captione
     summary = [line for line in result.stdout.splitlines() if line.startswith("captioned ")]
     assert len(summary) == 1 and summary[0].startswith(f"captioned 5 of 9 images -> {out}"), summary
     assert "; 4 skipped (2 not a readable image, 1 an empty file, 1 too large; see the warnings above)" in summary[0]
+    again = run_script("infer.py", *infer_command(adapter, out, "--batch-size", "3", str(root)))
+    assert again.returncode == 1 and "all 5 pictures are captioned" in again.stdout, again.stderr[-2000:]
+    assert "4 cannot be used" in again.stdout and len(again.stderr.strip().splitlines()) == 4, again.stderr
 
 
 # ------------------------------------------------------------------------------------------------ stopped and continued

@@ -83,11 +83,12 @@ def settings_path(output: Path) -> Path:
 
 
 class CaptionsFile:
-    """A captions file open for appending (see the module's docstring). `done`: the pictures already in it, as keys of
-    `key()`; `before`: how many lines earlier sittings wrote."""
+    """A captions file open for appending (see the module's docstring). `done`: the pictures already in it (absolute
+    paths); `before`: how many earlier sittings wrote."""
 
-    def __init__(self, path: Path, settings: RunSettings, done: set[str], writes: bool):
+    def __init__(self, path: Path, settings: RunSettings, done: set[str], writes: bool, folder: str | None = None):
         self.path, self.settings, self.done, self.writes = path, settings, done, writes
+        self.folder = folder or os.getcwd()  # where the file's relative paths start: the first sitting's folder
         self.before = len(done)
         self.fd: int | None = None
 
@@ -102,16 +103,18 @@ class CaptionsFile:
             )
         if overwrite or not path.exists() or path.stat().st_size == 0:
             return cls(path, settings, set(), writes)
-        _same_run(path, settings)
-        return cls(path, settings, _captioned(path, repair=writes), writes)
+        folder = _same_run(path, settings)
+        return cls(path, settings, _captioned(path, folder, repair=writes), writes, folder)
 
     def add(self, records: list[dict]) -> int:
         """Append the records not in the file yet, as whole lines in one write; how many were written."""
         new, lines = [], []
+        elsewhere = os.getcwd() != self.folder  # a relative path is written whole, so later sittings read it right
         for record in records:
-            key = self.key(record["image"])
+            key = os.path.abspath(record["image"])
             if key not in self.done and key not in new:
                 new.append(key)
+                record = {**record, "image": key} if elsewhere and not os.path.isabs(record["image"]) else record
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         if not lines or not self.writes:
             self.done.update(new)
@@ -133,9 +136,17 @@ class CaptionsFile:
         self.done.update(new)
         return len(lines)
 
-    def key(self, image: str) -> str:
-        """A picture's key in `done`: its absolute path, so a run from another folder still knows it."""
-        return os.path.abspath(image)
+    def captions(self, images: Iterable[str]) -> dict[str, str]:
+        """{picture: caption} of the file, for the pictures asked for (scoring and the web page)."""
+        wanted = {os.path.abspath(p): p for p in images}
+        found = {}
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                image = wanted.get(os.path.abspath(os.path.join(self.folder, record["image"])))
+                if image is not None:
+                    found[image] = record["caption"]
+        return found
 
     def _start(self) -> None:
         """At the first caption: the settings file written, the captions file created (or emptied, overwriting)."""
@@ -152,8 +163,9 @@ class CaptionsFile:
             self.fd = None
 
 
-def _same_run(path: Path, settings: RunSettings) -> None:
-    """Refuse to add to a file begun by another run (another adapter, model, prompt, image size or caption length)."""
+def _same_run(path: Path, settings: RunSettings) -> str:
+    """Refuse to add to a file begun by another run (another adapter, model, prompt, image size or caption length);
+    the folder the first sitting ran in."""
     recorded_path = settings_path(path)
     how = f"pass --output another file to keep both, or --overwrite to replace {path}"
     try:
@@ -173,6 +185,7 @@ def _same_run(path: Path, settings: RunSettings) -> None:
             for key in differ
         )
         raise UserError(f"{path} holds captions of another run ({what}); {how}.")
+    return recorded.get("folder") or os.getcwd()
 
 
 def _shown(settings: dict, key: str) -> str:
@@ -181,11 +194,9 @@ def _shown(settings: dict, key: str) -> str:
     return repr(settings.get(key))
 
 
-def _captioned(path: Path, repair: bool) -> set[str]:
-    """The pictures the file holds (absolute paths, relative ones taken from the folder the first sitting ran in). A torn
-    last line is cut off (when `repair`), with a warning; any other line that is not a caption is an error."""
-    recorded = json.loads(settings_path(path).read_text(encoding="utf-8"))
-    folder = recorded.get("folder") or os.getcwd()
+def _captioned(path: Path, folder: str, repair: bool) -> set[str]:
+    """The pictures the file holds (absolute paths, relative ones taken from `folder`). A torn last line is cut off
+    (when `repair`), with a warning; any other line that is not a caption is an error."""
     done, good_end, number = set(), 0, 0
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):  # noqa: B007  (number is the last line's afterwards)
@@ -217,16 +228,3 @@ def _record(line: bytes) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("image"), str) else None
-
-
-def read_captions(path: str | Path, images: Iterable[str]) -> dict[str, str]:
-    """{picture: caption} from a captions file, for the pictures asked for (scoring and the web page)."""
-    wanted = {os.path.abspath(p): p for p in images}
-    found = {}
-    with Path(path).open(encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            image = wanted.get(os.path.abspath(record["image"]))
-            if image is not None:
-                found[image] = record["caption"]
-    return found

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from vlcap import captioning, images, picture_paths, processes
 from vlcap.captions_file import CaptionsFile
-from vlcap.cli import UserError
+from vlcap.cli import UserError, error_text
 
 PREFETCH = 2  # tasks (one process's part of a round) decoded ahead per worker
 
@@ -68,7 +68,6 @@ class Summary:
     repeated: int = 0
     waited_s: float = 0.0  # time the captioning loop waited for decoded pictures
     seconds: float = 0.0
-    paths: list[str] = field(default_factory=list)  # every picture of the sitting, when asked for (scores, web page)
     failed: list[str] = field(default_factory=list)
 
     def line(self, output) -> str:
@@ -101,6 +100,8 @@ class _Decode(Dataset):
                 pictures.append(captioning.channels_first(picture))
             except images.Unusable as e:
                 problems[i] = str(e)
+            except Exception as e:  # what a malformed file makes a PIL plugin raise besides (struct.error, ...)
+                problems[i] = f"not a readable image ({error_text(e, 160)})"
         if pictures and len({p.shape for p in pictures}) == 1:
             pictures = torch.stack(pictures)  # one block of shared memory to the main process, not one per picture
         return Decoded(task, pictures, problems)
@@ -142,7 +143,6 @@ def caption_collection(
     workers: int,
     fast: bool = True,
     references: dict[str, list[str]] | None = None,
-    keep_paths: bool = False,
     count_paths=None,
 ) -> Summary:
     """Caption every picture of the stream into `output` (see the module's docstring). `count_paths()`: the paths again,
@@ -158,12 +158,12 @@ def caption_collection(
         prefetch_factor=PREFETCH if workers else None,
     )
     shown = rank == 0
+    started = time.perf_counter()
+    decoded_tasks = iter(loader)  # the workers start: forked before this process starts threads of its own
     bar = tqdm(desc="captioning", unit="img", disable=not shown, mininterval=0.5, dynamic_ncols=True)
     if shown and count_paths is not None:
         _count_in_background(bar, count_paths, frozenset(output.done))
-    started = time.perf_counter()
     try:
-        decoded_tasks = iter(loader)
         while True:
             asked = time.perf_counter()
             decoded = next(decoded_tasks, None)
@@ -174,7 +174,7 @@ def caption_collection(
             if decoded is None:
                 break
             if shown:
-                _record(results, output, summary, references or {}, keep_paths)
+                _record(results, output, summary, references or {})
                 bar.update(len(results))
     except Exception as e:
         if not processes.lost_peer(e):
@@ -232,12 +232,10 @@ def _shared(round_digest: str, results: list[tuple], world: int) -> list[tuple]:
     return [result for _, part in everyone for result in part]
 
 
-def _record(results: list[tuple], output: CaptionsFile, summary: Summary, references: dict, keep_paths: bool) -> None:
+def _record(results: list[tuple], output: CaptionsFile, summary: Summary, references: dict) -> None:
     """Process 0: a round's captions written and printed, its unusable pictures reported and counted."""
     records, printed = [], []
     for path, caption, why in results:
-        if keep_paths:
-            summary.paths.append(path)
         if why is not None:
             tqdm.write(f"warning: skipped {path}: {why}", file=sys.stderr)
             summary.skipped[why.split(" (")[0]] += 1
