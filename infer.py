@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     if args.merge:
         return merge_adapter(adapter, trained, args)
 
+    device = resolve_device(args.device)  # no GPU is one line, before the pictures are looked at
     pictures = pictures_to_caption(args, trained)
     if args.score and not pictures.references:
         raise cli.UserError("--score needs reference captions; pass --json SPLIT.json instead of image paths.")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     stream = picture_paths.PictureStream(pictures.find(), output.done)
     problems = stream.check_first()  # before anything loads: is there a picture to caption?
     if problems is None:
-        summary = caption(args, adapter, trained, prompt, image_size, stream, output, pictures, marks)
+        summary = caption(args, device, adapter, trained, prompt, image_size, stream, output, pictures, marks)
         if summary is None:  # under torchrun, every process but 0: process 0 reports
             return 0
         line, status = summary.line(output.path), 1 if summary.failed else 0
@@ -95,14 +96,13 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
     return status
 
 
-def caption(args, adapter, trained, prompt: str, image_size, stream, output, pictures: Pictures, marks):
+def caption(args, device: str, adapter, trained, prompt: str, image_size, stream, output, pictures: Pictures, marks):
     """Load the model (on this process's GPU under torchrun) and caption the stream into the output: the Summary
     (None for every process but 0)."""
     marks("imports")
     from vlcap import captioning, collection, qwen  # torch and transformers load once the settings are right
 
     collection.join_processes()  # under torchrun
-    device = qwen.resolve_device(args.device)
     card = memory.Card.detect(device) if device.startswith("cuda") else None
     precision = memory.choose_precision(card, args.precision, training=False)
     if card is not None and processes.is_main():
@@ -120,6 +120,15 @@ def caption(args, adapter, trained, prompt: str, image_size, stream, output, pic
     )  # fmt: skip
     marks("captioned")
     return summary if processes.is_main() else None
+
+
+def resolve_device(device: str) -> str:
+    """The device to caption on (under torchrun, this process's GPU); "cpu" without importing torch."""
+    if device == "cpu":
+        return device
+    from vlcap import qwen
+
+    return qwen.resolve_device(device)
 
 
 @dataclass(frozen=True)

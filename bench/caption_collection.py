@@ -6,15 +6,16 @@ share of the time the captioning loop waits for decoded pictures, host memory; a
     python bench/caption_collection.py --n 5000 --infer-args "--workers 15"
     python bench/caption_collection.py --smoke                # the same steps on the CPU: tiny model, 8 pictures
 
-In bench/work/ (shared with bench/bench.py, made once, then reused): the 2B stand-in (bench.py's prepare), an adapter
-trained for 2 steps on bench.py's 64-picture split (train.py with bench.py's flags), and N photo-like 640x480 JPEGs in
-folders of 1,000 (a smooth random colour field, noise and a shape: about as slow to decode as a photo; written by
-parallel processes). Then `infer.py FOLDER --overwrite` runs once, end to end, as a user runs it, while its captions file
-is read every 0.25 s: captions a second from the process's start to its end, from the first caption to the last, and in
-each quarter of the pictures. "Waits" is the share of the captioning time infer.py's loop waited for decoded pictures
-(its summary line says it). Host memory: the peak resident size of infer.py's main process, and its size at the first
-caption and at the end. Path discovery: `picture_paths.find` over folders of 10,000 and 100,000 files (hard links to one
-picture), walked whole in a fresh process: its resident size before and after. Prints Markdown tables.
+In bench/work/ (shared with bench/bench.py, made once, then reused): the 2B stand-in (bench.py's prepare), bench.py's
+`fast` adapter (train.py's defaults, 500 pictures, 2 epochs: bench.py trains it, or this script the same way), and N
+photo-like 640x480 JPEGs in folders of 1,000 (a smooth random colour field, noise and a shape: about as slow to decode
+as a photo; written by parallel processes). Then `infer.py FOLDER --overwrite` runs once, end to end, as a user runs it,
+while its captions file is read every 0.25 s: captions a second from the process's start to its end, from the first
+caption to the last, and in each quarter of the pictures. "Waits" is the share of the captioning time infer.py's loop
+waited for decoded pictures (its summary line says it). Host memory: the peak resident size of infer.py's main process,
+and its size at the first caption and at the end. Path discovery: `picture_paths.find` over folders of 10,000 and
+100,000 files (hard links to one picture), walked whole in a fresh process: its resident size before and after. Prints
+Markdown tables.
 """
 
 from __future__ import annotations
@@ -65,26 +66,22 @@ def main() -> None:
 
 # ------------------------------------------------------------------------------------------------------- preparation
 def make_adapter(work: Path, smoke: bool) -> Path:
-    """An adapter of the stand-in (tiny on the CPU), trained for 2 steps: infer.py then runs as with a real one."""
-    name = "tiny" if smoke else "qwen2_vl"
-    out = work / f"out-collection-{name}"
-    if (out / "adapter" / "train_settings.json").exists():
-        return out / "adapter"
+    """bench.py's `fast` adapter of the 2B stand-in (500 pictures, 2 epochs: its captions end as COCO's do, so the
+    captioning loop runs the lengths a trained adapter gives), trained here unless bench.py left it; --smoke: the tiny
+    model's, 2 steps on the CPU."""
     if smoke:
-        model = work / "model-tiny"
+        model, out = work / "model-tiny", work / "out-collection-tiny"
         if not (model / "config.json").exists():
             build = [sys.executable, "tools/make_offline_model.py", "--size", "tiny", "--out", str(model)]
             run(build, work / "model-tiny.log")
         data = make_split(work / "data-16", 16, "train")
-        device = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--workers", "0"]
+        extra = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--workers", "0", "--max-steps", "2"]
+        extra += ["--eval-size", "0", "--no-eval-before"]
     else:
-        model, data = prepare(work, 64)
-        device = []
-    flags = benchmark_flags(model, data, out, sample_max_new_tokens=4)
-    steps = ["--max-steps", "2", "--eval-size", "0", "--no-eval-before", *device]
-    print(
-        f"adapter for {name}: {run([sys.executable, 'train.py', *flags, *steps], work / 'collection-adapter.log'):.0f} s"
-    )
+        (model, data), out, extra = prepare(work, 500), work / "out-qwen2_vl-fast-500", []
+    if not (out / "adapter" / "train_settings.json").exists():
+        train = [sys.executable, "train.py", *benchmark_flags(model, data, out), *extra]
+        print(f"adapter {out / 'adapter'}: {run(train, work / 'collection-adapter.log'):.0f} s")
     return out / "adapter"
 
 

@@ -301,3 +301,14 @@ def _children(pid: int) -> list[int]:
 
 def _environment(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+
+
+def test_each_process_takes_its_own_consecutive_part_of_every_round():
+    paths = [f"{i}.jpg" for i in range(17)]
+    parts = [list(collection.tasks(iter(paths), 2, rank, 3)) for rank in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]  # 6 a round: 6 + 6 + 5, the last as 2 + 2 + 1
+    for number in range(3):
+        tasks = [p[number] for p in parts]
+        assert len({t.round_digest for t in tasks}) == 1
+        assert [path for t in tasks for path in t.paths] == paths[6 * number : 6 * number + 6]
+    assert [t.paths for t in (p[2] for p in parts)] == [("12.jpg", "13.jpg"), ("14.jpg", "15.jpg"), ("16.jpg",)]
