@@ -312,3 +312,29 @@ def test_each_process_takes_its_own_consecutive_part_of_every_round():
         assert len({t.round_digest for t in tasks}) == 1
         assert [path for t in tasks for path in t.paths] == paths[6 * number : 6 * number + 6]
     assert [t.paths for t in (p[2] for p in parts)] == [("12.jpg", "13.jpg"), ("14.jpg", "15.jpg"), ("16.jpg",)]
+
+
+def test_a_file_continued_from_another_folder_keeps_its_relative_paths_right(tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    settings = RunSettings(None, None, "model", "COCO Yes:", 56, 6, "auto", 2)
+    out = tmp_path / "c.jsonl"
+    monkeypatch.chdir(first)
+    output = CaptionsFile.open(out, settings, overwrite=False)
+    output.add([{"image": "a.jpg", "caption": "a red circle"}])
+    output.close()
+    monkeypatch.chdir(second)
+    output = CaptionsFile.open(out, settings, overwrite=False)
+    assert output.done == {str(first / "a.jpg")}
+    assert output.add([{"image": "a.jpg", "caption": "a blue square"}]) == 1  # second/a.jpg is another picture
+    output.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in lines] == ["a.jpg", str(second / "a.jpg")]
+    monkeypatch.chdir(first)
+    again = CaptionsFile.open(out, settings, overwrite=False)
+    assert again.done == {str(first / "a.jpg"), str(second / "a.jpg")}
+    assert again.captions(["a.jpg", str(second / "a.jpg")]) == {
+        "a.jpg": "a red circle",
+        str(second / "a.jpg"): "a blue square",
+    }
