@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None, marks: timing.Marks | None = None) -> in
         adapter, args.model_dir or (trained and trained.model_dir), prompt, image_size, args
     )
     output = captions_file.CaptionsFile.open(args.output, settings, args.overwrite, writes=processes.is_main())
-    stream = picture_paths.PictureStream(pictures.find(), output.done)
+    stream = picture_paths.PictureStream(pictures.find(), frozenset(output.done))  # as every process read it
     problems = stream.check_first()  # before anything loads: is there a picture to caption?
     if problems is None:
         summary = caption(args, device, adapter, trained, prompt, image_size, stream, output, pictures, marks)

@@ -247,11 +247,15 @@ def test_a_full_disk_keeps_whole_lines_and_says_how_to_continue(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- several processes
 def test_two_processes_under_torchrun_write_the_file_one_process_writes(trained, pictures, one_run, tmp_path):
+    """The folder, then a list naming three of its pictures again: each picture once, as one process writes it."""
     adapter, _ = trained
     out = tmp_path / "captions.jsonl"
+    again = tmp_path / "again.txt"
+    again.write_text("".join(json.loads(line)["image"] + "\n" for line in one_run.splitlines()[5:8]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = infer_command(adapter, out, "--batch-size", "2", str(pictures), str(again))
     result = subprocess.run(
-        [*command, str(REPO / "infer.py"), *infer_command(adapter, out, "--batch-size", "2", str(pictures))],
+        [*command, str(REPO / "infer.py"), *args],
         capture_output=True,
         text=True,
         env=ENV,
@@ -260,7 +264,8 @@ def test_two_processes_under_torchrun_write_the_file_one_process_writes(trained,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_text() == one_run
-    assert result.stdout.count("captioned 80 of 80 images") == 1  # process 0 alone reports
+    assert result.stdout.count("captioned 80 of 83 images") == 1  # process 0 alone reports
+    assert "; 3 listed twice" in result.stdout
 
 
 def test_a_killed_process_stops_the_other_with_one_line_and_the_same_command_continues(
