@@ -152,17 +152,17 @@ def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra:
         raise SystemExit(f"infer.py failed (see {log}):\n{text[-3000:]}")
     summary = next(line for line in text.splitlines() if line.startswith("captioned "))
     waits = re.search(r"(\d+)% of it waiting for pictures", summary)
+    made = samples[-1][1]  # captions written (n, unless pictures were skipped)
     first = next(t for t, lines in samples if lines > 0)
-    last = next(t for t, lines in samples if lines >= n)
-    quarters = [_when(samples, n * q / 4) for q in range(5)]
-    quarters[0] = first
+    last = _when(samples, made)
+    quarters = [first] + [_when(samples, made * q / 4) for q in range(1, 5)]
     return {
         "n": n,
         "wall_s": wall,
         "first_s": first,
-        "per_s": n / wall,
-        "first_to_last_per_s": (n - _lines_at(samples, first)) / max(last - first, 1e-9),
-        "quarters": [n / 4 / (b - a) if b - a >= 1 else None for a, b in zip(quarters, quarters[1:])],
+        "per_s": made / wall,
+        "first_to_last_per_s": (made - _lines_at(samples, first)) / max(last - first, 1e-9),
+        "quarters": [made / 4 / (b - a) if b - a >= 1 else None for a, b in zip(quarters, quarters[1:])],
         "waits": f"{waits.group(1)}%" if waits else "?",
         "peak_gb": usage.ru_maxrss * 1024 / 1e9,
         "rss_first_gb": rss.get("first"),
