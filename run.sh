@@ -65,7 +65,7 @@ if [ $smoke = 1 ]; then
     $PY train.py --model-dir $S/model --data-json $S/data_vl.json --eval-json $S/data_vl_eval.json --output-dir $S/output \
         --overwrite --device cpu --image-size 56 --test-size 36 --max-steps 300 --batch-size 8 --learning-rate 3e-3 \
         --lora-r 16 --lora-dropout 0 --logging-steps 25 --sample-max-new-tokens 16 "$@"
-    $PY infer.py --adapter $S/output/adapter --device cpu --output $S/captions.jsonl
+    $PY infer.py --adapter $S/output/adapter --device cpu --output $S/captions.jsonl --overwrite
     exit
 fi
 
@@ -74,4 +74,4 @@ $PY data2csv.py ${source[@]+"${source[@]}"} --split validation --n 100 --image-d
 $PY csv2json.py                                          # -> data_vl.json
 $PY csv2json.py --csv coco-2014-val.csv --json data_vl_eval.json
 $PY train.py "$@"                                        # scores data_vl_eval.json before and after training
-$PY infer.py
+$PY infer.py --overwrite                                # the held-out pictures, afresh (a new adapter)

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from vlcap import captioning, images, qwen
 
-from helpers import load_captioner, needs_fast_paths, run_script
+from helpers import load_captioner, needs_fast_paths, one_error_line, run_script
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,77 @@ def test_every_gpu_of_a_torchrun_job_gets_bf16_weights():
 
     assert qwen.model_dtype("cuda") == qwen.model_dtype("cuda:3") == torch.bfloat16
     assert qwen.model_dtype("cpu") == torch.float32
+
+
+# ----------------------------------------------------------------------------------------- mistakes caught before loading
+def test_only_unusable_pictures_stop_before_the_model_loads_and_write_nothing(tmp_path):
+    """The base model folder here is empty: a run that loaded it first would stop on its missing config.json. It must
+    stop on the pictures instead, before loading, and leave no output behind (an existing one untouched)."""
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "garbage.jpg").write_bytes(b"not a picture at all")
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = [str(tmp_path / "garbage.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "empty.png")]
+    args = ["--no-adapter", "--model-dir", str(tmp_path / "no-model"), "--device", "cpu", *bad]
+    fresh = run_script("infer.py", *args, "--output", str(tmp_path / "new.jsonl"))
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text('{"image": "a.jpg", "caption": "an earlier caption"}\n')
+    again = run_script("infer.py", *args, "--output", str(kept), "--overwrite")  # even replacing it
+    for result in (fresh, again):
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert "config.json" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert all(sum(path in line and "skipped" in line for line in lines) == 1 for path in bad), lines
+        assert lines[-1].startswith("error: ") and "nothing" in lines[-1], lines[-1]
+    assert not (tmp_path / "new.jsonl").exists()
+    assert kept.read_text() == '{"image": "a.jpg", "caption": "an earlier caption"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.png", "garbage.jpg", "kept.jsonl", "no-model"]
+
+
+def test_output_folder_is_one_line_before_the_model_loads(tmp_path, odd_sized_pictures):
+    (tmp_path / "no-model").mkdir()
+    args = ["--no-adapter", "--model-dir", str(tmp_path / "no-model"), "--device", "cpu", odd_sized_pictures[0]]
+    line = one_error_line(run_script("infer.py", *args, "--output", str(tmp_path)))
+    assert "--output" in line and "folder" in line and str(tmp_path / "captions.jsonl") in line, line
+
+
+def test_an_explicit_empty_prompt_is_used_not_swapped_for_the_adapters(
+    trained, captioner, odd_sized_pictures, tmp_path
+):
+    adapter, _ = trained
+    model, processor, settings = captioner
+    pictures = [images.load(p, 56) for p in odd_sized_pictures]
+    with_empty = captioning.caption_images(model, processor, pictures, "", max_new_tokens=12)
+    with_adapters = captioning.caption_images(model, processor, pictures, settings["prompt"], max_new_tokens=12)
+    assert with_empty != with_adapters, "the test needs a prompt that changes the captions"
+    out = tmp_path / "c.jsonl"
+    result = run_script(
+        "infer.py", "--adapter", str(adapter), "--device", "cpu", "--output", str(out), "--max-new-tokens", "12",
+        "--prompt", "", *odd_sized_pictures,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(line)["caption"] for line in out.read_text().splitlines()] == with_empty
+
+
+def test_the_default_adapter_is_the_newest_under_output_not_the_oldest(trained, tmp_path):
+    """Two adapters under output/: the newer one (by its settings file's time, and first by name, so neither the name
+    order nor the oldest picks it by accident) has a held-out split of 3 pictures, the older one of 36."""
+    import os
+    import time
+
+    from vlcap import formats
+
+    adapter, _ = trained
+    newer, older = tmp_path / "output" / "a-newer" / "adapter", tmp_path / "output" / "b-older" / "adapter"
+    shutil.copytree(adapter, newer)
+    shutil.copytree(adapter, older)
+    settings = json.loads((newer / formats.SETTINGS_FILE).read_text())
+    items = formats.read_conversations(settings["test_json"])[:3]
+    (tmp_path / "three.json").write_text(json.dumps(items))
+    (newer / formats.SETTINGS_FILE).write_text(json.dumps({**settings, "test_json": str(tmp_path / "three.json")}))
+    now = time.time()
+    os.utime(older / formats.SETTINGS_FILE, (now - 3600, now - 3600))
+    os.utime(newer / formats.SETTINGS_FILE, (now, now))
+    result = run_script("infer.py", "--device", "cpu", "--output", "c.jsonl", "--max-new-tokens", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in records] == [formats.image_of(it) for it in items]

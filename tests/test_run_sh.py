@@ -93,7 +93,7 @@ def test_train_py_flags_pass_through_to_train_py(tmp_path):
     assert result.returncode == 0, result.stderr
     assert scripts(steps) == STEPS
     assert steps[4] == "train.py --epochs 1 --learning_rate 2e-4 --prompt a b --device cpu"
-    assert steps[0] == "data2csv.py" and steps[5] == "infer.py", "the other steps get no extra arguments"
+    assert steps[0] == "data2csv.py" and steps[5] == "infer.py --overwrite", "the other steps get no extra arguments"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ and float grayscale, palettes with transparency, CMYK, YCbCr, 1-bit) becomes the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -59,48 +60,65 @@ def _grey_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
-def load(path: str | Path, image_size: int) -> Image.Image:
-    """Open any picture as RGB, resized to image_size x image_size (0 keeps its size). Raises Unusable saying why not."""
+def load(path: str | Path, image_size: int, max_pixels: int | None = None) -> Image.Image:
+    """Open any picture as RGB, resized to image_size x image_size (0 keeps its size). Raises Unusable saying why not.
+    max_pixels: a larger picture is refused from its header, before its pixels are read."""
     try:
-        with Image.open(path) as opened:
+        with _opened(path, max_pixels) as opened:
             picture = as_rgb(opened)
     except FileNotFoundError:
         raise Unusable("no such file") from None
+    except Unusable:
+        raise
     except _UNREADABLE as e:
-        raise Unusable(f"not a readable image ({cli.error_text(e, 160)})") from None
+        raise Unusable(_unreadable(path, e)) from None
     if image_size:
         picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return picture
 
 
-def problem(path: str | Path, decode: bool = True) -> str | None:
+def problem(path: str | Path, decode: bool = True, max_pixels: int | None = None) -> str | None:
     """Why the picture at `path` cannot be used, or None when it can.
 
     decode=True reads every pixel (a truncated file fails only then); decode=False reads the header only, which is cheap
-    and still catches missing files and files that are not pictures.
+    and still catches missing files and files that are not pictures. max_pixels: as for `load`.
     """
     if not str(path).strip():
         return "no image path"
     try:
-        with Image.open(path) as opened:
+        with _opened(path, max_pixels) as opened:
             if decode:
                 opened.load()
     except FileNotFoundError:
         return "no such file"
     except IsADirectoryError:
         return "a folder, not a picture"
+    except Unusable as e:
+        return str(e)
     except _UNREADABLE as e:
-        return f"not a readable image ({cli.error_text(e, 160)})"
+        return _unreadable(path, e)
     return None
 
 
-def expand_paths(args: list[str]) -> list[str]:
-    """Command-line pictures and folders (their pictures, sorted) as one list of paths."""
-    paths = []
-    for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            paths += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in EXTENSIONS)
-        else:
-            paths.append(arg)
-    return paths
+def _opened(path, max_pixels: int | None) -> Image.Image:
+    """Image.open; with max_pixels, a larger picture refused from its header (and PIL's warning about it unsaid)."""
+    if not max_pixels:
+        return Image.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    width, height = opened.size
+    if width * height > max_pixels:
+        opened.close()
+        raise Unusable(f"too large ({width} x {height} pixels; at most {max_pixels / 1e6:.0f} megapixels are read)")
+    return opened
+
+
+def _unreadable(path, error: BaseException) -> str:
+    """Why PIL could not read a file, in a few words: an empty file says so."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return "an empty file (0 bytes)"
+    except OSError:
+        pass
+    return f"not a readable image ({cli.error_text(error, 160)})"

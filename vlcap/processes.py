@@ -52,7 +52,7 @@ def rerun_command(*extra: str) -> str:
     return shlex.join(launcher + argv + [e for e in extra if e not in argv]) + where
 
 
-def stop_with_one_line() -> None:
+def stop_with_one_line(then: str | None = None) -> None:
     """When one process fails, torchrun stops the others of its machine with SIGTERM (and SIGKILL 30 s later): each says
     so in one line (and how to continue) instead of dying silently or with a traceback. A thread of its own waits for
     the signal, because the main thread is then often blocked inside CUDA, where no Python signal handler runs: with
@@ -66,7 +66,7 @@ def stop_with_one_line() -> None:
 
     def wait_for_torchrun() -> None:
         signal.sigwait({signal.SIGTERM})
-        line = stopped("stopped by torchrun, which stops every process of a run when one fails")
+        line = stopped("stopped by torchrun, which stops every process of a run when one fails", then)
         if line is None:  # the main thread is saying why already, and leaving
             return
         print(f"error: {line}", file=sys.stderr, flush=True)
@@ -84,15 +84,14 @@ def say_once() -> bool:
     return _stopping.acquire(blocking=False)
 
 
-def stopped(why: str) -> str | None:
-    """The one line a process prints when the run lost another process, or None if a line has been said already."""
+def stopped(why: str, then: str | None = None) -> str | None:
+    """The one line a process prints when the run lost another process, or None if a line has been said already.
+    `then`: how to go on (default: train.py's, --resume from the last checkpoint)."""
     if not say_once():
         return None
     _end_progress_bars()
-    return (
-        f"{why} (torchrun's report names the one that failed); continue from the last checkpoint with: "
-        f"{rerun_command('--resume')}"
-    )
+    then = then or f"continue from the last checkpoint with: {rerun_command('--resume')}"
+    return f"{why} (torchrun's report names the one that failed); {then}"
 
 
 def _end_progress_bars() -> None:
