@@ -104,7 +104,7 @@ _rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # processor -> {
 def _row(processor, text: str, picture) -> dict:
     """The processor's text tensors for one row of `text` with one picture of this picture's size: the same for every
     picture of that size (the image tokens' count depends on the size alone), so worked out once per processor,
-    text and size (the processor's call, one picture included, took 2-8 ms of the CPU: bench/RESULTS.md runs BE, BG)."""
+    text and size (the processor's call, one picture included, costs milliseconds of CPU each time)."""
     kept = _rows.setdefault(processor, {})
     key = (text, _picture_size(picture))
     if key not in kept:
@@ -116,8 +116,7 @@ def _row(processor, text: str, picture) -> dict:
 def _stacked(pictures: list) -> torch.Tensor:
     """Pictures of one size in one 8-bit tensor, pictures x channels x height x width. PIL pictures are copied once
     each into a channels-last array and the result is a channels-first view of it: the channels are moved where the
-    pictures go (on the GPU, one kernel for all), not picture by picture on the CPU (64 pictures at 280x280: ~4 ms
-    against ~13 ms, bench/RESULTS.md runs BE, BG)."""
+    pictures go (on the GPU, one kernel for all), not picture by picture on the CPU."""
     if all(isinstance(p, torch.Tensor) for p in pictures):
         return torch.stack(pictures)
     width, height, channels = _picture_size(pictures[0])
