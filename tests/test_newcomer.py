@@ -83,7 +83,9 @@ def test_a_missing_data_json_names_the_flag_of_the_script_that_reads_it(tiny_mod
     assert names_flag(line, "--data-json") and not names_flag(line, "--json"), line
 
     line = one_error_line(
-        run_script("infer.py", "--no-adapter", "--model-dir", str(tiny_model), "--json", str(missing))
+        run_script(
+            "infer.py", "--no-adapter", "--model-dir", str(tiny_model), "--device", "cpu", "--json", str(missing)
+        )
     )
     assert str(missing) in line and names_flag(line, "--json") and not names_flag(line, "--data-json"), line
 
