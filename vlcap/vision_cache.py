@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlcap import cli, compat, feature_store, training_data, vision_encoding
+from vlcap.caption_trainer import collate_encoded  # the batch format CaptionTrainer's loss reads
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,6 @@ def prepare(settings, data, device: str, plan) -> Pending:
         features.keep_file = settings.keep_vision_cache
         pad_to = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
         print(f"vision cache: {features.describe()}; sequences padded to {pad_to} tokens")
-        from vlcap.caption_trainer import collate_encoded
-
         return TrainingData(
             examples, lambda batch: features.collate(collate_encoded(batch, pad_id, pad_to)), features, pad_to
         )
