@@ -130,6 +130,7 @@ def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra:
     command = [sys.executable, "infer.py", "--adapter", str(adapter), "--output", str(out), "--overwrite"]
     command += [*(["--device", "cpu"] if smoke else []), *extra, str(folder)]
     log = work / "collection-infer.log"
+    out.unlink(missing_ok=True)  # --overwrite keeps the old file until the first new caption: it would count as made
     print("running:", shlex.join(command))
     samples, rss = [], {}  # (seconds since start, captions); main process's resident GB at the first caption and end
     started = time.perf_counter()
@@ -167,10 +168,21 @@ def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra:
         "peak_gb": usage.ru_maxrss * 1024 / 1e9,
         "rss_first_gb": rss.get("first"),
         "rss_end_gb": rss.get("end"),
+        "words": _caption_words(out),
         "summary": summary,
         "time_line": next((line for line in text.splitlines() if line.startswith("time: ")), ""),
         "command": shlex.join(command),
     }
+
+
+def _caption_words(path: Path) -> tuple[float, int]:
+    """Words a caption, mean and most: the captioning loop runs until the longest caption of a batch ends, so these
+    say how much of its time is the captions' length (an adapter's captions on pictures unlike its training ones can
+    run to --max-new-tokens)."""
+    import json
+
+    words = [len(json.loads(line)["caption"].split()) for line in path.read_text(encoding="utf-8").splitlines()]
+    return (sum(words) / len(words), max(words)) if words else (0.0, 0)
 
 
 def _lines(path: Path) -> int:
@@ -203,18 +215,19 @@ def _resident_gb(pid: int) -> float | None:
 # -------------------------------------------------------------------------------------------------------- path walking
 def walk_memory(work: Path, n: int) -> dict:
     """picture_paths.find over a folder of n files (hard links to one picture, in subfolders of 1,000), walked whole in a
-    fresh process: seconds, and its resident size before and after (MB)."""
+    fresh process: seconds, and its resident size before and after (MB). Each subfolder's files are links to a picture
+    of its own: a file system allows only so many links to one file (ext4: 65,000)."""
     folder = work / f"paths-{n}"
     if not (folder / ".complete").exists():
-        source = work / "one.jpg"
-        if not source.exists():
-            from PIL import Image
+        from PIL import Image
 
-            Image.new("RGB", SIZE, "white").save(source)
         for i in range(n):
             path = folder / f"{i // 1000:04d}" / f"{i:06d}.jpg"
+            source = path.parent / ".source.jpg"  # a dot name: the walk leaves it out
             if i % 1000 == 0:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if not source.exists():
+                    Image.new("RGB", SIZE, "white").save(source)
             if not path.exists():
                 os.link(source, path)
         (folder / ".complete").write_text(str(n))
@@ -245,11 +258,11 @@ def report(row: dict, walks: list[dict], args) -> str:
         f"torch {torch.__version__}, transformers {transformers.__version__}\n",
         f"`{row['command']}`\n",
         "| pictures | wall s | first caption s | captions/s start to end | first to last caption | by quarter (under 1 s: —) | "
-        "waits for pictures | host GB peak | at first caption / end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "waits for pictures | words a caption (mean / most) | host GB peak | at first caption / end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {row['n']:,} | {row['wall_s']:.1f} | {row['first_s']:.1f} | {row['per_s']:.0f} | "
         f"{row['first_to_last_per_s']:.0f} | {' / '.join(f'{q:.0f}' if q else '—' for q in row['quarters'])} | {row['waits']} | "
-        f"{row['peak_gb']:.2f} | {gb(row['rss_first_gb'])} / {gb(row['rss_end_gb'])} |",
+        f"{row['words'][0]:.1f} / {row['words'][1]} | {row['peak_gb']:.2f} | {gb(row['rss_first_gb'])} / {gb(row['rss_end_gb'])} |",
         f"\ninfer.py's summary: `{row['summary']}`  \n`{row['time_line']}`\n",
         "| paths walked | seconds | resident MB before | after |",
         "| --- | --- | --- | --- |",

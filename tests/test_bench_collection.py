@@ -1,5 +1,6 @@
-"""bench/caption_collection.py runs on the CPU (--smoke: tiny model, 8 pictures), so its one GPU call does not fail on a
-slip: every step (stand-in, adapter, pictures, infer.py FOLDER, the walks) and the report."""
+"""bench/caption_collection.py and bench/collection_parts.py run on the CPU (--smoke: tiny model, a few pictures), so
+their GPU calls do not fail on a slip: every step (stand-in, adapter, pictures, infer.py FOLDER, the walks, the loop in
+memory and from disk, the profile) and the reports."""
 
 from __future__ import annotations
 
@@ -16,7 +17,22 @@ def test_the_collection_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     table = result.stdout[result.stdout.index("### infer.py FOLDER: 8 generated 640x480 JPEGs") :]
     assert "captioned 8 of 8 images" in table
     row = next(line for line in table.splitlines() if line.startswith("| 8 |"))
-    assert len(row.split("|")) == 11, row
+    assert len(row.split("|")) == 12, row
     assert "| 1,000 |" in table and "| 100 |" in table
     assert len((tmp_path / "collection-captions.jsonl").read_text().splitlines()) == 8
     assert len(list((tmp_path / "collection-8").rglob("*.jpg"))) == 8
+    # the walk's files are links to a picture of their subfolder's own: one file takes only so many links
+    assert (tmp_path / "paths-1000" / "0000" / ".source.jpg").stat().st_nlink == 1001
+
+
+def test_the_collection_parts_run_end_to_end_on_the_cpu(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "collection_parts.py"), "--smoke", "--work", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    in_memory = [row for row in rows if row.startswith("| the ")]
+    from_disk = [row for row in rows if "workers" in row]
+    assert len(in_memory) == 4 and len(from_disk) == 6, result.stdout
+    assert all(row.split("|")[2].strip() == "16" for row in from_disk if "no workers" in row), from_disk
+    assert all(row.split("|")[2].strip() == "16" for row in from_disk if "no workers" not in row), from_disk
+    assert "caption_collection" in (tmp_path / "collection_profile.txt").read_text()
