@@ -1,0 +1,160 @@
+"""Where a collection's captioning time goes: infer.py's captioning loop on pictures in memory against the same loop fed
+from disk by collection.caption_collection, in one process, one model.
+
+    python bench/collection_parts.py                 # the 2B stand-in and bench.py's `fast` adapter, on the GPU
+    python bench/collection_parts.py --smoke         # the same steps on the CPU: tiny model, a few pictures
+
+Why: bench/caption_collection.py found infer.py FOLDER well under the in-memory loop's speed while the loop hardly ever
+waited for a decoded picture, and faster once the last pictures were decoded. This separates the suspects:
+- in memory: captioning.caption_images on pictures already decoded (the collection's pictures and bench.py's training
+  pictures, at 64 and 32 new tokens), with the captions' mean and longest length in tokens: how fast the loop is on
+  these pictures and these caption lengths when nothing else runs;
+- from disk: caption_collection over the collection's files with 8 decoding workers, with none (decoded in this
+  process, between batches), with 2, with 8 started by a fork server instead of forked from this process, and with 8
+  while this process's torch runs one CPU thread;
+- a profile (cProfile, by own time, then by time under each call) of the 8-worker run, written to --out/collection_profile.txt.
+Pictures and adapter come from bench/caption_collection.py's preparation (bench/work/, made once, then reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
+
+from caption_collection import make_adapter, make_pictures  # noqa: E402  (the standard library only)
+
+from bench import prepare  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
+    parser.add_argument("--out", default=None, help="where the profile is written (default: --work)")
+    parser.add_argument("--smoke", action="store_true", help="on the CPU: tiny model, a few pictures")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    adapter = make_adapter(work, args.smoke)
+    count = 16 if args.smoke else 2000
+    folder = make_pictures(work / f"collection-{count}", count)
+    training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]
+    Parts(adapter, args.smoke).run(folder, training, Path(args.out or work))
+
+
+class Parts:
+    def __init__(self, adapter: Path, smoke: bool):
+        import torch
+
+        from vlcap import formats, qwen
+
+        self.torch, self.adapter, self.smoke = torch, adapter, smoke
+        self.settings = formats.read_adapter_settings(adapter)
+        device, dtype = ("cpu", None) if smoke else ("cuda", torch.bfloat16)
+        self.model, self.processor = qwen.load_for_captioning(adapter, self.settings, None, device, dtype)
+        self.sync = (lambda: None) if smoke else torch.cuda.synchronize
+        card = "CPU" if smoke else torch.cuda.get_device_name()
+        print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process, pictures "
+              f"{self.settings.image_size}x{self.settings.image_size}, batches of 64")  # fmt: skip
+
+    def run(self, folder: Path, training: Path, out: Path) -> None:
+        from vlcap import captioning, formats, images
+
+        size = self.settings.image_size
+        collection = sorted(str(p) for p in folder.rglob("*.jpg"))
+        trained_on = [formats.image_of(item) for item in json.loads(training.read_text())]
+        n = 16 if self.smoke else 640
+        decoded = [captioning.channels_first(images.load(p, size)) for p in collection[:n]]
+        decoded_training = [captioning.channels_first(images.load(p, size)) for p in trained_on[:n]]
+        print(
+            "\n| pictures in memory | new tokens at most | captions/s | ms a batch | tokens a caption (mean / most) |"
+        )
+        print("| --- | --- | --- | --- | --- |")
+        for name, pictures in (("the collection's", decoded), ("the training pictures", decoded_training)):
+            for tokens in (64, 32):
+                self.in_memory(name, pictures, tokens)
+        workers = 2 if self.smoke else 8
+        print("\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s |")
+        print("| --- | --- | --- | --- | --- |")
+        self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
+        self.from_disk("no workers (decoded between batches)", collection[:n], 0, out)
+        self.from_disk("2 decoding workers", collection[: 2 * n], 2, out)
+        with forkserver_workers():
+            self.from_disk(f"{workers} workers started by a fork server", collection[: 2 * n], workers, out)
+        threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        self.from_disk(f"{workers} workers, this process's torch on 1 CPU thread", collection[: 2 * n], workers, out)
+        self.torch.set_num_threads(threads)
+        self.from_disk(f"{workers} workers, profiled", collection[: 2 * n], workers, out, profile=out)
+        print(f"\nprofile: {out / 'collection_profile.txt'}")
+
+    def in_memory(self, name: str, pictures: list, tokens: int) -> None:
+        from vlcap import captioning
+
+        prompt = self.settings.prompt
+        captioning.caption_images(self.model, self.processor, pictures[:64], prompt, 64, tokens)  # this shape's graphs
+        self.sync()
+        start = time.perf_counter()
+        captions = captioning.caption_images(self.model, self.processor, pictures, prompt, 64, tokens)
+        self.sync()
+        seconds = time.perf_counter() - start
+        lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
+        batches = -(-len(pictures) // 64)
+        print(f"| {name} ({len(pictures)}) | {tokens} | {len(pictures) / seconds:.0f} | {1000 * seconds / batches:.0f} "
+              f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} |", flush=True)  # fmt: skip
+
+    def from_disk(self, name: str, paths: list[str], workers: int, out: Path, profile: Path | None = None) -> None:
+        import os
+
+        from vlcap import captioning, captions_file, collection, picture_paths
+
+        size, prompt = self.settings.image_size, self.settings.prompt
+        recipe = captioning.Recipe(prompt, size, 64, 64)
+        how = SimpleNamespace(max_new_tokens=64, precision="auto", batch_size=64)
+        settings = captions_file.run_settings(self.adapter, None, prompt, size, how)
+        output = captions_file.CaptionsFile.open(out / "collection_parts.jsonl", settings, overwrite=True)
+        stream = picture_paths.PictureStream(iter(paths), frozenset())
+        profiler = cProfile.Profile() if profile else contextlib.nullcontext()
+        start = time.perf_counter()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), profiler:  # the captions, one a line
+            summary = collection.caption_collection(self.model, self.processor, stream, recipe, output, workers)
+        seconds = time.perf_counter() - start
+        print(f"| {name} | {summary.captioned} | {summary.captioned / seconds:.0f} | {summary.waited_s:.1f} "
+              f"| {seconds:.1f} |", flush=True)  # fmt: skip
+        if profile:
+            text = io.StringIO()
+            for order in ("tottime", "cumulative"):  # where the time is spent, then under which calls
+                pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(40)
+            (profile / "collection_profile.txt").write_text(text.getvalue())
+
+
+@contextlib.contextmanager
+def forkserver_workers():
+    """collection.py's decoding workers started by a small fork server rather than forked from this process (whose
+    model, CUDA context and gigabytes of host memory each forked worker shares copy-on-write)."""
+    from vlcap import collection
+
+    loader = collection.DataLoader
+    collection.DataLoader = functools.partial(loader, multiprocessing_context="forkserver")
+    try:
+        yield
+    finally:
+        collection.DataLoader = loader
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
