@@ -10,9 +10,14 @@ waited for a decoded picture, and faster once the last pictures were decoded. Th
   pictures, at 64 and 32 new tokens), with the captions' mean and longest length in tokens: how fast the loop is on
   these pictures and these caption lengths when nothing else runs;
 - from disk: caption_collection over the collection's files with 8 decoding workers, with none (decoded in this
-  process, between batches), with 2, with 8 started by a fork server instead of forked from this process, and with 8
-  while this process's torch runs one CPU thread;
-- a profile (cProfile, by own time, then by time under each call) of the 8-worker run, written to --out/collection_profile.txt.
+  process, between batches), with 2, with 8 started by a fork server instead of forked from this process, with 8
+  while this process's torch runs one CPU thread, and with 8 while the loop asks whether the captions have ended 4
+  steps behind the GPU instead of 2;
+- the loop in memory again while 8 processes forked from this one decode pictures beside it (about 100 a second, as
+  the workers did in the slow run, then as fast as they can) and drop them: does decoding alone slow the loop, or the
+  hand-over of decoded pictures;
+- a profile (cProfile, by own time, then by time under each call) of the 8-worker run, written to
+  --out/collection_profile.txt.
 Pictures and adapter come from bench/caption_collection.py's preparation (bench/work/, made once, then reused).
 """
 
@@ -69,7 +74,7 @@ class Parts:
               f"{self.settings.image_size}x{self.settings.image_size}, batches of 64")  # fmt: skip
 
     def run(self, folder: Path, training: Path, out: Path) -> None:
-        from vlcap import captioning, formats, images
+        from vlcap import captioning, fastdecode, formats, images
 
         size = self.settings.image_size
         collection = sorted(str(p) for p in folder.rglob("*.jpg"))
@@ -85,6 +90,10 @@ class Parts:
             for tokens in (64, 32):
                 self.in_memory(name, pictures, tokens)
         workers = 2 if self.smoke else 8
+        for rate in (100, None):  # about what BQ's workers decoded; as fast as they can
+            with background_decoding(collection, size, workers, rate):
+                how = f"{rate} a second" if rate else "flat out"
+                self.in_memory(f"the collection's, {workers} processes decoding {how} beside", decoded, 64)
         print("\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s |")
         print("| --- | --- | --- | --- | --- |")
         self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
@@ -96,6 +105,10 @@ class Parts:
         self.torch.set_num_threads(1)
         self.from_disk(f"{workers} workers, this process's torch on 1 CPU thread", collection[: 2 * n], workers, out)
         self.torch.set_num_threads(threads)
+        with patched(fastdecode._Ended, "AHEAD", 4):
+            self.from_disk(
+                f"{workers} workers, the loop 4 steps ahead of its question", collection[: 2 * n], workers, out
+            )
         self.from_disk(f"{workers} workers, profiled", collection[: 2 * n], workers, out, profile=out)
         print(f"\nprofile: {out / 'collection_profile.txt'}")
 
@@ -139,18 +152,67 @@ class Parts:
             (profile / "collection_profile.txt").write_text(text.getvalue())
 
 
-@contextlib.contextmanager
 def forkserver_workers():
     """collection.py's decoding workers started by a small fork server rather than forked from this process (whose
     model, CUDA context and gigabytes of host memory each forked worker shares copy-on-write)."""
     from vlcap import collection
 
-    loader = collection.DataLoader
-    collection.DataLoader = functools.partial(loader, multiprocessing_context="forkserver")
+    return patched(
+        collection, "DataLoader", functools.partial(collection.DataLoader, multiprocessing_context="forkserver")
+    )
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        collection.DataLoader = loader
+        setattr(owner, name, old)
+
+
+@contextlib.contextmanager
+def background_decoding(paths: list[str], size: int, processes: int, per_second: float | None):
+    """`processes` processes forked from this one decode `paths` over and over (as collection.py's workers do, results
+    dropped), together about `per_second` pictures a second (None: as fast as they can), while the block runs."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    workers = [
+        context.Process(
+            target=_decode_until, args=(paths[i::processes], size, per_second and per_second / processes, stop)
+        )
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _decode_until(paths: list[str], size: int, per_second: float | None, stop) -> None:
+    import torch
+
+    from vlcap import captioning, images
+
+    torch.set_num_threads(1)  # as a DataLoader worker
+    start, done = time.perf_counter(), 0
+    while not stop.is_set():
+        for path in paths:
+            if stop.is_set():
+                return
+            captioning.channels_first(images.load(path, size))
+            done += 1
+            if per_second:
+                time.sleep(max(0.0, start + done / per_second - time.perf_counter()))
 
 
 if __name__ == "__main__":

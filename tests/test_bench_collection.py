@@ -32,7 +32,7 @@ def test_the_collection_parts_run_end_to_end_on_the_cpu(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     in_memory = [row for row in rows if row.startswith("| the ")]
     from_disk = [row for row in rows if "workers" in row]
-    assert len(in_memory) == 4 and len(from_disk) == 6, result.stdout
+    assert len(in_memory) == 6 and len(from_disk) == 7, result.stdout
     assert all(row.split("|")[2].strip() == "16" for row in from_disk if "no workers" in row), from_disk
     assert all(row.split("|")[2].strip() == "16" for row in from_disk if "no workers" not in row), from_disk
     assert "caption_collection" in (tmp_path / "collection_profile.txt").read_text()
