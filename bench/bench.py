@@ -102,6 +102,11 @@ def logged_losses(out: Path) -> list[float]:
     return [loss for _, loss in logged_steps_and_losses(out)]
 
 
+def comma_ints(text: str) -> list[int]:
+    """A flag's comma-separated numbers: "16,32" -> [16, 32]."""
+    return [int(n) for n in text.split(",")]
+
+
 def run(cmd: list[str], log: Path) -> float:
     return run_measured(cmd, log)[0]
 
@@ -416,7 +421,7 @@ def main() -> None:
     parser.add_argument(
         "--effective",
         default="16,32",
-        type=lambda t: [int(b) for b in t.split(",")],
+        type=comma_ints,
         help="with --gpus: the effective batches to run, from 16 and 32 (scaling efficiency needs 16)",
     )
     parser.add_argument(

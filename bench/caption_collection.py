@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 
-from bench import benchmark_flags, make_split, prepare, run  # noqa: E402  (bench/bench.py: the standard library only)
+from bench import benchmark_flags, comma_ints, make_split, prepare, run  # noqa: E402  (bench/bench.py: the standard library only)
 
 SIZE = (640, 480)
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         default="10000,100000",
-        type=lambda t: [int(n) for n in t.split(",")],
+        type=comma_ints,
         help="folder sizes whose walk's memory is measured",
     )
     parser.add_argument(

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 
 from caption_collection import make_adapter, make_pictures  # noqa: E402  (the standard library only)
+from measure import sync  # noqa: E402
 
 from bench import prepare  # noqa: E402
 
@@ -68,7 +69,6 @@ class Parts:
         self.settings = formats.read_adapter_settings(adapter)
         device, dtype = ("cpu", None) if smoke else ("cuda", torch.bfloat16)
         self.model, self.processor = qwen.load_for_captioning(adapter, self.settings, None, device, dtype)
-        self.sync = (lambda: None) if smoke else torch.cuda.synchronize
         card = "CPU" if smoke else torch.cuda.get_device_name()
         print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process, pictures "
               f"{self.settings.image_size}x{self.settings.image_size}, batches of 64")  # fmt: skip
@@ -117,10 +117,10 @@ class Parts:
 
         prompt = self.settings.prompt
         captioning.caption_images(self.model, self.processor, pictures[:64], prompt, 64, tokens)  # this shape's graphs
-        self.sync()
+        sync()
         start = time.perf_counter()
         captions = captioning.caption_images(self.model, self.processor, pictures, prompt, 64, tokens)
-        self.sync()
+        sync()
         seconds = time.perf_counter() - start
         lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
         batches = -(-len(pictures) // 64)
