@@ -9,7 +9,8 @@ waited for a decoded picture, and faster once the last pictures were decoded. Th
 - in memory: captioning.caption_images on pictures already decoded (the collection's pictures and bench.py's training
   pictures, at 64 and 32 new tokens), with the captions' mean and longest length in tokens: how fast the loop is on
   these pictures and these caption lengths when nothing else runs;
-- from disk: caption_collection over the collection's files with 8 decoding workers, with none (decoded in this
+- from disk: caption_collection over pictures decoded before it starts (its loop and bookkeeping alone), then over
+  the collection's files with 8 decoding workers, with none (decoded in this
   process, between batches), with 2, with 8 started by a fork server instead of forked from this process, with 8
   while this process's torch runs one CPU thread, and with 8 while the loop asks whether the captions have ended 4
   steps behind the GPU instead of 2;
@@ -30,6 +31,7 @@ import functools
 import io
 import json
 import pstats
+import resource
 import sys
 import time
 from pathlib import Path
@@ -94,8 +96,13 @@ class Parts:
             with background_decoding(collection, size, workers, rate):
                 how = f"{rate} a second" if rate else "flat out"
                 self.in_memory(f"the collection's, {workers} processes decoding {how} beside", decoded, 64)
-        print("\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
+            "| this process's CPU s | its involuntary context switches |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        with decoded_before(collection[: 2 * n], size):
+            self.from_disk("pictures decoded before (no decoding while it runs)", collection[: 2 * n], 0, out)
         self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
         self.from_disk("no workers (decoded between batches)", collection[:n], 0, out)
         self.from_disk("2 decoding workers", collection[: 2 * n], 2, out)
@@ -139,12 +146,15 @@ class Parts:
         output = captions_file.CaptionsFile.open(out / "collection_parts.jsonl", settings, overwrite=True)
         stream = picture_paths.PictureStream(iter(paths), frozenset())
         profiler = cProfile.Profile() if profile else contextlib.nullcontext()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), profiler:  # the captions, one a line
             summary = collection.caption_collection(self.model, self.processor, stream, recipe, output, workers)
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         print(f"| {name} | {summary.captioned} | {summary.captioned / seconds:.0f} | {summary.waited_s:.1f} "
-              f"| {seconds:.1f} |", flush=True)  # fmt: skip
+              f"| {seconds:.1f} | {cpu:.1f} | {after.ru_nivcsw - before.ru_nivcsw} |", flush=True)  # fmt: skip
         if profile:
             text = io.StringIO()
             for order in ("tottime", "cumulative"):  # where the time is spent, then under which calls
@@ -160,6 +170,20 @@ def forkserver_workers():
     return patched(
         collection, "DataLoader", functools.partial(collection.DataLoader, multiprocessing_context="forkserver")
     )
+
+
+def decoded_before(paths: list[str], size: int):
+    """caption_collection fed the tasks of `paths` decoded before it starts (the same objects its workers hand over),
+    so that only the captioning loop and its bookkeeping run."""
+    from vlcap import collection
+
+    decode = collection._Decode(size)
+    ready = {tuple(t.paths): decode[t] for t in collection.tasks(iter(paths), 64)}
+
+    def loader(dataset, sampler, **_):
+        return (ready[tuple(task.paths)] for task in sampler)
+
+    return patched(collection, "DataLoader", loader)
 
 
 @contextlib.contextmanager
