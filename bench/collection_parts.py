@@ -10,8 +10,8 @@ waited for a decoded picture, and faster once the last pictures were decoded. Th
   pictures, at 64 and 32 new tokens), with the captions' mean and longest length in tokens: how fast the loop is on
   these pictures and these caption lengths when nothing else runs;
 - from disk: caption_collection over pictures decoded before it starts (its loop and bookkeeping alone), then over
-  the collection's files with 8 decoding workers, with none (decoded in this
-  process, between batches), with 2, with 8 started by a fork server instead of forked from this process, with 8
+  the collection's files with 8 decoding workers, with none (decoded in this process, between batches), with 2, with
+  8 threads of this process instead, with 8 started by a fork server instead of forked from this process, with 8
   while this process's torch runs one CPU thread, and with 8 while the loop asks whether the captions have ended 4
   steps behind the GPU instead of 2;
 - the loop in memory again while 8 processes forked from this one decode pictures beside it (about 100 a second, as
@@ -108,6 +108,8 @@ class Parts:
         self.from_disk("2 decoding workers", collection[: 2 * n], 2, out)
         with forkserver_workers():
             self.from_disk(f"{workers} workers started by a fork server", collection[: 2 * n], workers, out)
+        with thread_workers():
+            self.from_disk(f"{workers} decoding threads in this process", collection[: 2 * n], workers, out)
         threads = self.torch.get_num_threads()
         self.torch.set_num_threads(1)
         self.from_disk(f"{workers} workers, this process's torch on 1 CPU thread", collection[: 2 * n], workers, out)
@@ -160,6 +162,26 @@ class Parts:
             for order in ("tottime", "cumulative"):  # where the time is spent, then under which calls
                 pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(40)
             (profile / "collection_profile.txt").write_text(text.getvalue())
+
+
+def thread_workers():
+    """collection.py's tasks decoded by threads of this process instead of worker processes (PIL decodes and resizes
+    without the GIL), as many tasks ahead as the workers would be."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlcap import collection
+
+    def loader(dataset, sampler, num_workers, **_):
+        with ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="decode") as pool:
+            ahead = []
+            for task in sampler:
+                ahead.append(pool.submit(dataset.__getitem__, task))
+                if len(ahead) > max(1, num_workers) * collection.PREFETCH:
+                    yield ahead.pop(0).result()
+            for future in ahead:
+                yield future.result()
+
+    return patched(collection, "DataLoader", loader)
 
 
 def forkserver_workers():
