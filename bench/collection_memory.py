@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 
-from bench import comma_ints  # noqa: E402  (bench/bench.py: the standard library only)
 from caption_collection import caption, make_adapter  # noqa: E402
+
+from bench import comma_ints  # noqa: E402  (bench/bench.py: the standard library only)
 
 DISTINCT = 100  # pictures; every path of a folder is a hard link to one of them (ext4 allows 65,000 links a file)
 
@@ -45,7 +46,9 @@ def main() -> None:
         row = caption(adapter, folder, work, count, True, args.infer_args.split())
         print(row["summary"], flush=True)
         rows.append(row)
-    print("\n| pictures | captioned | seconds | resident GB at the first caption | at the end | peak GB (with workers) |")
+    print(
+        "\n| pictures | captioned | seconds | resident GB at the first caption | at the end | peak GB (with workers) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         made = int(row["summary"].split()[1])

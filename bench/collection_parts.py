@@ -7,13 +7,14 @@ from disk by collection.caption_collection, in one process, one model.
 Why: bench/caption_collection.py found infer.py FOLDER well under the in-memory loop's speed while the loop hardly ever
 waited for a decoded picture, and faster once the last pictures were decoded. This separates the suspects:
 - in memory: captioning.caption_images on pictures already decoded (the collection's pictures and bench.py's training
-  pictures, at 64 and 32 new tokens), with the captions' mean and longest length in tokens: how fast the loop is on
-  these pictures and these caption lengths when nothing else runs;
+  pictures, at 64 and 32 new tokens, and in batches of 128), with the captions' mean and longest length in tokens: how
+  fast the loop is on these pictures and these caption lengths when nothing else runs;
 - from disk: caption_collection over pictures decoded before it starts (its loop and bookkeeping alone), then over
   the collection's files with 8 decoding workers, with none (decoded in this process, between batches), with 2, with
   8 threads of this process instead, with 8 started by a fork server instead of forked from this process, with 8
-  while this process's torch runs one CPU thread, and with 8 while the loop asks whether the captions have ended 4
-  steps behind the GPU instead of 2;
+  while this process's torch runs on all its CPU threads (as before run BS; collection.cpu_threads now gives it one
+  beside the workers), and with 8 while the loop asks whether the captions have ended 4 steps behind the GPU instead
+  of 2;
 - the loop in memory again while 8 processes forked from this one decode pictures beside it (about 100 a second, as
   the workers did in the slow run, then as fast as they can) and drop them: does decoding alone slow the loop, or the
   hand-over of decoded pictures;
@@ -73,10 +74,11 @@ class Parts:
         self.model, self.processor = qwen.load_for_captioning(adapter, self.settings, None, device, dtype)
         card = "CPU" if smoke else torch.cuda.get_device_name()
         print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process, pictures "
-              f"{self.settings.image_size}x{self.settings.image_size}, batches of 64")  # fmt: skip
+              f"{self.settings.image_size}x{self.settings.image_size}, batches of 64 unless said")  # fmt: skip
 
     def run(self, folder: Path, training: Path, out: Path) -> None:
         from vlcap import captioning, fastdecode, formats, images
+        from vlcap import collection as feeding
 
         size = self.settings.image_size
         collection = sorted(str(p) for p in folder.rglob("*.jpg"))
@@ -91,6 +93,8 @@ class Parts:
         for name, pictures in (("the collection's", decoded), ("the training pictures", decoded_training)):
             for tokens in (64, 32):
                 self.in_memory(name, pictures, tokens)
+        for name, pictures in (("the collection's", decoded), ("the training pictures", decoded_training)):
+            self.in_memory(f"{name}, batches of 128", pictures, 64, batch=128)
         workers = 2 if self.smoke else 8
         for rate in (100, None):  # about what BQ's workers decoded; as fast as they can
             with background_decoding(collection, size, workers, rate):
@@ -111,9 +115,13 @@ class Parts:
         with thread_workers():
             self.from_disk(f"{workers} decoding threads in this process", collection[: 2 * n], workers, out)
         threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
-        self.from_disk(f"{workers} workers, this process's torch on 1 CPU thread", collection[: 2 * n], workers, out)
-        self.torch.set_num_threads(threads)
+        with patched(feeding, "cpu_threads", lambda device, workers: threads):  # as before run BS
+            self.from_disk(
+                f"{workers} workers, this process's torch on all {threads} CPU threads",
+                collection[: 2 * n],
+                workers,
+                out,
+            )
         with patched(fastdecode._Ended, "AHEAD", 4):
             self.from_disk(
                 f"{workers} workers, the loop 4 steps ahead of its question", collection[: 2 * n], workers, out
@@ -121,18 +129,18 @@ class Parts:
         self.from_disk(f"{workers} workers, profiled", collection[: 2 * n], workers, out, profile=out)
         print(f"\nprofile: {out / 'collection_profile.txt'}")
 
-    def in_memory(self, name: str, pictures: list, tokens: int) -> None:
+    def in_memory(self, name: str, pictures: list, tokens: int, batch: int = 64) -> None:
         from vlcap import captioning
 
         prompt = self.settings.prompt
-        captioning.caption_images(self.model, self.processor, pictures[:64], prompt, 64, tokens)  # this shape's graphs
+        captioning.caption_images(self.model, self.processor, pictures[:batch], prompt, batch, tokens)  # the graphs
         sync()
         start = time.perf_counter()
-        captions = captioning.caption_images(self.model, self.processor, pictures, prompt, 64, tokens)
+        captions = captioning.caption_images(self.model, self.processor, pictures, prompt, batch, tokens)
         sync()
         seconds = time.perf_counter() - start
         lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
-        batches = -(-len(pictures) // 64)
+        batches = -(-len(pictures) // batch)
         print(f"| {name} ({len(pictures)}) | {tokens} | {len(pictures) / seconds:.0f} | {1000 * seconds / batches:.0f} "
               f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} |", flush=True)  # fmt: skip
 

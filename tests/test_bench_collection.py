@@ -32,7 +32,7 @@ def test_the_collection_parts_run_end_to_end_on_the_cpu(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     in_memory = [row for row in rows if row.startswith("| the ")]
     from_disk = [row for row in rows if len(row.split("|")) == 9][1:]  # under its header row
-    assert len(in_memory) == 6 and len(from_disk) == 9, result.stdout
+    assert len(in_memory) == 8 and len(from_disk) == 9, result.stdout
     assert all(row.split("|")[2].strip() == "16" for row in from_disk), from_disk  # every picture captioned
     assert any("decoded before" in row for row in from_disk) and any("threads" in row for row in from_disk)
     assert "caption_collection" in (tmp_path / "collection_profile.txt").read_text()

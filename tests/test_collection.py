@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlcap import captioning, collection, picture_paths
 from vlcap.captions_file import CaptionsFile, RunSettings
@@ -107,11 +108,24 @@ def test_the_listing_is_not_read_ahead_of_the_first_batch(trained, pictures, tmp
 
     output = CaptionsFile.open(out, run_settings(settings), overwrite=False)
     recipe = captioning.Recipe(settings["prompt"], 56, batch_size=2, max_new_tokens=4)
+    threads = torch.get_num_threads()
     summary = collection.caption_collection(
         model, processor, picture_paths.PictureStream(listing(), output.done), recipe, output, workers=1
     )
+    assert torch.get_num_threads() == threads  # the threads left to the worker are given back
     assert summary.captioned == len(paths) == 80
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == paths
+
+
+def test_the_loop_leaves_the_cores_to_its_decoding_workers(monkeypatch):
+    monkeypatch.setattr(collection, "_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert collection.cpu_threads(torch.device("cuda"), 8) == 1  # on the GPU it only copies pictures
+    assert collection.cpu_threads(torch.device("cpu"), 8) == 8  # on the CPU, the cores the workers leave
+    assert collection.cpu_threads(torch.device("cpu"), 20) == 1
+    assert collection.cpu_threads(torch.device("cuda"), 0) == torch.get_num_threads()  # no workers: as it was
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share the machine's cores
+    assert collection.cpu_threads(torch.device("cpu"), 3) == 5
 
 
 def run_settings(settings: dict) -> RunSettings:
