@@ -2,6 +2,7 @@
 from disk by collection.caption_collection, in one process, one model.
 
     python bench/collection_parts.py                 # the 2B stand-in and bench.py's `fast` adapter, on the GPU
+    python bench/collection_parts.py --quick         # the loop in memory; from disk with and without its fix
     python bench/collection_parts.py --smoke         # the same steps on the CPU: tiny model, a few pictures
 
 Why: bench/caption_collection.py found infer.py FOLDER well under the in-memory loop's speed while the loop hardly ever
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
     parser.add_argument("--out", default=None, help="where the profile is written (default: --work)")
     parser.add_argument("--smoke", action="store_true", help="on the CPU: tiny model, a few pictures")
+    parser.add_argument(
+        "--quick", action="store_true", help="the loop in memory at 64 new tokens, then 8 workers against all threads"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -59,7 +63,7 @@ def main() -> None:
     count = 16 if args.smoke else 2000
     folder = make_pictures(work / f"collection-{count}", count)
     training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]
-    Parts(adapter, args.smoke).run(folder, training, Path(args.out or work))
+    Parts(adapter, args.smoke).run(folder, training, Path(args.out or work), args.quick)
 
 
 class Parts:
@@ -76,7 +80,7 @@ class Parts:
         print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process, pictures "
               f"{self.settings.image_size}x{self.settings.image_size}, batches of 64 unless said")  # fmt: skip
 
-    def run(self, folder: Path, training: Path, out: Path) -> None:
+    def run(self, folder: Path, training: Path, out: Path, quick: bool = False) -> None:
         from vlcap import captioning, fastdecode, formats, images
         from vlcap import collection as feeding
 
@@ -91,12 +95,12 @@ class Parts:
         )
         print("| --- | --- | --- | --- | --- |")
         for name, pictures in (("the collection's", decoded), ("the training pictures", decoded_training)):
-            for tokens in (64, 32):
+            for tokens in (64,) if quick else (64, 32):
                 self.in_memory(name, pictures, tokens)
         for name, pictures in (("the collection's", decoded), ("the training pictures", decoded_training)):
             self.in_memory(f"{name}, batches of 128", pictures, 64, batch=128)
         workers = 2 if self.smoke else 8
-        for rate in (100, None):  # about what BQ's workers decoded; as fast as they can
+        for rate in () if quick else (100, None):  # about what BQ's workers decoded; as fast as they can
             with background_decoding(collection, size, workers, rate):
                 how = f"{rate} a second" if rate else "flat out"
                 self.in_memory(f"the collection's, {workers} processes decoding {how} beside", decoded, 64)
@@ -108,20 +112,25 @@ class Parts:
         with decoded_before(collection[: 2 * n], size):
             self.from_disk("pictures decoded before (no decoding while it runs)", collection[: 2 * n], 0, out)
         self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
+        threads = self.torch.get_num_threads()
+        for _ in range(2 if quick else 1):  # quick: as before run BS, then as now, twice in turn
+            with patched(feeding, "cpu_threads", lambda device, workers: threads):
+                self.from_disk(
+                    f"{workers} workers, this process's torch on all {threads} CPU threads",
+                    collection[: 2 * n],
+                    workers,
+                    out,
+                )
+            if quick:
+                self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
+        if quick:
+            return
         self.from_disk("no workers (decoded between batches)", collection[:n], 0, out)
         self.from_disk("2 decoding workers", collection[: 2 * n], 2, out)
         with forkserver_workers():
             self.from_disk(f"{workers} workers started by a fork server", collection[: 2 * n], workers, out)
         with thread_workers():
             self.from_disk(f"{workers} decoding threads in this process", collection[: 2 * n], workers, out)
-        threads = self.torch.get_num_threads()
-        with patched(feeding, "cpu_threads", lambda device, workers: threads):  # as before run BS
-            self.from_disk(
-                f"{workers} workers, this process's torch on all {threads} CPU threads",
-                collection[: 2 * n],
-                workers,
-                out,
-            )
         with patched(fastdecode._Ended, "AHEAD", 4):
             self.from_disk(
                 f"{workers} workers, the loop 4 steps ahead of its question", collection[: 2 * n], workers, out
