@@ -52,8 +52,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         made = int(row["summary"].split()[1])
-        print(f"| {row['n']:,} | {made:,} | {row['wall_s']:.0f} | {row['rss_first_gb']:.3f} | {row['rss_end_gb']:.3f} "
-              f"| {row['peak_gb']:.3f} |")  # fmt: skip
+        first, end = (gb(row[key]) for key in ("rss_first_gb", "rss_end_gb"))
+        print(f"| {row['n']:,} | {made:,} | {row['wall_s']:.0f} | {first} | {end} | {row['peak_gb']:.3f} |")
+
+
+def gb(value: float | None) -> str:
+    """A resident size read from /proc; — when the process ended before it could be read (a run shorter than the
+    0.25 s between reads)."""
+    return "—" if value is None else f"{value:.3f}"
 
 
 def linked_folder(folder: Path, count: int) -> Path:
