@@ -14,7 +14,8 @@ fails, the others stop with one line, and the same command continues from the ca
 
 Decoding (a worker process per task of one process's part of a round: open, make RGB, resize, lay out as the processor
 takes it) runs in torch DataLoader workers, at most PREFETCH tasks each ahead of the GPU; the path walk is pulled only
-as far as those tasks reach. An unusable picture is reported and skipped; in the batch it is replaced by a copy of a
+as far as those tasks reach. Meanwhile this process's torch keeps to one CPU thread (`cpu_threads`), leaving the cores
+to the workers. An unusable picture is reported and skipped; in the batch it is replaced by a copy of a
 usable one whose caption is dropped, so every batch keeps its size and the fast loop its CUDA graph.
 """
 
@@ -122,7 +123,7 @@ def cpu_threads(device: torch.device, workers: int) -> int:
     """This process's torch threads while its decoding workers run. With the model on the GPU, one: its CPU work is
     copying each batch's pictures, and more threads only fight the workers for the cores (on one H100 with 8 workers,
     16 threads made stacking a batch's pictures take 116 ms and the loop 145 captions a second against 195 with one:
-    bench/RESULTS.md, run BS). On the CPU, the cores the workers leave."""
+    bench/RESULTS.md, runs BS and BT). On the CPU, the cores the workers leave."""
     if not workers:
         return torch.get_num_threads()
     if device.type != "cpu":
