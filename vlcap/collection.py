@@ -15,8 +15,8 @@ fails, the others stop with one line, and the same command continues from the ca
 Decoding (a worker process per task of one process's part of a round: open, make RGB, resize, lay out as the processor
 takes it) runs in torch DataLoader workers, at most PREFETCH tasks each ahead of the GPU; the path walk is pulled only
 as far as those tasks reach. Meanwhile this process's torch keeps to one CPU thread (`cpu_threads`), leaving the cores
-to the workers. An unusable picture is reported and skipped; in the batch it is replaced by a copy of a
-usable one whose caption is dropped, so every batch keeps its size and the fast loop its CUDA graph.
+to the workers. An unusable picture is reported and skipped; in the batch it is replaced by a copy of a usable one
+whose caption is dropped, so every batch keeps its size and the fast loop its CUDA graph.
 """
 
 from __future__ import annotations
