@@ -116,27 +116,22 @@ def _as_is(decoded: Decoded) -> Decoded:
 def default_workers() -> int:
     """Decoding processes: this machine's cores less one, shared among torchrun's processes on it, at most 8 (8 decode
     ~1,500 640x480 JPEGs a second; bench/caption_collection.py measures what the GPU waits)."""
-    return max(0, min(8, _cores() // _local_processes() - 1))
+    return max(0, min(8, _cores() // processes.local_count() - 1))
 
 
 def cpu_threads(device: torch.device, workers: int) -> int:
     """This process's torch threads while its decoding workers run. With the model on the GPU, one: its CPU work is
-    copying each batch's pictures, and more threads only fight the workers for the cores (on one H100 with 8 workers,
-    16 threads made stacking a batch's pictures take 116 ms and the loop 145 captions a second against 195 with one:
-    bench/RESULTS.md, runs BS and BT). On the CPU, the cores the workers leave."""
+    copying each batch's pictures, and more threads spin on the cores the workers decode on, slowing that copy and
+    with it the whole loop (bench/collection_parts.py measures it). On the CPU, the cores the workers leave."""
     if not workers:
         return torch.get_num_threads()
     if device.type != "cpu":
         return 1
-    return max(1, _cores() // _local_processes() - workers)
+    return max(1, _cores() // processes.local_count() - workers)
 
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _local_processes() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def tasks(stream: Iterator[str], batch_size: int, rank: int = 0, world: int = 1) -> Iterator[Task]:

@@ -31,6 +31,11 @@ def count() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_count() -> int:
+    """The processes of this run on this machine (they share its cores and memory)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def is_main() -> bool:
     return rank() == 0
 

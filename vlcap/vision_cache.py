@@ -16,12 +16,11 @@ pictures decoded by DataLoader workers and the vision tower in every step.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vlcap import cli, compat, feature_store, training_data, vision_encoding
+from vlcap import cli, compat, feature_store, processes, training_data, vision_encoding
 from vlcap.caption_trainer import collate_encoded  # the batch format CaptionTrainer's loss reads
 
 
@@ -112,7 +111,7 @@ def _why_no_cache(settings, config, plan) -> str | None:
 
 def _layout(settings, dataset, model_dir: str, dtype, cache_bytes: int) -> feature_store.CacheLayout:
     """Where the vision cache goes (see the module's doc). One line when it cannot go anywhere."""
-    rank, local_processes = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank, local_processes = processes.rank(), processes.local_count()
     folder = Path(settings.output_dir) / (feature_store.CACHE_FOLDER + (f"-rank{rank}" if rank else ""))
     picture = cache_bytes // len(dataset)
     host_gb = min(settings.host_cache_gb, feature_store.host_memory_available_gb() / 2 / local_processes)
