@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,10 +25,11 @@ import torch
 from tqdm import tqdm
 from transformers import BatchFeature
 
-from vlcap import compat, fastdecode, images, vision_attention
+from vlcap import compat, continuous, fastdecode, images, vision_attention
 from vlcap.qwen import prompt_text
 
 LOADING_THREADS = min(8, os.cpu_count() or 1)
+ROWS_PER_PICTURE = 2  # continuous batching's rows writing captions, per picture of a batch (caption_stream)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,45 @@ def caption_images(
                 new_tokens = out[:, inputs["input_ids"].shape[1] :]
         captions += [c.strip() for c in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return captions
+
+
+def caption_stream(
+    model, processor, batches: Iterator[tuple[object, list]], recipe: Recipe, fast: bool = True
+) -> Iterator[tuple[object, list[str]]]:
+    """(key, captions) for each (key, pictures) of `batches`, in their order, as the batches come (a collection's).
+
+    Pictures resized to one size (recipe.image_size) are captioned by continuous batching when the fast loop runs:
+    vlcap/continuous.py keeps ROWS_PER_PICTURE x the first batch's size rows writing captions, and a row whose caption
+    has ended takes a picture of the next batch, where batch by batch every row waits for the batch's longest caption.
+    A shorter batch is filled up with copies of its first picture (their captions dropped) to keep the decoder's shape.
+    Otherwise each batch is captioned on its own (`caption_images`)."""
+    fast = fast and not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
+    if not (fast and recipe.image_size and compat.available("fast captioning", model)):
+        for key, pictures in batches:
+            captions = caption_images(
+                model, processor, pictures, recipe.prompt, recipe.batch_size, recipe.max_new_tokens, fast
+            )
+            yield key, captions
+        return
+    text = prompt_text(processor, recipe.prompt)
+    device = next(model.parameters()).device
+    counts, chunk = deque(), None  # each batch's own pictures, in order
+
+    def chunks():
+        nonlocal chunk
+        for key, pictures in batches:
+            counts.append(len(pictures))
+            if not len(pictures):
+                yield key, None
+                continue
+            chunk = chunk or len(pictures)
+            filled = list(pictures) + [pictures[0]] * (chunk - len(pictures))
+            yield key, model_inputs(processor, text, filled, device)
+
+    for key, tokens in continuous.stream_tokens(model, chunks(), recipe.max_new_tokens, ROWS_PER_PICTURE):
+        count = counts.popleft()
+        captions = processor.batch_decode(tokens[:count], skip_special_tokens=True) if count else []
+        yield key, [c.strip() for c in captions]
 
 
 def even_batches(count: int, batch_size: int) -> list[slice]:

@@ -179,18 +179,25 @@ def caption_collection(
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(next(model.parameters()).device, workers))
     try:
-        while True:
-            asked = time.perf_counter()
-            decoded = next(decoded_tasks, None)
-            summary.waited_s += time.perf_counter() - asked
-            results = _captioned(model, processor, decoded, recipe, fast) if decoded is not None else []
+
+        def decoded_batches():  # (decoded task, its pictures) as the workers finish them
+            while True:
+                asked = time.perf_counter()
+                decoded = next(decoded_tasks, None)
+                summary.waited_s += time.perf_counter() - asked
+                if decoded is None:
+                    return
+                yield decoded, _pictures(decoded)
+
+        for decoded, captions in captioning.caption_stream(model, processor, decoded_batches(), recipe, fast):
+            results = _results(decoded, captions)
             if world > 1:
-                results = _shared(decoded.task.round_digest if decoded is not None else "end", results, world)
-            if decoded is None:
-                break
+                results = _shared(decoded.task.round_digest, results, world)
             if shown:
                 _record(results, output, summary, references or {})
                 bar.update(len(results))
+        if world > 1:
+            _shared("end", [], world)  # every process has come to the end of the same rounds
     except Exception as e:
         if not processes.lost_peer(e):
             raise
@@ -211,24 +218,21 @@ def continue_line() -> str:
     return "run the same command again to continue: " + processes.rerun_command()
 
 
-def _captioned(model, processor, decoded: Decoded, recipe: captioning.Recipe, fast: bool) -> list[tuple]:
-    """[(path, caption or None, why not or None)] for a task, in its order."""
-    paths, problems = decoded.task.paths, decoded.problems
+def _pictures(decoded: Decoded) -> list:
+    """A task's pictures in its order, an unusable one replaced by a copy of a usable one (none usable: none)."""
     usable = list(decoded.pictures)
-    captions = iter(())
-    if usable:
-        stand_in = usable[0]
-        pictures, it = [], iter(usable)
-        for i in range(len(paths)):
-            pictures.append(stand_in if i in problems else next(it))
-        captions = iter(
-            captioning.caption_images(
-                model, processor, pictures, recipe.prompt, len(pictures), recipe.max_new_tokens, fast
-            )
-        )
+    if not usable:
+        return []
+    it = iter(usable)
+    return [usable[0] if i in decoded.problems else next(it) for i in range(len(decoded.task.paths))]
+
+
+def _results(decoded: Decoded, captions: list[str]) -> list[tuple]:
+    """[(path, caption or None, why not or None)] for a task, in its order; a stand-in's caption is dropped."""
+    captions, problems = iter(captions), decoded.problems
     results = []
-    for i, path in enumerate(paths):
-        caption = next(captions, None)  # a stand-in's caption is dropped here
+    for i, path in enumerate(decoded.task.paths):
+        caption = next(captions, None)
         results.append((path, None, problems[i]) if i in problems else (path, caption, None))
     return results
 

@@ -37,10 +37,11 @@ class LanguageModelStep:
     captions against `generate` token for token, and the first logits against the model's own forward.
     """
 
-    def __init__(self, language_model, batch: int, max_len: int):
+    def __init__(self, language_model, batch: int, max_len: int, like: LanguageModelStep | None = None):
+        """`like`: a step of the same language model whose joined q, k and v weights this one shares."""
         self.model = language_model
         self.attention = [layer.self_attn for layer in language_model.layers]
-        self.qkv = [_fused(a.q_proj, a.k_proj, a.v_proj) for a in self.attention]
+        self.qkv = like.qkv if like is not None else [_fused(a.q_proj, a.k_proj, a.v_proj) for a in self.attention]
         first = self.attention[0]
         self.heads, self.kv_heads = first.config.num_attention_heads, first.config.num_key_value_heads
         self.head_dim = first.head_dim

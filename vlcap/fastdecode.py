@@ -363,5 +363,6 @@ def _generated_tokens(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
 
 
 def release(model) -> None:
-    """Drop the decoder kept on the model: its cache and graph memory, and graphs of modules since changed."""
-    model._greedy_decoder = None
+    """Drop the decoders kept on the model (this module's and vlcap/continuous.py's): their cache and graph memory,
+    and graphs of modules since changed."""
+    model._greedy_decoder = model._continuous_decoder = None
