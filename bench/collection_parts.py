@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="the loop in memory at 64 new tokens, then 8 workers against all threads"
     )
+    parser.add_argument(
+        "--continuous", action="store_true", help="continuous batching against batch by batch, in memory and from disk"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,11 @@ def main() -> None:
     count = 16 if args.smoke else 2000
     folder = make_pictures(work / f"collection-{count}", count)
     training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]
-    Parts(adapter, args.smoke).run(folder, training, Path(args.out or work), args.quick)
+    parts = Parts(adapter, args.smoke)
+    if args.continuous:
+        parts.continuous(folder, training, Path(args.out or work))
+    else:
+        parts.run(folder, training, Path(args.out or work), args.quick)
 
 
 class Parts:
@@ -138,6 +145,62 @@ class Parts:
         self.from_disk(f"{workers} workers, profiled", collection[: 2 * n], workers, out, profile=out)
         print(f"\nprofile: {out / 'collection_profile.txt'}")
 
+    def continuous(self, folder: Path, training: Path, out: Path) -> None:
+        """Continuous batching (captioning.caption_stream, vlcap/continuous.py) against batch by batch
+        (captioning.caption_images), in memory at 64 new tokens, in batches of 64 and 128, with 2 and 3 rows a picture;
+        then from disk with 8 workers, each way, twice in turn."""
+        from vlcap import captioning, formats, images
+
+        size = self.settings.image_size
+        collection = sorted(str(p) for p in folder.rglob("*.jpg"))
+        trained_on = [formats.image_of(item) for item in json.loads(training.read_text())]
+        n = 16 if self.smoke else 1280
+        sets = {
+            "the collection's": [captioning.channels_first(images.load(p, size)) for p in collection[:n]],
+            "the training pictures": [captioning.channels_first(images.load(p, size)) for p in trained_on[:n]],
+        }
+        print(
+            "\n| pictures in memory | batch | how | captions/s | tokens a caption (mean / most) | captions as batch by batch |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, pictures in sets.items():
+            for batch in (4,) if self.smoke else (64, 128):
+                expected = self.in_memory_stream(name, pictures, batch, None)
+                for rows in (2, 3):
+                    self.in_memory_stream(name, pictures, batch, rows, expected)
+        workers = 2 if self.smoke else 8
+        print(
+            "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
+            "| this process's CPU s | its involuntary context switches |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for _ in range(2):
+            with batch_by_batch():
+                self.from_disk(f"{workers} workers, batch by batch", collection[:n], workers, out)
+            self.from_disk(f"{workers} workers, continuous batching", collection[:n], workers, out)
+
+    def in_memory_stream(self, name: str, pictures: list, batch: int, rows: int | None, expected=None) -> list[str]:
+        """The pictures captioned in batches of `batch` as a collection is: continuously with `rows` rows a picture,
+        or (None) batch by batch; prints a row of the table and returns the captions."""
+        from vlcap import captioning
+
+        recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
+        batches = [(i, pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
+        how = "batch by batch" if rows is None else f"continuous, {rows} rows a picture"
+        with batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows):
+            list(captioning.caption_stream(self.model, self.processor, iter(batches[:3]), recipe))  # graphs
+            sync()
+            start = time.perf_counter()
+            captions = [c for _, part in captioning.caption_stream(self.model, self.processor, iter(batches), recipe)
+                        for c in part]  # fmt: skip
+            sync()
+        seconds = time.perf_counter() - start
+        lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
+        same = "" if expected is None else f"{sum(a == b for a, b in zip(captions, expected))} of {len(captions)}"
+        print(f"| {name} ({len(pictures)}) | {batch} | {how} | {len(pictures) / seconds:.0f} "
+              f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} | {same} |", flush=True)  # fmt: skip
+        return captions
+
     def in_memory(self, name: str, pictures: list, tokens: int, batch: int = 64) -> None:
         from vlcap import captioning
 
@@ -179,6 +242,22 @@ class Parts:
             for order in ("tottime", "cumulative"):  # where the time is spent, then under which calls
                 pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(40)
             (profile / "collection_profile.txt").write_text(text.getvalue())
+
+
+def batch_by_batch():
+    """captioning.caption_stream captioning each batch on its own, as before continuous batching."""
+    from vlcap import captioning
+
+    def stream(model, processor, batches, recipe, fast=True):
+        for key, pictures in batches:
+            yield (
+                key,
+                captioning.caption_images(
+                    model, processor, pictures, recipe.prompt, recipe.batch_size, recipe.max_new_tokens, fast
+                ),
+            )
+
+    return patched(captioning, "caption_stream", stream)
 
 
 def thread_workers():
