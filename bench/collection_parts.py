@@ -77,15 +77,21 @@ class Parts:
     def __init__(self, adapter: Path, smoke: bool):
         import torch
 
-        from vlcap import formats, qwen
+        from vlcap import formats
 
         self.torch, self.adapter, self.smoke = torch, adapter, smoke
         self.settings = formats.read_adapter_settings(adapter)
-        device, dtype = ("cpu", None) if smoke else ("cuda", torch.bfloat16)
-        self.model, self.processor = qwen.load_for_captioning(adapter, self.settings, None, device, dtype)
+        self.model, self.processor = self.load(None if smoke else torch.bfloat16)
         card = "CPU" if smoke else torch.cuda.get_device_name()
         print(f"{card}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads in this process, pictures "
               f"{self.settings.image_size}x{self.settings.image_size}, batches of 64 unless said")  # fmt: skip
+
+    def load(self, dtype):
+        from vlcap import qwen
+
+        self.model = self.processor = None  # the model before, if any, goes first
+        device = "cpu" if self.smoke else "cuda"
+        return qwen.load_for_captioning(self.adapter, self.settings, None, device, dtype)
 
     def run(self, folder: Path, training: Path, out: Path, quick: bool = False) -> None:
         from vlcap import captioning, fastdecode, formats, images
@@ -163,11 +169,29 @@ class Parts:
             "\n| pictures in memory | batch | how | captions/s | tokens a caption (mean / most) | captions as batch by batch |"
         )
         print("| --- | --- | --- | --- | --- | --- |")
+        made = {}
+        batches = (4, 8) if self.smoke else (64, 128)
         for name, pictures in sets.items():
-            for batch in (4,) if self.smoke else (64, 128):
-                expected = self.in_memory_stream(name, pictures, batch, None)
+            for batch in batches:
+                made[name, batch] = expected = self.in_memory_stream(name, pictures, batch, None)
                 for rows in (2, 3):
                     self.in_memory_stream(name, pictures, batch, rows, expected)
+        # How far bf16 rounding alone moves these captions: batch by batch, in batches of one size against the other
+        # (the same arithmetic but for the matrix products' shapes)
+        print(f"\nbatch by batch, batches of {batches[0]} against {batches[1]}, the same captions: " + ", ".join(
+            f"{name} {sum(a == b for a, b in zip(made[name, batches[0]], made[name, batches[1]]))} of "
+            f"{len(made[name, batches[0]])}" for name in sets))  # fmt: skip
+        # In float32 the rounding is ~65,000 times finer: the two ways should agree but for near ties
+        self.model, self.processor = self.load(self.torch.float32)
+        print("\nin float32:\n")
+        print(
+            "| pictures in memory | batch | how | captions/s | tokens a caption (mean / most) | captions as batch by batch |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+        for name, pictures in sets.items():
+            expected = self.in_memory_stream(name, pictures[: batches[0] * 5], batches[0], None)
+            self.in_memory_stream(name, pictures[: batches[0] * 5], batches[0], 2, expected)
+        self.model, self.processor = self.load(self.torch.bfloat16)
         workers = 2 if self.smoke else 8
         print(
             "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
