@@ -36,6 +36,7 @@ import pstats
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 
 from caption_collection import make_adapter, make_pictures  # noqa: E402  (the standard library only)
-from measure import sync  # noqa: E402
+from measure import sync, timed  # noqa: E402
 
 from bench import prepare  # noqa: E402
 
@@ -169,13 +170,14 @@ class Parts:
             "\n| pictures in memory | batch | how | captions/s | tokens a caption (mean / most) | captions as batch by batch |"
         )
         print("| --- | --- | --- | --- | --- | --- |")
-        made = {}
+        made, self.parts = {}, []
         batches = (4, 8) if self.smoke else (64, 128)
         for name, pictures in sets.items():
             for batch in batches:
                 made[name, batch] = expected = self.in_memory_stream(name, pictures, batch, None)
                 for rows in (2, 3):
                     self.in_memory_stream(name, pictures, batch, rows, expected)
+        self.where_continuous_time_goes()
         # How far bf16 rounding alone moves these captions: batch by batch, in batches of one size against the other
         # (the same arithmetic but for the matrix products' shapes)
         print(f"\nbatch by batch, batches of {batches[0]} against {batches[1]}, the same captions: " + ", ".join(
@@ -203,23 +205,52 @@ class Parts:
                 self.from_disk(f"{workers} workers, batch by batch", collection[:n], workers, out)
             self.from_disk(f"{workers} workers, continuous batching", collection[:n], workers, out)
 
+    def where_continuous_time_goes(self) -> None:
+        """For each continuous run of the table: its steps and chunks, a step's and a chunk's prompt's GPU time (timed
+        alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a caption
+        in a step on average (the captions' tokens after the first, over the steps)."""
+        from vlcap import captioning
+        from vlcap.qwen import prompt_text
+
+        print("\n| batch | rows a picture | steps | chunks | ms a step | ms a chunk's prompt | steps + prompts s "
+              "| measured s | rows writing a step, of |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        text = prompt_text(self.processor, self.settings.prompt)
+        for batch, rows, calls, seconds, written, pictures in self.parts:
+            with patched(captioning, "ROWS_PER_PICTURE", rows):  # the decoder of this shape again
+                recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
+                list(captioning.caption_stream(self.model, self.processor, iter([(0, pictures)]), recipe))
+            decoder = self.model._continuous_decoder
+            inputs = captioning.model_inputs(self.processor, text, pictures, decoder.slots.device)
+            taken = self.torch.arange(batch, device=decoder.slots.device)
+            step = timed(decoder.next_token, 50)
+            prompt = timed(functools.partial(decoder.admit, inputs, taken), 5)
+            steps, chunks = calls["next_token"], calls["admit"]
+            total = (steps * step + chunks * prompt) / 1e3
+            print(f"| {batch} | {rows} | {steps} | {chunks} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "
+                  f"| {written / max(steps, 1):.0f} of {decoder.shape[0]} |", flush=True)  # fmt: skip
+
     def in_memory_stream(self, name: str, pictures: list, batch: int, rows: int | None, expected=None) -> list[str]:
         """The pictures captioned in batches of `batch` as a collection is: continuously with `rows` rows a picture,
         or (None) batch by batch; prints a row of the table and returns the captions."""
-        from vlcap import captioning
+        from vlcap import captioning, continuous
 
         recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
         batches = [(i, pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
         how = "batch by batch" if rows is None else f"continuous, {rows} rows a picture"
+        calls = Counter()
         with batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows):
             list(captioning.caption_stream(self.model, self.processor, iter(batches[:3]), recipe))  # graphs
             sync()
-            start = time.perf_counter()
-            captions = [c for _, part in captioning.caption_stream(self.model, self.processor, iter(batches), recipe)
-                        for c in part]  # fmt: skip
-            sync()
+            with counted(continuous.ContinuousDecoder, ("next_token", "admit"), calls):
+                start = time.perf_counter()
+                captions = [c for _, part in captioning.caption_stream(self.model, self.processor, iter(batches), recipe)
+                            for c in part]  # fmt: skip
+                sync()
         seconds = time.perf_counter() - start
         lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
+        if rows is not None:
+            self.parts.append((batch, rows, calls, seconds, sum(lengths) - len(lengths), batches[0][1]))
         same = "" if expected is None else f"{sum(a == b for a, b in zip(captions, expected))} of {len(captions)}"
         print(f"| {name} ({len(pictures)}) | {batch} | {how} | {len(pictures) / seconds:.0f} "
               f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} | {same} |", flush=True)  # fmt: skip
@@ -326,6 +357,23 @@ def decoded_before(paths: list[str], size: int):
         return (ready[tuple(task.paths)] for task in sampler)
 
     return patched(collection, "DataLoader", loader)
+
+
+@contextlib.contextmanager
+def counted(owner, names: tuple, calls: Counter):
+    """The calls of owner's methods `names` counted in `calls` while the block runs."""
+
+    def counting(name, method):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(patched(owner, name, counting(name, getattr(owner, name))))
+        yield
 
 
 @contextlib.contextmanager
