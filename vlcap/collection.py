@@ -16,7 +16,9 @@ Decoding (a worker process per task of one process's part of a round: open, make
 takes it) runs in torch DataLoader workers, at most PREFETCH tasks each ahead of the GPU; the path walk is pulled only
 as far as those tasks reach. Meanwhile this process's torch keeps to one CPU thread (`cpu_threads`), leaving the cores
 to the workers. An unusable picture is reported and skipped; in the batch it is replaced by a copy of a usable one
-whose caption is dropped, so every batch keeps its size and the fast loop its CUDA graph.
+whose caption is dropped, so every batch keeps its size and the fast loop its CUDA graph. The batches are captioned by
+continuous batching (captioning.caption_stream, vlcap/continuous.py): a row whose caption has ended takes a picture of
+the next batch, and each batch's captions come back, in order, once all of them have ended.
 """
 
 from __future__ import annotations
