@@ -84,3 +84,19 @@ def trained_family(tiny_models, shapes_132, tmp_path_factory):
         return runs[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def family_captioner(trained_family):
+    """family_captioner(arch) -> (model, processor, settings) of that family's learning run, loaded once. Tests that
+    change the model's generation settings put them back."""
+    from helpers import load_captioner
+
+    loaded = {}
+
+    def get(arch):
+        if arch not in loaded:
+            loaded[arch] = load_captioner(trained_family(arch)[0])
+        return loaded[arch]
+
+    return get

@@ -12,21 +12,9 @@ import torch
 
 from vlcap import captioning, continuous, fastdecode, qwen
 
-from helpers import FAMILIES, TEST_IMAGE_SIZE, load_captioner, needs_fast_paths
+from helpers import FAMILIES, TEST_IMAGE_SIZE, needs_fast_paths
 
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def family_captioner(trained_family):
-    loaded = {}
-
-    def get(arch):
-        if arch not in loaded:
-            loaded[arch] = load_captioner(trained_family(arch)[0])
-        return loaded[arch]
-
-    return get
 
 
 def shape_pictures(count: int, size: int, seed: int = 0) -> list:

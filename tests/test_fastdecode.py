@@ -15,7 +15,7 @@ from test_infer import captioner, odd_sized_pictures  # noqa: F401  (fixtures)
 
 from vlcap import captioning, compat, decode_step, fastdecode, images, qwen, vision_attention
 
-from helpers import FAMILIES, load_captioner, needs_fast_paths
+from helpers import FAMILIES, needs_fast_paths
 
 NEW_TOKENS = 20
 
@@ -36,19 +36,6 @@ def generate_tokens(model, inputs) -> torch.Tensor:
 def pictures(odd_sized_pictures):  # noqa: F811
     """Five native sizes (so rows are left-padded by different amounts) and the training size."""
     return [images.load(p, 0) for p in odd_sized_pictures] + [images.load(odd_sized_pictures[0], 56)]
-
-
-@pytest.fixture(scope="module")
-def family_captioner(trained_family):
-    """family_captioner(arch) -> (model, processor, settings) of that family's learning run, loaded once."""
-    loaded = {}
-
-    def get(arch):
-        if arch not in loaded:
-            loaded[arch] = load_captioner(trained_family(arch)[0])
-        return loaded[arch]
-
-    return get
 
 
 @needs_fast_paths
