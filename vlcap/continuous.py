@@ -32,6 +32,8 @@ import torch
 from vlcap import fastdecode, vision_attention
 from vlcap.decode_step import LanguageModelStep
 
+OVERLAP = True  # on the GPU, a chunk's prompt runs on a stream of its own, beside the rows' steps
+
 
 class ContinuousDecoder:
     """The ring cache and the step's CUDA graph for `rows` rows, and the prompt's decoder for chunks of `chunk` pictures
@@ -61,14 +63,42 @@ class ContinuousDecoder:
         self.finished = buffer(rows, dtype=torch.bool, fill=True)  # no picture yet counts as ended
         self.out = buffer(rows, max_new_tokens + 1, fill=self.pad)  # the last column: where ended rows write padding
         self.seen = buffer(rows, prompt_length + max_new_tokens + 1)  # prompt + chosen tokens, for the penalty
+        overlap = OVERLAP and device.type == "cuda"
+        self.side, self.prepared = (torch.cuda.Stream(), torch.cuda.Event()) if overlap else (None, None)
 
     @torch.inference_mode()
     def admit(self, inputs: dict, rows: torch.Tensor) -> None:
         """A chunk's processor outputs (CPU tensors; pixel values may be on the GPU) into `rows` (on the GPU), which
-        must hold no caption still being written."""
-        prompt, n = self.prompt, self.shape[2]
-        with vision_attention.batched(self.model, vision_attention.patches_per_image(inputs["image_grid_thw"])):
+        must hold no caption still being written: `prepare`, then `take`."""
+        self.prepare(inputs)
+        self.take(rows)
+
+    @torch.inference_mode()
+    def prepare(self, inputs: dict) -> None:
+        """The chunk's prompt through the model into the prompt decoder, and its first tokens chosen; on the GPU (with
+        OVERLAP) on a stream of its own, beside the steps of the rows writing captions. One chunk at a time: the next
+        is prepared after `take`."""
+        prompt = self.prompt
+        patches = vision_attention.patches_per_image(inputs["image_grid_thw"])
+        if self.side is None:
+            with vision_attention.batched(self.model, patches):
+                prompt._prefill(inputs)
+            return
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)  # the pictures' copies and the last `take`
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                value.record_stream(self.side)  # made on the main stream, read on this one
+        with torch.cuda.stream(self.side), vision_attention.batched(self.model, patches):
             prompt._prefill(inputs)
+        self.prepared.record(self.side)
+
+    @torch.inference_mode()
+    def take(self, rows: torch.Tensor) -> None:
+        """The prepared chunk's keys, values and first tokens into `rows`."""
+        prompt, n = self.prompt, self.shape[2]
+        if self.side is not None:
+            torch.cuda.current_stream().wait_event(self.prepared)
         ring = (self.write + self.before_write) % self.ring  # the n slots before the next write
         for main, new in zip((*self.step.keys, *self.step.values), (*prompt.step.keys, *prompt.step.values)):
             main[rows[:, None], :, ring[None, :]] = new[:, :, :n].transpose(1, 2)
@@ -176,35 +206,42 @@ def stream_tokens(
     owner: dict[int, tuple[_Chunk, int]] = {}  # row -> its chunk and place in it
     since: dict[int, int] = {}  # row -> the first step whose copy shows its current picture
     free, steps = list(range(decoder.shape[0])) if decoder is not None else [], 0
+    prepared = None  # the chunk whose prompt has run, waiting for free rows
     upcoming = next(chunks, None)
     while True:
         while flight and flight[0].left == 0:  # the chunks whose captions have all been read, in order
             done = flight.popleft()
             yield done.key, torch.stack(done.tokens) if done.tokens else None
-        while upcoming is not None:  # admit what fits
+        while True:  # take in the prepared chunk if its rows are free, prepare the next
+            if prepared is not None:
+                if len(free) < len(prepared.tokens):
+                    break
+                taken, free = free[: len(prepared.tokens)], free[len(prepared.tokens) :]
+                decoder.take(fastdecode._to(torch.tensor(taken), decoder.slots.device))
+                for place, row in enumerate(taken):
+                    owner[row], since[row] = (prepared, place), steps + 1
+                prepared = None
+            if upcoming is None:
+                break
             key, inputs = upcoming
             if inputs is None:
                 flight.append(_Chunk(key, 0))
-            else:
-                size, length = inputs["input_ids"].shape
-                shape = (rows_per_picture * size, size, length, max_new_tokens)
-                if decoder is None or decoder.shape != shape:
-                    if owner:
-                        break  # the rows in flight end first
-                    model._continuous_decoder = decoder = None  # the old cache and graphs go first
-                    decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
-                    copies, free = _Copies(decoder), list(range(shape[0]))
-                if len(free) < size:
-                    break
-                taken, free = free[:size], free[size:]
-                decoder.admit(inputs, fastdecode._to(torch.tensor(taken), decoder.slots.device))
-                chunk = _Chunk(key, size)
-                flight.append(chunk)
-                for place, row in enumerate(taken):
-                    owner[row], since[row] = (chunk, place), steps + 1
-            upcoming = next(chunks, None)
+                upcoming = next(chunks, None)
+                continue
+            size, length = inputs["input_ids"].shape
+            shape = (rows_per_picture * size, size, length, max_new_tokens)
+            if decoder is None or decoder.shape != shape:
+                if owner:
+                    break  # the rows in flight end first
+                model._continuous_decoder = decoder = None  # the old cache and graphs go first
+                decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
+                copies, free = _Copies(decoder), list(range(shape[0]))
+            decoder.prepare(inputs)
+            prepared = _Chunk(key, size)
+            flight.append(prepared)
+            upcoming = next(chunks, None)  # the next chunk's inputs are made while the GPU works
         if not owner:
-            if upcoming is None and not flight:
+            if upcoming is None and prepared is None and not flight:
                 return
             continue  # chunks without pictures to hand back, or one of a new shape now that the rows have ended
         decoder.next_token()
