@@ -10,10 +10,11 @@ runs to max_new_tokens keeps a whole batch stepping: bench/collection_parts.py m
 
 How: the decoder keeps `rows` rows of a key/value cache used as a ring of slots (at least prompt + new tokens). Every
 step writes every row's new key and value at the same slot, the next one round the ring, and each row attends to the
-slots its `keys_valid` marks: its prompt and its tokens so far. A chunk of pictures enters once as many rows are free:
+slots its `keys_valid` marks: its prompt and its tokens so far. A chunk of pictures is prepared as soon as it comes:
 fastdecode.GreedyDecoder runs its prompt (the vision tower and the language model over the prompt: on the GPU one CUDA
-graph replay) and chooses each first token; the prompt's keys and values are copied into the free rows at the slots
-just before the ring's next one, with each row's token, M-RoPE position and the tokens the repetition penalty counts.
+graph replay, on a stream of its own, beside the rows' steps) and chooses each first token. Once as many rows are free,
+the prompt's keys and values are copied into them at the slots just before the ring's next one, with each row's token,
+M-RoPE position and the tokens the repetition penalty counts; then the next chunk is prepared.
 The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
 Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
 
@@ -64,7 +65,7 @@ class ContinuousDecoder:
         self.out = buffer(rows, max_new_tokens + 1, fill=self.pad)  # the last column: where ended rows write padding
         self.seen = buffer(rows, prompt_length + max_new_tokens + 1)  # prompt + chosen tokens, for the penalty
         overlap = OVERLAP and device.type == "cuda"
-        self.side, self.prepared = (torch.cuda.Stream(), torch.cuda.Event()) if overlap else (None, None)
+        self.side, self.prepared = (torch.cuda.Stream(device), torch.cuda.Event()) if overlap else (None, None)
 
     @torch.inference_mode()
     def admit(self, inputs: dict, rows: torch.Tensor) -> None:
@@ -84,7 +85,7 @@ class ContinuousDecoder:
             with vision_attention.batched(self.model, patches):
                 prompt._prefill(inputs)
             return
-        main = torch.cuda.current_stream()
+        main = torch.cuda.current_stream(self.side.device)
         self.side.wait_stream(main)  # the pictures' copies and the last `take`
         for value in inputs.values():
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
@@ -98,7 +99,7 @@ class ContinuousDecoder:
         """The prepared chunk's keys, values and first tokens into `rows`."""
         prompt, n = self.prompt, self.shape[2]
         if self.side is not None:
-            torch.cuda.current_stream().wait_event(self.prepared)
+            torch.cuda.current_stream(self.side.device).wait_event(self.prepared)
         ring = (self.write + self.before_write) % self.ring  # the n slots before the next write
         for main, new in zip((*self.step.keys, *self.step.values), (*prompt.step.keys, *prompt.step.values)):
             main[rows[:, None], :, ring[None, :]] = new[:, :, :n].transpose(1, 2)
