@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--continuous", action="store_true", help="continuous batching against batch by batch, in memory and from disk"
     )
+    parser.add_argument("--pictures", type=int, default=1280, help="--continuous: pictures of each kind")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def main() -> None:
     training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]
     parts = Parts(adapter, args.smoke)
     if args.continuous:
-        parts.continuous(folder, training, Path(args.out or work))
+        parts.continuous(folder, training, Path(args.out or work), args.pictures)
     else:
         parts.run(folder, training, Path(args.out or work), args.quick)
 
@@ -152,7 +153,7 @@ class Parts:
         self.from_disk(f"{workers} workers, profiled", collection[: 2 * n], workers, out, profile=out)
         print(f"\nprofile: {out / 'collection_profile.txt'}")
 
-    def continuous(self, folder: Path, training: Path, out: Path) -> None:
+    def continuous(self, folder: Path, training: Path, out: Path, count: int = 1280) -> None:
         """Continuous batching (captioning.caption_stream, vlcap/continuous.py) against batch by batch
         (captioning.caption_images), in memory at 64 new tokens, in batches of 64 and 128 with 2 and 3 rows a picture
         and of 32 with 4; where its time goes; how far rounding alone moves the captions (bf16: batch sizes against
@@ -162,7 +163,7 @@ class Parts:
         size = self.settings.image_size
         collection = sorted(str(p) for p in folder.rglob("*.jpg"))
         trained_on = [formats.image_of(item) for item in json.loads(training.read_text())]
-        n = 16 if self.smoke else 1280
+        n = 16 if self.smoke else count
         sets = {
             "the collection's": [captioning.channels_first(images.load(p, size)) for p in collection[:n]],
             "the training pictures": [captioning.channels_first(images.load(p, size)) for p in trained_on[:n]],
