@@ -12,7 +12,7 @@ How: the decoder keeps `rows` rows of a key/value cache used as a ring of slots 
 step writes every row's new key and value at the same slot, the next one round the ring, and each row attends to the
 slots its `keys_valid` marks: its prompt and its tokens so far. A chunk of pictures is prepared as soon as it comes:
 fastdecode.GreedyDecoder runs its prompt (the vision tower and the language model over the prompt: on the GPU one CUDA
-graph replay, on a stream of its own, beside the rows' steps) and chooses each first token. Once as many rows are free,
+graph replay; with OVERLAP on a stream of its own, beside the rows' steps) and chooses each first token. Once as many rows are free,
 the prompt's keys and values are copied into them at the slots just before the ring's next one, with each row's token,
 M-RoPE position and the tokens the repetition penalty counts; then the next chunk is prepared.
 The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
@@ -33,7 +33,9 @@ import torch
 from vlcap import fastdecode, vision_attention
 from vlcap.decode_step import LanguageModelStep
 
-OVERLAP = True  # on the GPU, a chunk's prompt runs on a stream of its own, beside the rows' steps
+# On the GPU, a chunk's prompt on a stream of its own, beside the rows' steps: off until bench/collection_parts.py
+# --continuous has measured it against the prompt on the steps' stream (bench/RESULTS.md).
+OVERLAP = False
 
 
 class ContinuousDecoder:
