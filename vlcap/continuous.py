@@ -239,6 +239,8 @@ def stream_tokens(
                 model._continuous_decoder = decoder = None  # the old cache and graphs go first
                 decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
                 copies, free = _Copies(decoder), list(range(shape[0]))
+            if decoder.side is None and len(free) < size:
+                break  # on the steps' stream the prompt runs once its rows are free: no step waits for it sooner
             decoder.prepare(inputs)
             prepared = _Chunk(key, size)
             flight.append(prepared)
