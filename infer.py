@@ -9,11 +9,11 @@
 
 Captions are printed and written one JSON object per line (`image`, `caption`) to --output, as they are made. The prompt
 and image size are the ones the adapter was trained with (read from its train_settings.json), so inference sees exactly
-what training saw. Images are captioned in batches with left padding; greedy decoding gives the same captions as one
-image at a time. A bad image is reported and skipped; the rest are still captioned, and the exit status is 1.
-Stopped at any point, the same command continues: the pictures in --output are skipped (vlcap/captions_file.py);
---overwrite starts afresh. Folders are walked as they are captioned and pictures decoded ahead by worker processes
-(vlcap/picture_paths.py, vlcap/collection.py).
+what training saw. Images are captioned by greedy decoding, with continuous batching (a row whose caption has ended
+takes the next picture; pictures of their own sizes: in batches, left-padded). A bad image is reported and skipped; the
+rest are still captioned, and the exit status is 1. Stopped at any point, the same command continues: the pictures in
+--output are skipped (vlcap/captions_file.py); --overwrite starts afresh. Folders are walked as they are captioned and
+pictures decoded ahead by worker processes (vlcap/picture_paths.py, vlcap/collection.py, vlcap/continuous.py).
 """
 
 from __future__ import annotations
