@@ -136,10 +136,7 @@ class ContinuousDecoder:
         self.keys_valid.index_fill_(1, self.write.view(1), True)
         self.position += 1
         self.write.copy_((self.write + 1) % self.ring)
-        logits = self.model.lm_head(hidden[:, -1]).float()
-        if self.penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor, as fastdecode applies it
-            score = logits.gather(1, self.seen)
-            logits = logits.scatter(1, self.seen, torch.where(score < 0, score * self.penalty, score / self.penalty))
+        logits = fastdecode.penalised(self.model.lm_head(hidden[:, -1]).float(), self.seen, self.penalty)
         ended = self.finished.clone()
         chosen = torch.where(ended, self.pad, logits.argmax(-1))
         self.out.scatter_(1, self.column, chosen[:, None])

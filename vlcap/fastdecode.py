@@ -182,12 +182,7 @@ class GreedyDecoder:
         self._choose(hidden[:, -1])
 
     def _choose(self, hidden: torch.Tensor) -> None:
-        logits = self.model.lm_head(hidden).float()
-        if (
-            self.penalty != 1.0
-        ):  # transformers' RepetitionPenaltyLogitsProcessor, over the prompt and the caption so far
-            score = logits.gather(1, self.seen)
-            logits = logits.scatter(1, self.seen, torch.where(score < 0, score * self.penalty, score / self.penalty))
+        logits = penalised(self.model.lm_head(hidden).float(), self.seen, self.penalty)
         chosen = torch.where(self.finished, self.pad, logits.argmax(-1))
         self.out.scatter_(1, self.column, chosen[:, None])
         self.seen.scatter_(1, self.column + self.shape[1], chosen[:, None])
@@ -202,6 +197,15 @@ class GreedyDecoder:
             self.graph = _captured(self._step)  # the first step runs for real while it is captured
             return
         self.graph.replay()
+
+
+def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: each row's logits of the tokens in `seen` (its prompt and its
+    caption so far) divided by the penalty where positive, multiplied where negative."""
+    if penalty == 1.0:
+        return logits
+    score = logits.gather(1, seen)
+    return logits.scatter(1, seen, torch.where(score < 0, score * penalty, score / penalty))
 
 
 def _positions(inner, inputs: dict) -> torch.Tensor:
