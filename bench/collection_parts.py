@@ -319,16 +319,7 @@ def batch_by_batch():
     """captioning.caption_stream captioning each batch on its own, as before continuous batching."""
     from vlcap import captioning
 
-    def stream(model, processor, batches, recipe, fast=True):
-        for key, pictures in batches:
-            yield (
-                key,
-                captioning.caption_images(
-                    model, processor, pictures, recipe.prompt, recipe.batch_size, recipe.max_new_tokens, fast
-                ),
-            )
-
-    return patched(captioning, "caption_stream", stream)
+    return patched(captioning, "caption_stream", captioning.caption_batches)
 
 
 def thread_workers():

@@ -48,7 +48,7 @@ def caption_images(
     """Greedy captions for pictures (PIL, or channels_first tensors), batch_size at a time. fast=False: transformers'
     generate, always."""
     text = prompt_text(processor, prompt)
-    fast = fast and not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
+    fast = fast and _fast_loop_runs(model)
     device = next(model.parameters()).device
     captions = []
     for batch in even_batches(len(pictures), batch_size):
@@ -74,14 +74,9 @@ def caption_stream(
     vlcap/continuous.py keeps ROWS_PER_PICTURE x the first batch's size rows writing captions, and a row whose caption
     has ended takes a picture of the next batch, where batch by batch every row waits for the batch's longest caption.
     A shorter batch is filled up with copies of its first picture (their captions dropped) to keep the decoder's shape.
-    Otherwise each batch is captioned on its own (`caption_images`)."""
-    fast = fast and not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
-    if not (fast and recipe.image_size and compat.available("fast captioning", model)):
-        for key, pictures in batches:
-            captions = caption_images(
-                model, processor, pictures, recipe.prompt, recipe.batch_size, recipe.max_new_tokens, fast
-            )
-            yield key, captions
+    Otherwise each batch is captioned on its own (`caption_batches`)."""
+    if not (fast and recipe.image_size and _fast_loop_runs(model) and compat.available("fast captioning", model)):
+        yield from caption_batches(model, processor, batches, recipe, fast)
         return
     text = prompt_text(processor, recipe.prompt)
     device = next(model.parameters()).device
@@ -102,6 +97,23 @@ def caption_stream(
         count = counts.popleft()
         captions = processor.batch_decode(tokens[:count], skip_special_tokens=True) if count else []
         yield key, [c.strip() for c in captions]
+
+
+def caption_batches(
+    model, processor, batches: Iterator[tuple[object, list]], recipe: Recipe, fast: bool = True
+) -> Iterator[tuple[object, list[str]]]:
+    """(key, captions) for each (key, pictures) of `batches`, in their order, each batch captioned on its own."""
+    for key, pictures in batches:
+        yield (
+            key,
+            caption_images(model, processor, pictures, recipe.prompt, recipe.batch_size, recipe.max_new_tokens, fast),
+        )
+
+
+def _fast_loop_runs(model) -> bool:
+    """Whether fastdecode's loop implements the model's generation settings on this transformers (captioning.py asks
+    before it knows the model's family; the loop asks again for the family)."""
+    return not fastdecode.unsupported_settings(model.generation_config) and compat.available("fast captioning")
 
 
 def even_batches(count: int, batch_size: int) -> list[slice]:

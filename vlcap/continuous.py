@@ -34,7 +34,7 @@ from vlcap import fastdecode, vision_attention
 from vlcap.decode_step import LanguageModelStep
 
 # On the GPU, a chunk's prompt on a stream of its own, beside the rows' steps: off until bench/collection_parts.py
-# --continuous has measured it against the prompt on the steps' stream (bench/RESULTS.md).
+# --continuous has measured it faster than the prompt on the steps' stream, with the same captions.
 OVERLAP = False
 
 
