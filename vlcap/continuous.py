@@ -25,6 +25,7 @@ tests/test_continuous.py checks the tokens against fastdecode's batch by batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator
 
@@ -36,6 +37,9 @@ from vlcap.decode_step import LanguageModelStep
 # On the GPU, a chunk's prompt on a stream of its own, beside the rows' steps: off until bench/collection_parts.py
 # --continuous has measured it faster than the prompt on the steps' stream, with the same captions.
 OVERLAP = False
+# The steps' stream's priority with OVERLAP (lower is sooner; the prompt's stream has 0, the lowest): a step's small
+# kernels start as soon as SMs free up instead of queueing behind the prompt's large ones.
+STEPS_PRIORITY = -1
 
 
 class ContinuousDecoder:
@@ -66,8 +70,10 @@ class ContinuousDecoder:
         self.finished = buffer(rows, dtype=torch.bool, fill=True)  # no picture yet counts as ended
         self.out = buffer(rows, max_new_tokens + 1, fill=self.pad)  # the last column: where ended rows write padding
         self.seen = buffer(rows, prompt_length + max_new_tokens + 1)  # prompt + chosen tokens, for the penalty
-        overlap = OVERLAP and device.type == "cuda"
-        self.side, self.prepared = (torch.cuda.Stream(device), torch.cuda.Event()) if overlap else (None, None)
+        self.side = self.steps = self.prepared = None
+        if OVERLAP and device.type == "cuda":  # prompts on `side`; steps on `steps`, whose kernels the GPU runs first
+            self.side, self.prepared = torch.cuda.Stream(device), torch.cuda.Event()
+            self.steps = torch.cuda.Stream(device, priority=STEPS_PRIORITY)
 
     @torch.inference_mode()
     def admit(self, inputs: dict, rows: torch.Tensor) -> None:
@@ -87,8 +93,8 @@ class ContinuousDecoder:
             with vision_attention.batched(self.model, patches):
                 prompt._prefill(inputs)
             return
-        main = torch.cuda.current_stream(self.side.device)
-        self.side.wait_stream(main)  # the pictures' copies and the last `take`
+        self.side.wait_stream(torch.cuda.current_stream(self.side.device))  # the pictures' copies
+        self.side.wait_stream(self.steps)  # the last `take` has read the prompt decoder's keys and values
         for value in inputs.values():
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
                 value.record_stream(self.side)  # made on the main stream, read on this one
@@ -99,9 +105,15 @@ class ContinuousDecoder:
     @torch.inference_mode()
     def take(self, rows: torch.Tensor) -> None:
         """The prepared chunk's keys, values and first tokens into `rows`."""
+        with self.on_steps():
+            if self.side is not None:
+                self.steps.wait_stream(torch.cuda.current_stream(self.steps.device))  # `rows`, copied there
+                rows.record_stream(self.steps)
+                self.steps.wait_event(self.prepared)
+            self._take(rows)
+
+    def _take(self, rows: torch.Tensor) -> None:
         prompt, n = self.prompt, self.shape[2]
-        if self.side is not None:
-            torch.cuda.current_stream(self.side.device).wait_event(self.prepared)
         ring = (self.write + self.before_write) % self.ring  # the n slots before the next write
         for main, new in zip((*self.step.keys, *self.step.values), (*prompt.step.keys, *prompt.step.values)):
             main[rows[:, None], :, ring[None, :]] = new[:, :, :n].transpose(1, 2)
@@ -122,12 +134,23 @@ class ContinuousDecoder:
     @torch.inference_mode()
     def next_token(self) -> None:
         """One token for every row (rows whose caption has ended write padding)."""
-        if not self.graphs:
-            return self._step()
-        if self.graph is None:
-            self.graph = fastdecode._captured(self._step)  # the first step runs for real while it is captured
-            return
-        self.graph.replay()
+        with self.on_steps():
+            if not self.graphs:
+                self._step()
+            elif self.graph is None:
+                self.graph = fastdecode._captured(self._step)  # the first step runs for real while it is captured
+            else:
+                self.graph.replay()
+
+    def on_steps(self):
+        """The steps' stream as the current one (with OVERLAP), for the work that must stay in their order."""
+        return torch.cuda.stream(self.steps) if self.steps is not None else contextlib.nullcontext()
+
+    def join(self) -> None:
+        """The current stream waits for the decoder's own (with OVERLAP): before its tensors are freed or read there."""
+        for stream in (self.side, self.steps):
+            if stream is not None:
+                torch.cuda.current_stream(stream.device).wait_stream(stream)
 
     def _step(self) -> None:
         mask = (self.keys_valid | (self.slots == self.write))[:, None, None, :]
@@ -163,10 +186,11 @@ class _Copies:
 
     def after_step(self, number: int) -> None:
         slot = number % len(self.events)
-        self.flags[slot].copy_(self.decoder.finished, non_blocking=True)
-        self.tokens[slot].copy_(self.decoder.out, non_blocking=True)
-        if self.events[slot] is not None:
-            self.events[slot].record()
+        with self.decoder.on_steps():
+            self.flags[slot].copy_(self.decoder.finished, non_blocking=True)
+            self.tokens[slot].copy_(self.decoder.out, non_blocking=True)
+            if self.events[slot] is not None:
+                self.events[slot].record()
         self.pending.append((slot, number))
 
     def read(self) -> tuple[int, list[bool], torch.Tensor] | None:
@@ -233,6 +257,8 @@ def stream_tokens(
             if decoder is None or decoder.shape != shape:
                 if owner:
                     break  # the rows in flight end first
+                if decoder is not None:
+                    decoder.join()
                 model._continuous_decoder = decoder = None  # the old cache and graphs go first
                 decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
                 copies, free = _Copies(decoder), list(range(shape[0]))
@@ -244,6 +270,8 @@ def stream_tokens(
             upcoming = next(chunks, None)  # the next chunk's inputs are made while the GPU works
         if not owner:
             if upcoming is None and prepared is None and not flight:
+                if decoder is not None:
+                    decoder.join()
                 return
             continue  # chunks without pictures to hand back, or one of a new shape now that the rows have ended
         decoder.next_token()

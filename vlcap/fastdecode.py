@@ -326,15 +326,17 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _captured(work) -> torch.cuda.CUDAGraph:
-    """`work` run once for real on a side stream (warming up what capture needs), then captured as a CUDA graph whose
-    replays redo it on the tensors it used."""
+    """`work` run once for real on a stream of its own (warming up what capture needs), then captured there as a CUDA
+    graph whose replays redo it on the tensors it used. Each graph is captured on its own stream, so its matrix
+    products hold their own cuBLAS workspace (PyTorch keeps one per stream): graphs replayed side by side on two
+    streams (vlcap/continuous.py's OVERLAP) do not share one."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         work()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         work()  # recorded, not run
     return graph
 
