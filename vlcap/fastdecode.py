@@ -371,4 +371,7 @@ def _generated_tokens(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
 def release(model) -> None:
     """Drop the decoders kept on the model (this module's and vlcap/continuous.py's): their cache and graph memory,
     and graphs of modules since changed."""
+    kept = vars(model).get("_continuous_decoder")
+    if kept is not None:
+        kept.join()  # its streams' last work done before its memory goes (a stream left part-way: an error upstream)
     model._greedy_decoder = model._continuous_decoder = None
