@@ -132,7 +132,9 @@ def _draw_chunk(folder: Path, start: int, stop: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- captioning
-def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str], overlap=False) -> dict:
+def caption(
+    adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str], overlap: bool = False
+) -> dict:
     """infer.py FOLDER, end to end, its captions file read as it grows; the figures of one row."""
     out = work / "collection-captions.jsonl"
     script = ["-c", OVERLAP_ON, "infer.py"] if overlap else ["infer.py"]

@@ -257,10 +257,9 @@ class Parts:
 
         recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
         batches = [(i, pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
+        beside = "no" if not overlap else "yes" if priority else "yes, steps not first"
         how = "batch by batch" if rows is None else f"continuous, {rows} rows a picture"
-        how += (
-            ", prompt not beside the steps" if not overlap else "" if priority else ", steps at the prompt's priority"
-        )
+        how += "" if beside == "yes" else f", prompt beside the steps: {beside}"
         calls = Counter()
         with (
             batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows),
@@ -277,7 +276,6 @@ class Parts:
         seconds = time.perf_counter() - start
         lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
         if rows is not None:
-            beside = "no" if not overlap else "yes" if priority else "yes, steps not first"
             self.parts.append((batch, rows, beside, calls, seconds, sum(lengths) - len(lengths), batches[0][1]))
         same = "" if expected is None else f"{sum(a == b for a, b in zip(captions, expected))} of {len(captions)}"
         print(f"| {name} ({len(pictures)}) | {batch} | {how} | {len(pictures) / seconds:.0f} "

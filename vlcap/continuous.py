@@ -10,11 +10,12 @@ runs to max_new_tokens keeps a whole batch stepping: bench/collection_parts.py m
 
 How: the decoder keeps `rows` rows of a key/value cache used as a ring of slots (at least prompt + new tokens). Every
 step writes every row's new key and value at the same slot, the next one round the ring, and each row attends to the
-slots its `keys_valid` marks: its prompt and its tokens so far. A chunk of pictures is prepared as soon as it comes:
-fastdecode.GreedyDecoder runs its prompt (the vision tower and the language model over the prompt: on the GPU one CUDA
-graph replay; with OVERLAP on a stream of its own, beside the rows' steps) and chooses each first token. Once as many rows are free,
-the prompt's keys and values are copied into them at the slots just before the ring's next one, with each row's token,
-M-RoPE position and the tokens the repetition penalty counts; then the next chunk is prepared.
+slots its `keys_valid` marks: its prompt and its tokens so far. Once as many rows as a chunk has pictures are free,
+fastdecode.GreedyDecoder runs the chunk's prompt (the vision tower and the language model over the prompt: on the GPU
+one CUDA graph replay) and chooses each first token; the prompt's keys and values are copied into the free rows at the
+slots just before the ring's next one, with each row's token, M-RoPE position and the tokens the repetition penalty
+counts. With OVERLAP the next chunk's prompt runs as soon as the last one is taken in, on a stream of its own beside
+the rows' steps (theirs on a stream of a higher priority).
 The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
 Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
 
