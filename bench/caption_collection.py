@@ -36,11 +36,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 from bench import benchmark_flags, comma_ints, make_split, prepare, run  # noqa: E402  (bench/bench.py: the standard library only)
 
 SIZE = (640, 480)
-# --overlap: infer.py run as `python infer.py ...` runs it, with the switch on
-OVERLAP_ON = (
-    "import runpy, sys; from vlcap import continuous; continuous.OVERLAP = True; "
-    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-)
 
 
 def main() -> None:
@@ -57,9 +52,6 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="on the CPU: tiny model, 8 pictures, walks of 100 and 1,000"
     )
-    parser.add_argument(
-        "--overlap", action="store_true", help="with vlcap.continuous.OVERLAP on (a prompt's pass beside the steps)"
-    )
     args = parser.parse_args()
     if args.smoke:
         args.n, args.paths = min(args.n, 8), [100, 1000]
@@ -67,7 +59,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter(work, args.smoke)
     folder = make_pictures(work / f"collection-{args.n}", args.n)
-    row = caption(adapter, folder, work, args.n, args.smoke, shlex.split(args.infer_args), args.overlap)
+    row = caption(adapter, folder, work, args.n, args.smoke, shlex.split(args.infer_args))
     walks = [walk_memory(work, n) for n in args.paths]
     print(report(row, walks, args))
 
@@ -132,13 +124,10 @@ def _draw_chunk(folder: Path, start: int, stop: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- captioning
-def caption(
-    adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str], overlap: bool = False
-) -> dict:
+def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str]) -> dict:
     """infer.py FOLDER, end to end, its captions file read as it grows; the figures of one row."""
     out = work / "collection-captions.jsonl"
-    script = ["-c", OVERLAP_ON, "infer.py"] if overlap else ["infer.py"]
-    command = [sys.executable, *script, "--adapter", str(adapter), "--output", str(out), "--overwrite"]
+    command = [sys.executable, "infer.py", "--adapter", str(adapter), "--output", str(out), "--overwrite"]
     command += [*(["--device", "cpu"] if smoke else []), *extra, str(folder)]
     log = work / "collection-infer.log"
     out.unlink(missing_ok=True)  # --overwrite keeps the old file until the first new caption: it would count as made

@@ -181,12 +181,6 @@ class Parts:
                 made[name, batch] = expected = self.in_memory_stream(name, pictures, batch, None)
                 for rows in rows_tried:
                     made[name, batch, rows] = self.in_memory_stream(name, pictures, batch, rows, expected)
-                    if rows == 2:  # the prompt beside the steps at the steps' priority, and on the steps' stream
-                        for how in ({"priority": 0}, {"overlap": False}):
-                            other = self.in_memory_stream(name, pictures, batch, rows, expected, **how)
-                            same = sum(a == b for a, b in zip(other, made[name, batch, rows]))
-                            print(f"| | | the same captions as the first continuous row: {same} of {len(other)} "
-                                  "| | | |")  # fmt: skip
         self.where_continuous_time_goes()
         # How far bf16 rounding alone moves these captions: batch by batch, in batches of one size against the other
         # (the same arithmetic but for the matrix products' shapes)
@@ -216,17 +210,17 @@ class Parts:
             self.from_disk(f"{workers} workers, continuous batching", collection[:n], workers, out)
 
     def where_continuous_time_goes(self) -> None:
-        """For each continuous run of the table: its steps and chunks, a step's and a chunk's prompt's GPU time (timed
-        alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a caption
-        in a step on average (the captions' tokens after the first, over the steps)."""
+        """For each continuous run of the table: its steps, chunks and takes, a step's and a chunk's prompt's GPU time
+        (timed alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a
+        caption in a step on average (the captions' tokens after the first, over the steps)."""
         from vlcap import captioning
         from vlcap.qwen import prompt_text
 
-        print("\n| batch | rows a picture | prompt beside the steps | steps | chunks | ms a step | ms a chunk's prompt "
+        print("\n| batch | rows a picture | steps | chunks | takes | ms a step | ms a chunk's prompt "
               "| steps + prompts s | measured s | rows writing a step, of |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         text = prompt_text(self.processor, self.settings.prompt)
-        for batch, rows, beside, calls, seconds, written, pictures in self.parts:
+        for batch, rows, calls, seconds, written, pictures in self.parts:
             with patched(captioning, "ROWS_PER_PICTURE", rows):  # the decoder of this shape again
                 recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
                 list(captioning.caption_stream(self.model, self.processor, iter([(0, pictures)]), recipe))
@@ -237,38 +231,22 @@ class Parts:
             prompt = timed(functools.partial(decoder.admit, inputs, taken), 5)
             steps, chunks = calls["next_token"], calls["prepare"]
             total = (steps * step + chunks * prompt) / 1e3
-            print(f"| {batch} | {rows} | {beside} | {steps} | {chunks} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "
+            print(f"| {batch} | {rows} | {steps} | {chunks} | {calls['take']} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "
                   f"| {written / max(steps, 1):.0f} of {decoder.shape[0]} |", flush=True)  # fmt: skip
 
-    def in_memory_stream(
-        self,
-        name: str,
-        pictures: list,
-        batch: int,
-        rows: int | None,
-        expected=None,
-        overlap: bool = True,
-        priority: int = -1,
-    ) -> list[str]:
-        """The pictures captioned in batches of `batch` as a collection is: continuously with `rows` rows a picture
-        (`overlap`: a chunk's prompt on a stream beside the steps, theirs at `priority`), or (None) batch by batch;
-        prints a row of the table and returns the captions."""
+    def in_memory_stream(self, name: str, pictures: list, batch: int, rows: int | None, expected=None) -> list[str]:
+        """The pictures captioned in batches of `batch` as a collection is: continuously with `rows` rows a picture,
+        or (None) batch by batch; prints a row of the table and returns the captions."""
         from vlcap import captioning, continuous
 
         recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
         batches = [(i, pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
-        beside = "no" if not overlap else "yes" if priority else "yes, steps not first"
         how = "batch by batch" if rows is None else f"continuous, {rows} rows a picture"
-        how += "" if beside == "yes" else f", prompt beside the steps: {beside}"
         calls = Counter()
-        with (
-            batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows),
-            patched(continuous, "OVERLAP", overlap),
-            patched(continuous, "STEPS_PRIORITY", priority),
-        ):
+        with batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows):
             list(captioning.caption_stream(self.model, self.processor, iter(batches[:3]), recipe))  # graphs
             sync()
-            with counted(continuous.ContinuousDecoder, ("next_token", "prepare"), calls):
+            with counted(continuous.ContinuousDecoder, ("next_token", "prepare", "take"), calls):
                 start = time.perf_counter()
                 captions = [c for _, part in captioning.caption_stream(self.model, self.processor, iter(batches), recipe)
                             for c in part]  # fmt: skip
@@ -276,7 +254,7 @@ class Parts:
         seconds = time.perf_counter() - start
         lengths = [len(self.processor.tokenizer(c)["input_ids"]) for c in captions]
         if rows is not None:
-            self.parts.append((batch, rows, beside, calls, seconds, sum(lengths) - len(lengths), batches[0][1]))
+            self.parts.append((batch, rows, calls, seconds, sum(lengths) - len(lengths), batches[0][1]))
         same = "" if expected is None else f"{sum(a == b for a, b in zip(captions, expected))} of {len(captions)}"
         print(f"| {name} ({len(pictures)}) | {batch} | {how} | {len(pictures) / seconds:.0f} "
               f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} | {same} |", flush=True)  # fmt: skip

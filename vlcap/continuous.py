@@ -10,13 +10,13 @@ runs to max_new_tokens keeps a whole batch stepping: bench/collection_parts.py m
 
 How: the decoder keeps `rows` rows of a key/value cache used as a ring of slots (at least prompt + new tokens). Every
 step writes every row's new key and value at the same slot, the next one round the ring, and each row attends to the
-slots its `keys_valid` marks: its prompt and its tokens so far. Once as many rows as a chunk has pictures are free,
-fastdecode.GreedyDecoder runs the chunk's prompt (the vision tower and the language model over the prompt: on the GPU
-one CUDA graph replay) and chooses each first token; the prompt's keys and values are copied into the free rows at the
-slots just before the ring's next one, with each row's token, M-RoPE position and the tokens the repetition penalty
-counts. With OVERLAP the next chunk's prompt runs as soon as the last one is taken in, on a stream of its own beside
-the rows' steps (theirs on a stream of a higher priority).
-The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
+slots its `keys_valid` marks: its prompt and its tokens so far. fastdecode.GreedyDecoder runs a chunk's prompt (the
+vision tower and the language model over the prompt: on the GPU one CUDA graph replay) and chooses each first token as
+soon as the chunk before is all in rows; then its pictures go into rows as rows free up, a few at a time (`take`): the
+prompt's keys and values are copied into a free row at the slots just before the ring's next one, with the row's
+token, M-RoPE position and the tokens the repetition penalty counts. A step costs about the same however many rows
+write, so rows kept writing are fewer steps for the same captions (a chunk waiting for all its rows at once left two
+thirds of them idle: bench/RESULTS.md, run BW). The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
 Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
 
 The CPU learns which rows have ended, and their tokens, from a copy made behind each step and read one step late, as
@@ -26,7 +26,6 @@ tests/test_continuous.py checks the tokens against fastdecode's batch by batch.
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Iterator
 
@@ -35,12 +34,9 @@ import torch
 from vlcap import fastdecode, vision_attention
 from vlcap.decode_step import LanguageModelStep
 
-# On the GPU, a chunk's prompt on a stream of its own, beside the rows' steps: off until bench/collection_parts.py
-# --continuous has measured it faster than the prompt on the steps' stream, with the same captions.
-OVERLAP = False
-# The steps' stream's priority with OVERLAP (lower is sooner; the prompt's stream has 0, the lowest): a step's small
-# kernels start as soon as SMs free up instead of queueing behind the prompt's large ones.
-STEPS_PRIORITY = -1
+# A prepared chunk's pictures go into free rows once this share of its size is free (or all it has left): a take is
+# ~60 small copies, so a row idle for a step or two costs less than a take for every row that frees.
+TAKE_SHARE = 8
 
 
 class ContinuousDecoder:
@@ -71,87 +67,51 @@ class ContinuousDecoder:
         self.finished = buffer(rows, dtype=torch.bool, fill=True)  # no picture yet counts as ended
         self.out = buffer(rows, max_new_tokens + 1, fill=self.pad)  # the last column: where ended rows write padding
         self.seen = buffer(rows, prompt_length + max_new_tokens + 1)  # prompt + chosen tokens, for the penalty
-        self.side = self.steps = self.prepared = None
-        if OVERLAP and device.type == "cuda":  # prompts on `side`; steps on `steps`, whose kernels the GPU runs first
-            self.side, self.prepared = torch.cuda.Stream(device), torch.cuda.Event()
-            self.steps = torch.cuda.Stream(device, priority=STEPS_PRIORITY)
 
     @torch.inference_mode()
     def admit(self, inputs: dict, rows: torch.Tensor) -> None:
-        """A chunk's processor outputs (CPU tensors; pixel values may be on the GPU) into `rows` (on the GPU), which
-        must hold no caption still being written: `prepare`, then `take`."""
+        """A chunk's processor outputs (CPU tensors; pixel values may be on the GPU) into `rows` (on the GPU), one a
+        picture, which must hold no caption still being written: `prepare`, then `take`."""
         self.prepare(inputs)
-        self.take(rows)
+        self.take(rows, torch.arange(len(rows), device=rows.device))
 
     @torch.inference_mode()
     def prepare(self, inputs: dict) -> None:
-        """The chunk's prompt through the model into the prompt decoder, and its first tokens chosen; on the GPU (with
-        OVERLAP) on a stream of its own, beside the steps of the rows writing captions. One chunk at a time: the next
-        is prepared after `take`."""
-        prompt = self.prompt
-        patches = vision_attention.patches_per_image(inputs["image_grid_thw"])
-        if self.side is None:
-            with vision_attention.batched(self.model, patches):
-                prompt._prefill(inputs)
-            return
-        self.side.wait_stream(torch.cuda.current_stream(self.side.device))  # the pictures' copies
-        self.side.wait_stream(self.steps)  # the last `take` has read the prompt decoder's keys and values
-        for value in inputs.values():
-            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
-                value.record_stream(self.side)  # made on the main stream, read on this one
-        with torch.cuda.stream(self.side), vision_attention.batched(self.model, patches):
-            prompt._prefill(inputs)
-        self.prepared.record(self.side)
+        """The chunk's prompt through the model into the prompt decoder, and its first tokens chosen. The chunk before
+        must be all taken: this one's keys and values take its place."""
+        with vision_attention.batched(self.model, vision_attention.patches_per_image(inputs["image_grid_thw"])):
+            self.prompt._prefill(inputs)
 
     @torch.inference_mode()
-    def take(self, rows: torch.Tensor) -> None:
-        """The prepared chunk's keys, values and first tokens into `rows`."""
-        with self.on_steps():
-            if self.side is not None:
-                self.steps.wait_stream(torch.cuda.current_stream(self.steps.device))  # `rows`, copied there
-                rows.record_stream(self.steps)
-                self.steps.wait_event(self.prepared)
-            self._take(rows)
-
-    def _take(self, rows: torch.Tensor) -> None:
+    def take(self, rows: torch.Tensor, pictures: torch.Tensor) -> None:
+        """The prepared chunk's `pictures` (their places in it) into `rows`, one each: keys, values, first tokens."""
         prompt, n = self.prompt, self.shape[2]
         ring = (self.write + self.before_write) % self.ring  # the n slots before the next write
         for main, new in zip((*self.step.keys, *self.step.values), (*prompt.step.keys, *prompt.step.values)):
-            main[rows[:, None], :, ring[None, :]] = new[:, :, :n].transpose(1, 2)
+            main[rows[:, None], :, ring[None, :]] = new[pictures, :, :n].transpose(1, 2)
         valid = torch.zeros(len(rows), self.ring, dtype=torch.bool, device=ring.device)
-        valid[:, ring] = prompt.keys_valid[:, :n]
+        valid[:, ring] = prompt.keys_valid[pictures, :n]
         self.keys_valid.index_copy_(0, rows, valid)
-        self.token.index_copy_(0, rows, prompt.token)
-        self.position.index_copy_(0, rows, prompt.position)
+        self.token.index_copy_(0, rows, prompt.token[pictures])
+        self.position.index_copy_(0, rows, prompt.position[pictures])
         self.column.index_fill_(0, rows, 1)
-        self.finished.index_copy_(0, rows, prompt.finished | (self.shape[3] == 1))
+        self.finished.index_copy_(0, rows, prompt.finished[pictures] | (self.shape[3] == 1))
         out = torch.full((len(rows), self.out.shape[1]), self.pad, dtype=self.out.dtype, device=ring.device)
-        out[:, :1] = prompt.out
+        out[:, :1] = prompt.out[pictures]
         self.out.index_copy_(0, rows, out)
-        seen = prompt.seen[:, :1].expand(-1, self.seen.shape[1]).clone()  # unused places repeat a prompt token
-        seen[:, : n + 1] = prompt.seen[:, : n + 1]  # the prompt and the first token
+        seen = prompt.seen[pictures, :1].expand(-1, self.seen.shape[1]).clone()  # unused places repeat a prompt token
+        seen[:, : n + 1] = prompt.seen[pictures, : n + 1]  # the prompt and the first token
         self.seen.index_copy_(0, rows, seen)
 
     @torch.inference_mode()
     def next_token(self) -> None:
         """One token for every row (rows whose caption has ended write padding)."""
-        with self.on_steps():
-            if not self.graphs:
-                self._step()
-            elif self.graph is None:
-                self.graph = fastdecode._captured(self._step)  # the first step runs for real while it is captured
-            else:
-                self.graph.replay()
-
-    def on_steps(self):
-        """The steps' stream as the current one (with OVERLAP), for the work that must stay in their order."""
-        return torch.cuda.stream(self.steps) if self.steps is not None else contextlib.nullcontext()
-
-    def join(self) -> None:
-        """The current stream waits for the decoder's own (with OVERLAP): before its tensors are freed or read there."""
-        for stream in (self.side, self.steps):
-            if stream is not None:
-                torch.cuda.current_stream(stream.device).wait_stream(stream)
+        if not self.graphs:
+            self._step()
+        elif self.graph is None:
+            self.graph = fastdecode._captured(self._step)  # the first step runs for real while it is captured
+        else:
+            self.graph.replay()
 
     def _step(self) -> None:
         mask = (self.keys_valid | (self.slots == self.write))[:, None, None, :]
@@ -187,11 +147,10 @@ class _Copies:
 
     def after_step(self, number: int) -> None:
         slot = number % len(self.events)
-        with self.decoder.on_steps():
-            self.flags[slot].copy_(self.decoder.finished, non_blocking=True)
-            self.tokens[slot].copy_(self.decoder.out, non_blocking=True)
-            if self.events[slot] is not None:
-                self.events[slot].record()
+        self.flags[slot].copy_(self.decoder.finished, non_blocking=True)
+        self.tokens[slot].copy_(self.decoder.out, non_blocking=True)
+        if self.events[slot] is not None:
+            self.events[slot].record()
         self.pending.append((slot, number))
 
     def read(self) -> tuple[int, list[bool], torch.Tensor] | None:
@@ -206,10 +165,11 @@ class _Copies:
 
 
 class _Chunk:
-    """A chunk in flight: its key, its rows' tokens as they are read, and how many are still being written."""
+    """A chunk in flight: its key, its rows' tokens as they are read, how many of its pictures are in rows (or were)
+    and how many captions are still being written."""
 
     def __init__(self, key: object, size: int):
-        self.key, self.tokens, self.left = key, [None] * size, size
+        self.key, self.tokens, self.placed, self.left = key, [None] * size, 0, size
 
 
 @torch.inference_mode()
@@ -231,20 +191,27 @@ def stream_tokens(
     owner: dict[int, tuple[_Chunk, int]] = {}  # row -> its chunk and place in it
     since: dict[int, int] = {}  # row -> the first step whose copy shows its current picture
     free, steps = list(range(decoder.shape[0])) if decoder is not None else [], 0
-    prepared = None  # the chunk whose prompt has run, waiting for free rows
+    prepared = None  # the chunk whose prompt has run, its pictures not all in rows yet
     upcoming = next(chunks, None)
     while True:
         while flight and flight[0].left == 0:  # the chunks whose captions have all been read, in order
             done = flight.popleft()
             yield done.key, torch.stack(done.tokens) if done.tokens else None
-        while True:  # take in the prepared chunk if its rows are free, prepare the next
+        while True:  # the prepared chunk's pictures into free rows; the next chunk prepared once it is all in
             if prepared is not None:
-                if len(free) < len(prepared.tokens):
-                    break
-                taken, free = free[: len(prepared.tokens)], free[len(prepared.tokens) :]
-                decoder.take(fastdecode._to(torch.tensor(taken), decoder.slots.device))
-                for place, row in enumerate(taken):
+                size = len(prepared.tokens)
+                n = min(len(free), size - prepared.placed)
+                if n < min(size - prepared.placed, -(-size // TAKE_SHARE)):
+                    break  # a few more rows first
+                taken, free = free[:n], free[n:]
+                places = range(prepared.placed, prepared.placed + n)
+                device = decoder.slots.device
+                decoder.take(fastdecode._to(torch.tensor(taken), device), fastdecode._to(torch.tensor(places), device))
+                for place, row in zip(places, taken):
                     owner[row], since[row] = (prepared, place), steps + 1
+                prepared.placed += n
+                if prepared.placed < size:
+                    break
                 prepared = None
             if upcoming is None:
                 break
@@ -258,21 +225,15 @@ def stream_tokens(
             if decoder is None or decoder.shape != shape:
                 if owner:
                     break  # the rows in flight end first
-                if decoder is not None:
-                    decoder.join()
                 model._continuous_decoder = decoder = None  # the old cache and graphs go first
                 decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
                 copies, free = _Copies(decoder), list(range(shape[0]))
-            if decoder.side is None and len(free) < size:
-                break  # on the steps' stream the prompt runs once its rows are free: no step waits for it sooner
             decoder.prepare(inputs)
             prepared = _Chunk(key, size)
             flight.append(prepared)
             upcoming = next(chunks, None)  # the next chunk's inputs are made while the GPU works
         if not owner:
             if upcoming is None and prepared is None and not flight:
-                if decoder is not None:
-                    decoder.join()
                 return
             continue  # chunks without pictures to hand back, or one of a new shape now that the rows have ended
         decoder.next_token()

@@ -326,17 +326,15 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _captured(work) -> torch.cuda.CUDAGraph:
-    """`work` run once for real on a stream of its own (warming up what capture needs), then captured there as a CUDA
-    graph whose replays redo it on the tensors it used. Each graph is captured on its own stream, so its matrix
-    products hold their own cuBLAS workspace (PyTorch keeps one per stream): graphs replayed side by side on two
-    streams (vlcap/continuous.py's OVERLAP) do not share one."""
+    """`work` run once for real on a side stream (warming up what capture needs), then captured as a CUDA graph whose
+    replays redo it on the tensors it used."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         work()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph):
         work()  # recorded, not run
     return graph
 
@@ -371,7 +369,4 @@ def _generated_tokens(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
 def release(model) -> None:
     """Drop the decoders kept on the model (this module's and vlcap/continuous.py's): their cache and graph memory,
     and graphs of modules since changed."""
-    kept = vars(model).get("_continuous_decoder")
-    if kept is not None:
-        kept.join()  # its streams' last work done before its memory goes (a stream left part-way: an error upstream)
     model._greedy_decoder = model._continuous_decoder = None
