@@ -4,6 +4,7 @@ from disk by collection.caption_collection, in one process, one model.
     python bench/collection_parts.py                 # the 2B stand-in and bench.py's `fast` adapter, on the GPU
     python bench/collection_parts.py --quick         # the loop in memory; from disk with and without its fix
     python bench/collection_parts.py --smoke         # the same steps on the CPU: tiny model, a few pictures
+    python bench/collection_parts.py --steady        # the loop from disk at batches of 128, profiled
 
 Why: bench/caption_collection.py found infer.py FOLDER well under the in-memory loop's speed while the loop hardly ever
 waited for a decoded picture, and faster once the last pictures were decoded. This separates the suspects:
@@ -20,7 +21,10 @@ waited for a decoded picture, and faster once the last pictures were decoded. Th
   the workers did in the slow run, then as fast as they can) and drop them: does decoding alone slow the loop, or the
   hand-over of decoded pictures;
 - a profile (cProfile, by own time, then by time under each call) of the 8-worker run, written to
-  --out/collection_profile.txt.
+  --out/collection_profile.txt;
+- --steady: the loop from disk with continuous batching at batches of 128, as the 20,000 pictures run, under
+  torch.profiler: steps and prompt passes counted (a step's and a prompt's GPU time timed alone after), the GPU's busy
+  share of the time, its kernels by kind and its longest idle gaps with what the CPU was doing in each.
 Pictures and adapter come from bench/caption_collection.py's preparation (bench/work/, made once, then reused).
 """
 
@@ -60,7 +64,14 @@ def main() -> None:
     parser.add_argument(
         "--continuous", action="store_true", help="continuous batching against batch by batch, in memory and from disk"
     )
-    parser.add_argument("--pictures", type=int, default=1280, help="--continuous: pictures of each kind")
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="the loop from disk at batches of 128 under torch.profiler: where the time goes",
+    )
+    parser.add_argument(
+        "--pictures", type=int, default=1280, help="--continuous: pictures of each kind; --steady: in all"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +80,9 @@ def main() -> None:
     folder = make_pictures(work / f"collection-{count}", count)
     training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]
     parts = Parts(adapter, args.smoke)
-    if args.continuous:
+    if args.steady:
+        parts.steady(folder, Path(args.out or work), args.pictures)
+    elif args.continuous:
         parts.continuous(folder, training, Path(args.out or work), args.pictures)
     else:
         parts.run(folder, training, Path(args.out or work), args.quick)
@@ -209,16 +222,58 @@ class Parts:
                 self.from_disk(f"{workers} workers, batch by batch", collection[:n], workers, out)
             self.from_disk(f"{workers} workers, continuous batching", collection[:n], workers, out)
 
+    def steady(self, folder: Path, out: Path, count: int) -> None:
+        """The from-disk loop at batches of 128 (continuous batching, 8 workers) on `count` pictures after a warm-up
+        of three batches, under torch.profiler: where its time goes in the steady state of a long run."""
+        from measure import gpu_busy_ms, gpu_gaps, kernel_kinds
+
+        from vlcap import captioning, continuous, images
+        from vlcap.qwen import prompt_text
+
+        torch, batch, size = self.torch, 8 if self.smoke else 128, self.settings.image_size
+        workers = 2 if self.smoke else 8
+        paths = sorted(str(p) for p in folder.rglob("*.jpg"))[: 16 if self.smoke else count]
+        print("\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
+              "| this process's CPU s | its involuntary context switches |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        self.from_disk(f"{workers} workers, batches of {batch}, warm-up", paths[: 3 * batch], workers, out, batch)
+        calls, kinds = Counter(), [torch.profiler.ProfilerActivity.CPU]
+        kinds += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        with (
+            counted(continuous.ContinuousDecoder, ("next_token", "prepare"), calls),
+            torch.profiler.profile(activities=kinds) as profile,
+        ):
+            start = time.perf_counter()
+            self.from_disk(f"{workers} workers, batches of {batch}, profiled", paths, workers, out, batch)
+            seconds = time.perf_counter() - start
+        decoder = self.model._continuous_decoder
+        text = prompt_text(self.processor, self.settings.prompt)
+        pictures = [captioning.channels_first(images.load(p, size)) for p in paths[:batch]]
+        inputs = captioning.model_inputs(self.processor, text, pictures, decoder.slots.device)
+        step = timed(decoder.next_token, 50)
+        prompt = timed(functools.partial(decoder.admit, inputs, torch.arange(batch, device=decoder.slots.device)), 5)
+        captions = [json.loads(line)["caption"] for line in (out / "collection_parts.jsonl").read_text().splitlines()]
+        written = sum(max(len(self.processor.tokenizer(c)["input_ids"]) - 1, 0) for c in captions)
+        steps, chunks, busy = calls["next_token"], calls["prepare"], gpu_busy_ms(profile)
+        print("\n| steps | chunks | steps a chunk | rows writing a step, of | ms a step | ms a chunk's prompt "
+              "| steps + prompts s | GPU busy s | of s |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| {steps} | {chunks} | {steps / max(chunks, 1):.1f} | {written / max(steps, 1):.0f} of "
+              f"{decoder.shape[0]} | {step:.2f} | {prompt:.1f} | {(steps * step + chunks * prompt) / 1e3:.2f} "
+              f"| {busy / 1e3:.2f} | {seconds:.2f} |\n")  # fmt: skip
+        kernel_kinds(profile, 1)
+        gpu_gaps(profile)
+
     def where_continuous_time_goes(self) -> None:
-        """For each continuous run of the table: its steps, chunks and takes, a step's and a chunk's prompt's GPU time
-        (timed alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a
-        caption in a step on average (the captions' tokens after the first, over the steps)."""
+        """For each continuous run of the table: its steps and chunks, a step's and a chunk's prompt's GPU time (timed
+        alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a caption
+        in a step on average (the captions' tokens after the first, over the steps)."""
         from vlcap import captioning
         from vlcap.qwen import prompt_text
 
-        print("\n| batch | rows a picture | steps | chunks | takes | ms a step | ms a chunk's prompt "
+        print("\n| batch | rows a picture | steps | chunks | ms a step | ms a chunk's prompt "
               "| steps + prompts s | measured s | rows writing a step, of |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         text = prompt_text(self.processor, self.settings.prompt)
         for batch, rows, calls, seconds, written, pictures in self.parts:
             with patched(captioning, "ROWS_PER_PICTURE", rows):  # the decoder of this shape again
@@ -231,7 +286,7 @@ class Parts:
             prompt = timed(functools.partial(decoder.admit, inputs, taken), 5)
             steps, chunks = calls["next_token"], calls["prepare"]
             total = (steps * step + chunks * prompt) / 1e3
-            print(f"| {batch} | {rows} | {steps} | {chunks} | {calls['take']} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "
+            print(f"| {batch} | {rows} | {steps} | {chunks} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "
                   f"| {written / max(steps, 1):.0f} of {decoder.shape[0]} |", flush=True)  # fmt: skip
 
     def in_memory_stream(self, name: str, pictures: list, batch: int, rows: int | None, expected=None) -> list[str]:
@@ -246,7 +301,7 @@ class Parts:
         with batch_by_batch() if rows is None else patched(captioning, "ROWS_PER_PICTURE", rows):
             list(captioning.caption_stream(self.model, self.processor, iter(batches[:3]), recipe))  # graphs
             sync()
-            with counted(continuous.ContinuousDecoder, ("next_token", "prepare", "take"), calls):
+            with counted(continuous.ContinuousDecoder, ("next_token", "prepare"), calls):
                 start = time.perf_counter()
                 captions = [c for _, part in captioning.caption_stream(self.model, self.processor, iter(batches), recipe)
                             for c in part]  # fmt: skip
@@ -275,14 +330,16 @@ class Parts:
         print(f"| {name} ({len(pictures)}) | {tokens} | {len(pictures) / seconds:.0f} | {1000 * seconds / batches:.0f} "
               f"| {sum(lengths) / len(lengths):.1f} / {max(lengths)} |", flush=True)  # fmt: skip
 
-    def from_disk(self, name: str, paths: list[str], workers: int, out: Path, profile: Path | None = None) -> None:
+    def from_disk(
+        self, name: str, paths: list[str], workers: int, out: Path, batch: int = 64, profile: Path | None = None
+    ) -> None:
         import os
 
         from vlcap import captioning, captions_file, collection, picture_paths
 
         size, prompt = self.settings.image_size, self.settings.prompt
-        recipe = captioning.Recipe(prompt, size, 64, 64)
-        how = SimpleNamespace(max_new_tokens=64, precision="auto", batch_size=64)
+        recipe = captioning.Recipe(prompt, size, batch, 64)
+        how = SimpleNamespace(max_new_tokens=64, precision="auto", batch_size=batch)
         settings = captions_file.run_settings(self.adapter, None, prompt, size, how)
         output = captions_file.CaptionsFile.open(out / "collection_parts.jsonl", settings, overwrite=True)
         stream = picture_paths.PictureStream(iter(paths), frozenset())

@@ -93,13 +93,13 @@ def test_a_huge_folder_is_walked_as_listed_not_listed_first(tmp_path, monkeypatc
 
 def test_the_listing_is_not_read_ahead_of_the_first_batch(trained, pictures, tmp_path):
     """A stream of 80 paths that fails if more than the decoding workers' share (1 worker x 2 tasks ahead) and the
-    captioning loop's (the batches its rows hold, the next one, its prompt run, waiting for free rows, and the one
-    after, made ready meanwhile), 2 pictures each, is taken before the first caption is written."""
+    captioning loop's (the batches its rows hold, and the next one waiting for free rows), 2 pictures each, is taken
+    before the first caption is written."""
     adapter, _ = trained
     model, processor, settings = load_captioner(adapter)
     out = tmp_path / "c.jsonl"
     paths = sorted(str(p) for p in pictures.rglob("*.*"))
-    limit = (1 * collection.PREFETCH + captioning.ROWS_PER_PICTURE + 2) * 2
+    limit = (1 * collection.PREFETCH + captioning.ROWS_PER_PICTURE + 1) * 2
 
     def listing():
         for taken, path in enumerate(paths):

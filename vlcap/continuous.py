@@ -10,14 +10,13 @@ runs to max_new_tokens keeps a whole batch stepping: bench/collection_parts.py m
 
 How: the decoder keeps `rows` rows of a key/value cache used as a ring of slots (at least prompt + new tokens). Every
 step writes every row's new key and value at the same slot, the next one round the ring, and each row attends to the
-slots its `keys_valid` marks: its prompt and its tokens so far. fastdecode.GreedyDecoder runs a chunk's prompt (the
-vision tower and the language model over the prompt: on the GPU one CUDA graph replay) and chooses each first token as
-soon as the chunk before is all in rows; then its pictures go into rows as rows free up, a few at a time (`take`): the
-prompt's keys and values are copied into a free row at the slots just before the ring's next one, with the row's
-token, M-RoPE position and the tokens the repetition penalty counts. A step costs about the same however many rows
-write, so rows kept writing are fewer steps for the same captions (a chunk waiting for all its rows at once left two
-thirds of them idle: bench/RESULTS.md, run BW). The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums them in.
-Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
+slots its `keys_valid` marks: its prompt and its tokens so far. Once as many rows as a chunk has pictures are free,
+fastdecode.GreedyDecoder runs the chunk's prompt (the vision tower and the language model over the prompt: on the GPU
+one CUDA graph replay) and chooses each first token; the prompt's keys and values are copied into the free rows at the
+slots just before the ring's next one, with each row's token, M-RoPE position and the tokens the repetition penalty
+counts. (Its pictures taken in a few at a time as rows free up, the prompt run as soon as the chunk before is all in
+rows, was no faster: bench/RESULTS.md, run BW.) The positions are the rows' own, so where a row's keys sit in the ring
+changes only the order attention sums them in. Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
 
 The CPU learns which rows have ended, and their tokens, from a copy made behind each step and read one step late, as
 fastdecode's loop does, so the GPU always has a step queued; a row takes a new picture only after its caption was read.
@@ -33,10 +32,6 @@ import torch
 
 from vlcap import fastdecode, vision_attention
 from vlcap.decode_step import LanguageModelStep
-
-# A prepared chunk's pictures go into free rows once this share of its size is free (or all it has left): a take is
-# ~60 small copies, so a row idle for a step or two costs less than a take for every row that frees.
-TAKE_SHARE = 8
 
 
 class ContinuousDecoder:
@@ -70,37 +65,36 @@ class ContinuousDecoder:
 
     @torch.inference_mode()
     def admit(self, inputs: dict, rows: torch.Tensor) -> None:
-        """A chunk's processor outputs (CPU tensors; pixel values may be on the GPU) into `rows` (on the GPU), one a
-        picture, which must hold no caption still being written: `prepare`, then `take`."""
+        """A chunk's processor outputs (CPU tensors; pixel values may be on the GPU) into `rows` (on the GPU), which
+        must hold no caption still being written: `prepare`, then `take`."""
         self.prepare(inputs)
-        self.take(rows, torch.arange(len(rows), device=rows.device))
+        self.take(rows)
 
     @torch.inference_mode()
     def prepare(self, inputs: dict) -> None:
-        """The chunk's prompt through the model into the prompt decoder, and its first tokens chosen. The chunk before
-        must be all taken: this one's keys and values take its place."""
+        """The chunk's prompt through the model into the prompt decoder, and its first tokens chosen."""
         with vision_attention.batched(self.model, vision_attention.patches_per_image(inputs["image_grid_thw"])):
             self.prompt._prefill(inputs)
 
     @torch.inference_mode()
-    def take(self, rows: torch.Tensor, pictures: torch.Tensor) -> None:
-        """The prepared chunk's `pictures` (their places in it) into `rows`, one each: keys, values, first tokens."""
+    def take(self, rows: torch.Tensor) -> None:
+        """The prepared chunk's keys, values and first tokens into `rows`."""
         prompt, n = self.prompt, self.shape[2]
         ring = (self.write + self.before_write) % self.ring  # the n slots before the next write
         for main, new in zip((*self.step.keys, *self.step.values), (*prompt.step.keys, *prompt.step.values)):
-            main[rows[:, None], :, ring[None, :]] = new[pictures, :, :n].transpose(1, 2)
+            main[rows[:, None], :, ring[None, :]] = new[:, :, :n].transpose(1, 2)
         valid = torch.zeros(len(rows), self.ring, dtype=torch.bool, device=ring.device)
-        valid[:, ring] = prompt.keys_valid[pictures, :n]
+        valid[:, ring] = prompt.keys_valid[:, :n]
         self.keys_valid.index_copy_(0, rows, valid)
-        self.token.index_copy_(0, rows, prompt.token[pictures])
-        self.position.index_copy_(0, rows, prompt.position[pictures])
+        self.token.index_copy_(0, rows, prompt.token)
+        self.position.index_copy_(0, rows, prompt.position)
         self.column.index_fill_(0, rows, 1)
-        self.finished.index_copy_(0, rows, prompt.finished[pictures] | (self.shape[3] == 1))
+        self.finished.index_copy_(0, rows, prompt.finished | (self.shape[3] == 1))
         out = torch.full((len(rows), self.out.shape[1]), self.pad, dtype=self.out.dtype, device=ring.device)
-        out[:, :1] = prompt.out[pictures]
+        out[:, :1] = prompt.out
         self.out.index_copy_(0, rows, out)
-        seen = prompt.seen[pictures, :1].expand(-1, self.seen.shape[1]).clone()  # unused places repeat a prompt token
-        seen[:, : n + 1] = prompt.seen[pictures, : n + 1]  # the prompt and the first token
+        seen = prompt.seen[:, :1].expand(-1, self.seen.shape[1]).clone()  # unused places repeat a prompt token
+        seen[:, : n + 1] = prompt.seen[:, : n + 1]  # the prompt and the first token
         self.seen.index_copy_(0, rows, seen)
 
     @torch.inference_mode()
@@ -165,11 +159,10 @@ class _Copies:
 
 
 class _Chunk:
-    """A chunk in flight: its key, its rows' tokens as they are read, how many of its pictures are in rows (or were)
-    and how many captions are still being written."""
+    """A chunk in flight: its key, its rows' tokens as they are read, and how many are still being written."""
 
     def __init__(self, key: object, size: int):
-        self.key, self.tokens, self.placed, self.left = key, [None] * size, 0, size
+        self.key, self.tokens, self.left = key, [None] * size, size
 
 
 @torch.inference_mode()
@@ -191,27 +184,20 @@ def stream_tokens(
     owner: dict[int, tuple[_Chunk, int]] = {}  # row -> its chunk and place in it
     since: dict[int, int] = {}  # row -> the first step whose copy shows its current picture
     free, steps = list(range(decoder.shape[0])) if decoder is not None else [], 0
-    prepared = None  # the chunk whose prompt has run, its pictures not all in rows yet
+    prepared = None  # the chunk whose prompt has run, waiting for free rows
     upcoming = next(chunks, None)
     while True:
         while flight and flight[0].left == 0:  # the chunks whose captions have all been read, in order
             done = flight.popleft()
             yield done.key, torch.stack(done.tokens) if done.tokens else None
-        while True:  # the prepared chunk's pictures into free rows; the next chunk prepared once it is all in
+        while True:  # take in the prepared chunk if its rows are free, prepare the next
             if prepared is not None:
-                size = len(prepared.tokens)
-                n = min(len(free), size - prepared.placed)
-                if n < min(size - prepared.placed, -(-size // TAKE_SHARE)):
-                    break  # a few more rows first
-                taken, free = free[:n], free[n:]
-                places = range(prepared.placed, prepared.placed + n)
-                device = decoder.slots.device
-                decoder.take(fastdecode._to(torch.tensor(taken), device), fastdecode._to(torch.tensor(places), device))
-                for place, row in zip(places, taken):
-                    owner[row], since[row] = (prepared, place), steps + 1
-                prepared.placed += n
-                if prepared.placed < size:
+                if len(free) < len(prepared.tokens):
                     break
+                taken, free = free[: len(prepared.tokens)], free[len(prepared.tokens) :]
+                decoder.take(fastdecode._to(torch.tensor(taken), decoder.slots.device))
+                for place, row in enumerate(taken):
+                    owner[row], since[row] = (prepared, place), steps + 1
                 prepared = None
             if upcoming is None:
                 break
@@ -228,6 +214,8 @@ def stream_tokens(
                 model._continuous_decoder = decoder = None  # the old cache and graphs go first
                 decoder = model._continuous_decoder = ContinuousDecoder(model, *shape, graphs=graphs)
                 copies, free = _Copies(decoder), list(range(shape[0]))
+            if len(free) < size:
+                break  # the prompt runs once its rows are free: no step waits for it sooner
             decoder.prepare(inputs)
             prepared = _Chunk(key, size)
             flight.append(prepared)
