@@ -52,6 +52,12 @@ from measure import sync, timed  # noqa: E402
 
 from bench import prepare  # noqa: E402
 
+# The table from_disk prints a row of
+FROM_DISK_HEADER = (
+    "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
+    "| this process's CPU s | its involuntary context switches |\n| --- | --- | --- | --- | --- | --- | --- |"
+)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -132,11 +138,7 @@ class Parts:
             with background_decoding(collection, size, workers, rate):
                 how = f"{rate} a second" if rate else "flat out"
                 self.in_memory(f"the collection's, {workers} processes decoding {how} beside", decoded, 64)
-        print(
-            "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
-            "| this process's CPU s | its involuntary context switches |"
-        )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(FROM_DISK_HEADER)
         with decoded_before(collection[: 2 * n], size):
             self.from_disk("pictures decoded before (no decoding while it runs)", collection[: 2 * n], 0, out)
         self.from_disk(f"{workers} decoding workers", collection[: 2 * n], workers, out)
@@ -212,11 +214,7 @@ class Parts:
             self.in_memory_stream(name, pictures[: batches[0] * 5], batches[0], 2, expected)
         self.model, self.processor = self.load(self.torch.bfloat16)
         workers = 2 if self.smoke else 8
-        print(
-            "\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
-            "| this process's CPU s | its involuntary context switches |"
-        )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(FROM_DISK_HEADER)
         for _ in range(2):
             with batch_by_batch():
                 self.from_disk(f"{workers} workers, batch by batch", collection[:n], workers, out)
@@ -228,14 +226,11 @@ class Parts:
         from measure import gpu_busy_ms, gpu_gaps, kernel_kinds
 
         from vlcap import captioning, continuous, images
-        from vlcap.qwen import prompt_text
 
         torch, batch, size = self.torch, 8 if self.smoke else 128, self.settings.image_size
         workers = 2 if self.smoke else 8
         paths = sorted(str(p) for p in folder.rglob("*.jpg"))[: 16 if self.smoke else count]
-        print("\n| from disk (caption_collection) | pictures | captions/s | waited for pictures s | of s "
-              "| this process's CPU s | its involuntary context switches |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(FROM_DISK_HEADER)
         self.from_disk(f"{workers} workers, batches of {batch}, warm-up", paths[: 3 * batch], workers, out, batch)
         calls, kinds = Counter(), [torch.profiler.ProfilerActivity.CPU]
         kinds += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
@@ -246,12 +241,8 @@ class Parts:
             start = time.perf_counter()
             self.from_disk(f"{workers} workers, batches of {batch}, profiled", paths, workers, out, batch)
             seconds = time.perf_counter() - start
-        decoder = self.model._continuous_decoder
-        text = prompt_text(self.processor, self.settings.prompt)
         pictures = [captioning.channels_first(images.load(p, size)) for p in paths[:batch]]
-        inputs = captioning.model_inputs(self.processor, text, pictures, decoder.slots.device)
-        step = timed(decoder.next_token, 50)
-        prompt = timed(functools.partial(decoder.admit, inputs, torch.arange(batch, device=decoder.slots.device)), 5)
+        decoder, step, prompt = self.step_and_prompt_ms(pictures)
         captions = [json.loads(line)["caption"] for line in (out / "collection_parts.jsonl").read_text().splitlines()]
         written = sum(max(len(self.processor.tokenizer(c)["input_ids"]) - 1, 0) for c in captions)
         steps, chunks, busy = calls["next_token"], calls["prepare"], gpu_busy_ms(profile)
@@ -264,26 +255,32 @@ class Parts:
         kernel_kinds(profile, 1)
         gpu_gaps(profile)
 
+    def step_and_prompt_ms(self, pictures: list):
+        """The continuous decoder the last run left on the model, a step's GPU time on it and a chunk's prompt's (of
+        `pictures`, a chunk of its size), each timed alone, in ms."""
+        from vlcap import captioning
+        from vlcap.qwen import prompt_text
+
+        decoder = self.model._continuous_decoder
+        text = prompt_text(self.processor, self.settings.prompt)
+        inputs = captioning.model_inputs(self.processor, text, pictures, decoder.slots.device)
+        taken = self.torch.arange(len(pictures), device=decoder.slots.device)
+        return decoder, timed(decoder.next_token, 50), timed(functools.partial(decoder.admit, inputs, taken), 5)
+
     def where_continuous_time_goes(self) -> None:
         """For each continuous run of the table: its steps and chunks, a step's and a chunk's prompt's GPU time (timed
         alone afterwards, on the decoder it left), their sum against the run's time, and how many rows wrote a caption
         in a step on average (the captions' tokens after the first, over the steps)."""
         from vlcap import captioning
-        from vlcap.qwen import prompt_text
 
         print("\n| batch | rows a picture | steps | chunks | ms a step | ms a chunk's prompt "
               "| steps + prompts s | measured s | rows writing a step, of |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        text = prompt_text(self.processor, self.settings.prompt)
         for batch, rows, calls, seconds, written, pictures in self.parts:
             with patched(captioning, "ROWS_PER_PICTURE", rows):  # the decoder of this shape again
                 recipe = captioning.Recipe(self.settings.prompt, self.settings.image_size, batch, 64)
                 list(captioning.caption_stream(self.model, self.processor, iter([(0, pictures)]), recipe))
-            decoder = self.model._continuous_decoder
-            inputs = captioning.model_inputs(self.processor, text, pictures, decoder.slots.device)
-            taken = self.torch.arange(batch, device=decoder.slots.device)
-            step = timed(decoder.next_token, 50)
-            prompt = timed(functools.partial(decoder.admit, inputs, taken), 5)
+            decoder, step, prompt = self.step_and_prompt_ms(pictures)
             steps, chunks = calls["next_token"], calls["prepare"]
             total = (steps * step + chunks * prompt) / 1e3
             print(f"| {batch} | {rows} | {steps} | {chunks} | {step:.2f} | {prompt:.1f} | {total:.2f} | {seconds:.2f} "

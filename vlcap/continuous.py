@@ -14,10 +14,8 @@ slots its `keys_valid` marks: its prompt and its tokens so far. Once as many row
 fastdecode.GreedyDecoder runs the chunk's prompt (the vision tower and the language model over the prompt: on the GPU
 one CUDA graph replay) and chooses each first token; the prompt's keys and values are copied into the free rows at the
 slots just before the ring's next one, with each row's token, M-RoPE position and the tokens the repetition penalty
-counts. (Neither a chunk's pictures taken in a few at a time as rows free up nor its prompt run on a stream of its
-own beside the rows' steps was faster: bench/RESULTS.md, runs BW and BX.) The positions are the rows' own, so where a
-row's keys sit in the ring changes only the order attention sums them in. Every step is one replay of a CUDA graph of
-all the rows, as in fastdecode.
+counts. The positions are the rows' own, so where a row's keys sit in the ring changes only the order attention sums
+them in. Every step is one replay of a CUDA graph of all the rows, as in fastdecode.
 
 The CPU learns which rows have ended, and their tokens, from a copy made behind each step and read one step late, as
 fastdecode's loop does, so the GPU always has a step queued; a row takes a new picture only after its caption was read.
