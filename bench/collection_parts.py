@@ -24,7 +24,8 @@ waited for a decoded picture, and faster once the last pictures were decoded. Th
   --out/collection_profile.txt;
 - --steady: the loop from disk with continuous batching at batches of 128, as the 20,000 pictures run, under
   torch.profiler: steps and prompt passes counted (a step's and a prompt's GPU time timed alone after), the GPU's busy
-  share of the time, its kernels by kind and its longest idle gaps with what the CPU was doing in each.
+  share of the time, its kernels by kind and its longest idle gaps with what the CPU was doing in each; the captions'
+  tokens as written against their texts tokenized again; then the same loop at other batch sizes and rows a picture.
 Pictures and adapter come from bench/caption_collection.py's preparation (bench/work/, made once, then reused).
 """
 
@@ -234,8 +235,10 @@ class Parts:
         self.from_disk(f"{workers} workers, batches of {batch}, warm-up", paths[: 3 * batch], workers, out, batch)
         calls, kinds = Counter(), [torch.profiler.ProfilerActivity.CPU]
         kinds += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        made = []  # every chunk's new tokens, as the decoder wrote them
         with (
             counted(continuous.ContinuousDecoder, ("next_token", "prepare"), calls),
+            patched(continuous, "stream_tokens", kept(continuous.stream_tokens, made)),
             torch.profiler.profile(activities=kinds) as profile,
         ):
             start = time.perf_counter()
@@ -243,8 +246,12 @@ class Parts:
             seconds = time.perf_counter() - start
         pictures = [captioning.channels_first(images.load(p, size)) for p in paths[:batch]]
         decoder, step, prompt = self.step_and_prompt_ms(pictures)
-        captions = [json.loads(line)["caption"] for line in (out / "collection_parts.jsonl").read_text().splitlines()]
-        written = sum(max(len(self.processor.tokenizer(c)["input_ids"]) - 1, 0) for c in captions)
+        # A caption's tokens as written (up to its end) and as its text is tokenized again: they differ by what the
+        # text leaves out (special tokens) or strips (white space at its ends)
+        tokens = [row[row != decoder.pad].tolist() for chunk in made for row in chunk]
+        texts = [json.loads(line)["caption"] for line in (out / "collection_parts.jsonl").read_text().splitlines()]
+        retokenized = [len(self.processor.tokenizer(c)["input_ids"]) for c in texts]
+        written = sum(max(len(t) - 1, 0) for t in tokens)
         steps, chunks, busy = calls["next_token"], calls["prepare"], gpu_busy_ms(profile)
         print("\n| steps | chunks | steps a chunk | rows writing a step, of | ms a step | ms a chunk's prompt "
               "| steps + prompts s | GPU busy s | of s |")  # fmt: skip
@@ -254,6 +261,21 @@ class Parts:
               f"| {busy / 1e3:.2f} | {seconds:.2f} |\n")  # fmt: skip
         kernel_kinds(profile, 1)
         gpu_gaps(profile)
+        blank = {t for row in tokens for t in row if not self.processor.decode([t], skip_special_tokens=True).strip()}
+        for name, lengths in (("as written", [len(t) for t in tokens]), ("its text tokenized again", retokenized)):
+            counts = Counter(min(n // 8 * 8, 64) for n in lengths)
+            print(f"\ntokens a caption {name}: mean {sum(lengths) / max(len(lengths), 1):.1f}; by 8: "
+                  + ", ".join(f"{n}-{n + 7}: {counts[n]}" for n in sorted(counts)))  # fmt: skip
+        blanks = Counter(self.processor.decode([t]) for row in tokens for t in row if t in blank)
+        print(f"tokens written that the text leaves out or strips: {sum(blanks.values())} of "
+              f"{sum(map(len, tokens))}, most often {blanks.most_common(5)}")  # fmt: skip
+        print(f"\nthe same loop, rows and batch sizes against each other, {len(paths)} pictures each:")
+        print(FROM_DISK_HEADER)
+        for chunk, rows in ((128, 2), (64, 4), (32, 8), (64, 8), (128, 4), (128, 2)):
+            with patched(captioning, "ROWS_PER_PICTURE", rows):
+                name = f"batches of {chunk}, {rows} rows a picture"
+                self.from_disk(f"{name}, warm-up", paths[: 3 * chunk], workers, out, chunk)
+                self.from_disk(name, paths, workers, out, chunk)
 
     def step_and_prompt_ms(self, pictures: list):
         """The continuous decoder the last run left on the model, a step's GPU time on it and a chunk's prompt's (of
@@ -406,6 +428,18 @@ def decoded_before(paths: list[str], size: int):
         return (ready[tuple(task.paths)] for task in sampler)
 
     return patched(collection, "DataLoader", loader)
+
+
+def kept(stream_tokens, made: list):
+    """continuous.stream_tokens, each chunk's new tokens (CPU tensors) appended to `made` as they come."""
+
+    def stream(*args, **kwargs):
+        for key, tokens in stream_tokens(*args, **kwargs):
+            if tokens is not None:
+                made.append(tokens.cpu())
+            yield key, tokens
+
+    return stream
 
 
 @contextlib.contextmanager
