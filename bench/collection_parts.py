@@ -271,7 +271,7 @@ class Parts:
               f"{sum(map(len, tokens))}, most often {blanks.most_common(5)}")  # fmt: skip
         print(f"\nthe same loop, rows and batch sizes against each other, {len(paths)} pictures each:")
         print(FROM_DISK_HEADER)
-        for chunk, rows in ((128, 2), (64, 4), (32, 8), (64, 8), (128, 4), (128, 2)):
+        for chunk, rows in ((128, 2), (64, 4), (64, 8), (128, 4), (32, 8), (32, 16), (128, 2)):
             with patched(captioning, "ROWS_PER_PICTURE", rows):
                 name = f"batches of {chunk}, {rows} rows a picture"
                 self.from_disk(f"{name}, warm-up", paths[: 3 * chunk], workers, out, chunk)
