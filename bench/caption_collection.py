@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch folder (git-ignored)")
     parser.add_argument("--infer-args", default="", help='more infer.py flags, e.g. "--workers 15 --batch-size 128"')
     parser.add_argument(
+        "--rows", type=int, default=None, help="infer.py with captioning.ROWS_PER_PICTURE set to this (default: as is)"
+    )
+    parser.add_argument(
         "--paths",
         default="10000,100000",
         type=comma_ints,
@@ -59,7 +62,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     adapter = make_adapter(work, args.smoke)
     folder = make_pictures(work / f"collection-{args.n}", args.n)
-    row = caption(adapter, folder, work, args.n, args.smoke, shlex.split(args.infer_args))
+    row = caption(adapter, folder, work, args.n, args.smoke, shlex.split(args.infer_args), args.rows)
     walks = [walk_memory(work, n) for n in args.paths]
     print(report(row, walks, args))
 
@@ -124,10 +127,19 @@ def _draw_chunk(folder: Path, start: int, stop: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- captioning
-def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str]) -> dict:
-    """infer.py FOLDER, end to end, its captions file read as it grows; the figures of one row."""
+def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra: list[str], rows=None) -> dict:
+    """infer.py FOLDER, end to end, its captions file read as it grows; the figures of one row. `rows`: continuous
+    batching's rows a picture (captioning.ROWS_PER_PICTURE) set to this in infer.py's process."""
     out = work / "collection-captions.jsonl"
-    command = [sys.executable, "infer.py", "--adapter", str(adapter), "--output", str(out), "--overwrite"]
+    script = ["infer.py"]
+    if rows is not None:  # infer.py run by runpy after the setting is made (its time line then counts that import
+        # of torch as python's start-up; the wall time is what it is)
+        setup = f"from vlcap import captioning; captioning.ROWS_PER_PICTURE = {int(rows)}"
+        script = [
+            "-c",
+            f"{setup}; import runpy, sys; sys.argv[0] = 'infer.py'; runpy.run_path('infer.py', run_name='__main__')",
+        ]
+    command = [sys.executable, *script, "--adapter", str(adapter), "--output", str(out), "--overwrite"]
     command += [*(["--device", "cpu"] if smoke else []), *extra, str(folder)]
     log = work / "collection-infer.log"
     out.unlink(missing_ok=True)  # --overwrite keeps the old file until the first new caption: it would count as made
