@@ -165,3 +165,69 @@ def test_a_rows_slots_of_the_ring_hold_its_own_keys_as_batch_by_batch(family_cap
         ):
             torch.testing.assert_close(cache[mine][:, order], expected[row][:, :tokens], atol=1e-5, rtol=1e-4)
     assert torch.equal(decoder.out[[2, 0], :m], reference.out)
+
+
+class _Lengths:
+    """Decoders (made in ContinuousDecoder's place) whose captions have given lengths in tokens, their steps counted."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths, self.steps = iter(lengths), 0
+
+    def decoder(self, model, rows, chunk, prompt_length, max_new_tokens, graphs):
+        return _LengthsDecoder(self, (rows, chunk, prompt_length, max_new_tokens))
+
+
+class _LengthsDecoder:
+    """A caption's first token comes with its prompt, then one a step; a row's tokens are its caption's length."""
+
+    def __init__(self, maker: _Lengths, shape: tuple):
+        self.maker, self.shape, self.slots = maker, shape, torch.arange(1)
+        self.left, self.finished = torch.zeros(shape[0], dtype=torch.long), torch.ones(shape[0], dtype=torch.bool)
+        self.out = torch.zeros(shape[0], shape[3] + 1, dtype=torch.long)
+
+    def prepare(self, inputs: dict) -> None:
+        self.pending = [next(self.maker.lengths) for _ in range(len(inputs["input_ids"]))]
+
+    def take(self, rows: torch.Tensor) -> None:
+        for row, n in zip(rows.tolist(), self.pending):
+            self.left[row] = n - 1
+            self.out[row] = n
+        self.finished[rows] = self.left[rows] == 0
+
+    def next_token(self) -> None:
+        self.maker.steps += 1
+        self.left -= (~self.finished).long()
+        self.finished |= self.left == 0
+
+
+def steps_filling_rows_when_free(lengths: list[int], rows: int, chunk: int) -> int:
+    """The steps of the schedule that puts the next chunk into rows before a step whenever as many rows are free: a
+    caption of n tokens holds its row for its n - 1 steps (the first token comes with the prompt) and one more (which
+    rows have ended is read a step late)."""
+    free_at, step, taken = [0] * rows, 0, 0
+    while True:
+        free = [row for row in range(rows) if free_at[row] <= step]
+        while taken < len(lengths) and len(free) >= chunk:
+            for row, n in zip(free[:chunk], lengths[taken : taken + chunk]):
+                free_at[row] = step + max(n - 1, 1) + 1
+            free, taken = free[chunk:], taken + chunk
+        if taken == len(lengths) and max(free_at) <= step:
+            return step
+        step += 1
+
+
+@pytest.mark.parametrize("rows, chunk", [(16, 8), (24, 8), (64, 16)])
+def test_rows_take_the_next_chunk_as_soon_as_enough_are_free(monkeypatch, rows, chunk):
+    """No step is lost to scheduling: with captions of known lengths (short ones, and some to the limit, as a
+    collection's), the loop takes exactly the steps of a schedule that fills rows the moment a chunk's worth is free,
+    and hands every caption back in its chunk, in order."""
+    rng = random.Random(rows)
+    lengths = [64 if rng.random() < 0.15 else max(1, int(rng.gauss(10, 4))) for _ in range(chunk * 30)]
+    decoders = _Lengths(lengths)
+    monkeypatch.setattr(continuous, "ContinuousDecoder", decoders.decoder)
+    model = type("Model", (), {})()
+    chunks = ((i, {"input_ids": torch.zeros(chunk, 3)}) for i in range(len(lengths) // chunk))
+    got = list(continuous.stream_tokens(model, chunks, 64, rows // chunk, graphs=False))
+    assert [key for key, _ in got] == list(range(len(lengths) // chunk))
+    assert [int(n) for _, tokens in got for n in tokens[:, 0]] == lengths
+    assert decoders.steps == steps_filling_rows_when_free(lengths, rows, chunk)
