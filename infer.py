@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,19 +108,36 @@ def caption(args, device: str, adapter, trained, prompt: str, image_size, stream
     precision = memory.choose_precision(card, args.precision, training=False)
     if card is not None and processes.is_main():
         print(f"precision: {precision.reason}")
-    model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device, precision.dtype)
+    with out_of_memory_said("loading the model", "free GPU memory (another process may hold it) or pass --device cpu"):
+        model, processor = qwen.load_for_captioning(adapter, trained, args.model_dir, device, precision.dtype)
     image_size = qwen.resolve_image_size(processor, image_size)  # a multiple of this model's patches
     collection.all_ready()  # every process has read the captions file: process 0 may write it
     marks("loaded")
 
     recipe = captioning.Recipe(prompt, image_size, args.batch_size, args.max_new_tokens)
     workers = args.workers if args.workers is not None else collection.default_workers()
-    summary = collection.caption_collection(
-        model, processor, stream, recipe, output, workers, args.fast_decode, pictures.references,
-        count_paths=lambda: pictures.find(quiet=True),
-    )  # fmt: skip
+    smaller = f"run the same command with --batch-size {args.batch_size // 2} to continue"
+    if args.batch_size == 1:
+        smaller = "free GPU memory (another process may hold it), then run the same command again to continue"
+    doing = f"captioning {args.batch_size} pictures at a time; the captions made so far are kept in {output.path}"
+    with out_of_memory_said(doing, smaller):
+        summary = collection.caption_collection(
+            model, processor, stream, recipe, output, workers, args.fast_decode, pictures.references,
+            count_paths=lambda: pictures.find(quiet=True),
+        )  # fmt: skip
     marks("captioned")
     return summary if processes.is_main() else None
+
+
+@contextmanager
+def out_of_memory_said(doing: str, then: str):
+    """The GPU running out of memory in the block as one line (a UserError): what it was doing, and what to do."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise cli.UserError(f"the GPU ran out of memory {doing}: {then}.") from None
 
 
 def resolve_device(device: str) -> str:

@@ -212,6 +212,45 @@ def test_killed_at_a_random_point_and_run_again_gives_the_uninterrupted_runs_fil
     assert out.read_text() == one_run
 
 
+def test_the_gpu_out_of_memory_is_one_line_naming_a_smaller_batch_and_the_captions_are_kept(
+    trained, pictures, one_run, tmp_path
+):
+    """The GPU running out of memory after two batches of 4 (raised as torch raises it; this machine has no GPU to
+    fill): one line that names the batch to rerun with, the two batches' captions kept as whole lines, and that rerun
+    finishes the file one uninterrupted run writes."""
+    adapter, _ = trained
+    out = tmp_path / "captions.jsonl"
+    failing = (
+        "import runpy, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from vlcap import captioning\n"
+        "real = captioning.caption_stream\n"
+        "def caption_stream(*args, **kwargs):\n"
+        "    for made, batch in enumerate(real(*args, **kwargs)):\n"
+        "        if made == 2:\n"
+        "            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "        yield batch\n"
+        "captioning.caption_stream = caption_stream\n"
+        f"sys.argv = [{str(REPO / 'infer.py')!r}, *sys.argv[1:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    command = infer_command(adapter, out, "--batch-size", "4", str(pictures))
+    result = subprocess.run(
+        [sys.executable, "-c", failing, *command], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the GPU ran out of memory captioning 4 pictures at a time; the captions made so far are kept in "
+        f"{out}: run the same command with --batch-size 2 to continue."
+    )
+    assert "Traceback" not in result.stderr
+    assert out.read_text().splitlines() == one_run.splitlines()[:8]  # one_run: batches of 2, the same captions here
+    command[command.index("--batch-size") + 1] = "2"
+    again = run_script("infer.py", *command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert out.read_text() == one_run
+
+
 def _lines(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
