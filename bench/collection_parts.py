@@ -269,6 +269,9 @@ class Parts:
         blanks = Counter(self.processor.decode([t]) for row in tokens for t in row if t in blank)
         print(f"tokens written that the text leaves out or strips: {sum(blanks.values())} of "
               f"{sum(map(len, tokens))}, most often {blanks.most_common(5)}")  # fmt: skip
+        apart = sorted(zip(tokens, retokenized), key=lambda pair: len(pair[0]) - pair[1])[-3:]
+        for written_tokens, again in apart:  # the captions written with the most tokens more than their texts hold
+            print(f"  {len(written_tokens)} written, {again} again: {self.processor.decode(written_tokens)!r}")
         print(f"\nthe same loop, rows and batch sizes against each other, {len(paths)} pictures each:")
         print(FROM_DISK_HEADER)
         for chunk, rows in ((128, 2), (64, 4), (64, 8), (128, 4), (32, 8), (32, 16), (128, 2)):
