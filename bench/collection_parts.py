@@ -261,17 +261,30 @@ class Parts:
               f"| {busy / 1e3:.2f} | {seconds:.2f} |\n")  # fmt: skip
         kernel_kinds(profile, 1)
         gpu_gaps(profile)
-        blank = {t for row in tokens for t in row if not self.processor.decode([t], skip_special_tokens=True).strip()}
+        self.tokens_written(tokens, retokenized)
+        self.rows_and_ends(paths, workers, out, batch)
+
+    def tokens_written(self, tokens: list[list[int]], retokenized: list[int]) -> None:
+        """The captions' lengths in tokens as written and as their texts tokenized again, the tokens the texts drop,
+        and the three captions written with the most tokens beyond their texts."""
+        decode = self.processor.decode
+        blank = {t for row in tokens for t in row if not decode([t], skip_special_tokens=True).strip()}
         for name, lengths in (("as written", [len(t) for t in tokens]), ("its text tokenized again", retokenized)):
             counts = Counter(min(n // 8 * 8, 64) for n in lengths)
             print(f"\ntokens a caption {name}: mean {sum(lengths) / max(len(lengths), 1):.1f}; by 8: "
                   + ", ".join(f"{n}-{n + 7}: {counts[n]}" for n in sorted(counts)))  # fmt: skip
-        blanks = Counter(self.processor.decode([t]) for row in tokens for t in row if t in blank)
+        blanks = Counter(decode([t]) for row in tokens for t in row if t in blank)
         print(f"tokens written that the text leaves out or strips: {sum(blanks.values())} of "
               f"{sum(map(len, tokens))}, most often {blanks.most_common(5)}")  # fmt: skip
         apart = sorted(zip(tokens, retokenized), key=lambda pair: len(pair[0]) - pair[1])[-3:]
-        for written_tokens, again in apart:  # the captions written with the most tokens more than their texts hold
-            print(f"  {len(written_tokens)} written, {again} again: {self.processor.decode(written_tokens)!r}")
+        for written, again in apart:
+            print(f"  {len(written)} written, {again} again: {decode(written)!r}")
+
+    def rows_and_ends(self, paths: list[str], workers: int, out: Path, batch: int) -> None:
+        """The loop from disk at other batch sizes and rows a picture, then with captions ending at their first line
+        break (the tokens that write one end a caption too): what each would save."""
+        from vlcap import captioning, fastdecode
+
         print(f"\nthe same loop, rows and batch sizes against each other, {len(paths)} pictures each:")
         print(FROM_DISK_HEADER)
         for chunk, rows in ((128, 2), (64, 4), (64, 8), (128, 4), (32, 8), (32, 16), (128, 2)):
@@ -279,10 +292,9 @@ class Parts:
                 name = f"batches of {chunk}, {rows} rows a picture"
                 self.from_disk(f"{name}, warm-up", paths[: 3 * chunk], workers, out, chunk)
                 self.from_disk(name, paths, workers, out, chunk)
-        # What captions ending at their first line break would save: the tokens that write one end a caption too
         vocabulary = self.processor.tokenizer.get_vocab().values()
         breaks = [t for t in vocabulary if "\n" in self.processor.decode([t], skip_special_tokens=True)]
-        generation, fastdecode = self.model.generation_config, sys.modules["vlcap.fastdecode"]
+        generation = self.model.generation_config
         eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
         with patched(generation, "eos_token_id", eos + breaks):
             fastdecode.release(self.model)  # a decoder with the new ends
