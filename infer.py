@@ -116,11 +116,13 @@ def caption(args, device: str, adapter, trained, prompt: str, image_size, stream
 
     recipe = captioning.Recipe(prompt, image_size, args.batch_size, args.max_new_tokens)
     workers = args.workers if args.workers is not None else collection.default_workers()
-    smaller = f"run the same command with --batch-size {args.batch_size // 2} to continue"
-    if args.batch_size == 1:
-        smaller = "free GPU memory (another process may hold it), then run the same command again to continue"
     doing = f"captioning {args.batch_size} pictures at a time; the captions made so far are kept in {output.path}"
-    with out_of_memory_said(doing, smaller):
+    then = (
+        f"run the same command with --batch-size {args.batch_size // 2} to continue"
+        if args.batch_size > 1
+        else "free GPU memory (another process may hold it), then run the same command again to continue"
+    )
+    with out_of_memory_said(doing, then):
         summary = collection.caption_collection(
             model, processor, stream, recipe, output, workers, args.fast_decode, pictures.references,
             count_paths=lambda: pictures.find(quiet=True),
