@@ -152,3 +152,34 @@ def test_unknown_arch_or_size_is_one_sentence():
     with pytest.raises(cli.UserError, match="--size must be tiny, full or 2b"):
         make_offline_model.main(["--size", "7b"])
     assert resolve("qwen2_vl", "2b")[1] == "full"
+
+
+def test_a_model_with_more_rows_than_tokens_never_writes_a_token_without_text(tmp_path, monkeypatch):
+    """The full configs' 151,936 embedding rows against this tokenizer's few hundred tokens, on the tiny model: the rows
+    without a token are zero, and 32 greedy tokens of the untrained model (random rows would win nearly every step) all
+    have a token."""
+    import make_offline_model as builder
+
+    def with_more_rows(family, size, tokenizer):
+        config = build_config(family, size, tokenizer)
+        config.text_config.vocab_size = 151_936
+        return config
+
+    monkeypatch.setattr(builder, "build_config", with_more_rows)
+    folder = make_offline_model("tiny", tmp_path / "model")
+    model, processor = load(folder)
+    tokens = len(processor.tokenizer)
+    assert model.get_output_embeddings().weight.shape[0] == 151_936 > tokens
+    assert not model.get_input_embeddings().weight[tokens:].any()
+    prompt = processor.apply_chat_template(
+        caption_example("qwen2_vl")[:1],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    model.generation_config.eos_token_id = None  # write all 32
+    new = model.generate(**prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[
+        0, prompt["input_ids"].shape[1] :
+    ]
+    assert len(new) == 32 and int(new.max()) < tokens

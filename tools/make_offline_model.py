@@ -11,9 +11,10 @@ and qwen3_vl (Qwen3-VL: 16 px patches, DeepStack features from intermediate visi
 `tiny` (text hidden 64, 2 layers; vision width 32, 1-3 blocks) loads and trains in seconds on a CPU and keeps each
 family's structure. `full` (alias `2b`) has the exact shape of the family's small published checkpoint (Qwen2-VL-2B,
 Qwen2.5-VL-3B, Qwen3-VL-2B Instruct; config values copied below with their source), so speed and memory figures are the
-real ones; its captions are noise. Every folder carries a byte-level BPE tokenizer trained on caption-like text with the
-family's special tokens, the family's chat template, image and video processors; everything downstream loads it like any
-local model folder (AutoConfig's model_type picks the family's model class).
+real ones; its captions are noise, but in its tokenizer's tokens (the embedding rows past them are zero:
+`zero_rows_without_token`). Every folder carries a byte-level BPE tokenizer trained on caption-like text with the
+family's special tokens, the family's chat template, image and video processors; everything downstream loads it like
+any local model folder (AutoConfig's model_type picks the family's model class).
 """
 
 from __future__ import annotations
@@ -568,6 +569,7 @@ def make_offline_model(
     full = size == "full"
     with torch.device("cuda" if full and torch.cuda.is_available() else "cpu"):
         model = getattr(transformers, family.model_class)(config).to(torch.bfloat16 if full else torch.float32)
+    zero_rows_without_token(model, len(tokenizer))
     im_end, endoftext = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
     # The Instruct checkpoints stop on either token and pad with <|endoftext|>; the stand-in does the same.
     model.generation_config = GenerationConfig(
@@ -579,6 +581,20 @@ def make_offline_model(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {size} {family.name} ({n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}) to {out}")
     return out
+
+
+def zero_rows_without_token(model, tokens: int) -> None:
+    """The embedding rows past the tokenizer's `tokens` set to zero. The full configs keep the published checkpoint's
+    151,936 rows, far more than this tokenizer has tokens. A real checkpoint never writes a row without a token (never
+    trained, their scores stay far below its tokens'; its makers call one written a broken model), but random rows
+    score like the tokens' own random rows, and a caption would run on in tokens no text holds: invisible in the
+    caption, each a step of the captioning loop. A zero row scores 0, below the best of a thousand random scores, so it
+    is never chosen. The output rows are the same tensor (tied embeddings)."""
+    import torch
+
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tokens:] = 0
+        model.get_output_embeddings().weight[tokens:] = 0
 
 
 @contextlib.contextmanager
