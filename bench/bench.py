@@ -277,9 +277,9 @@ def prepare_eval(work: Path, n: int = 100) -> Path:
     return make_split(work / f"eval-{n}", n, "validation")
 
 
-def make_split(data: Path, n: int, split: str, size: tuple[int, int] = (640, 480)) -> Path:
+def make_split(data: Path, n: int, split: str, size: tuple[int, int] = (640, 480), background: str = "white") -> Path:
     """n generated pictures of a COCO 2014 split turned into conversations by the pipeline's own scripts (a COCO
-    folder -> data2csv.py -> csv2json.py), as a user makes them; the JSON's path."""
+    folder -> data2csv.py -> csv2json.py), as a user makes them; the JSON's path. `background`: make_coco_folder's."""
     validation = split == "validation"
     json_path = data / ("data_vl_eval.json" if validation else "data_vl.json")
     if json_path.exists():
@@ -289,7 +289,7 @@ def make_split(data: Path, n: int, split: str, size: tuple[int, int] = (640, 480
     picture_split, seed = ("val2014", "1") if validation else ("train2014", "0")
     steps = [
         [py, "tools/make_coco_folder.py", "--out", coco, "--n", str(n), "--split", picture_split, "--seed", seed]
-        + ["--width", str(size[0]), "--height", str(size[1])],
+        + ["--width", str(size[0]), "--height", str(size[1]), "--background", background],
         [py, "data2csv.py", "--source", coco, "--split", split, "--n", str(n), "--image-dir", str(data / "images")]
         + ["--csv", str(data / "data.csv"), "--workers", "16"],
         [py, "csv2json.py", "--csv", str(data / "data.csv"), "--json", str(json_path), "--workers", "16"],

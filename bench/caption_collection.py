@@ -36,6 +36,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 from bench import benchmark_flags, comma_ints, make_split, prepare, run  # noqa: E402  (bench/bench.py: the standard library only)
 
 SIZE = (640, 480)
+ADAPTER_PICTURES = {  # the flag that picks make_adapter's training pictures (collection_parts.py takes it too)
+    "choices": ("white", "noisy"),
+    "default": "white",
+    "help": "the adapter's training pictures: bench.py's shapes on white (default), or on the collection's kind of "
+    "noisy background, as a user fine-tunes for a collection",
+}
 
 
 def main() -> None:
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=None, help="infer.py with captioning.ROWS_PER_PICTURE set to this (default: as is)"
     )
+    parser.add_argument("--adapter-pictures", **ADAPTER_PICTURES)
     parser.add_argument(
         "--paths",
         default="10000,100000",
@@ -60,7 +67,7 @@ def main() -> None:
         args.n, args.paths = min(args.n, 8), [100, 1000]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    adapter = make_adapter(work, args.smoke)
+    adapter = make_adapter(work, args.smoke, args.adapter_pictures)
     folder = make_pictures(work / f"collection-{args.n}", args.n)
     row = caption(adapter, folder, work, args.n, args.smoke, shlex.split(args.infer_args), args.rows)
     walks = [walk_memory(work, n) for n in args.paths]
@@ -68,20 +75,26 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- preparation
-def make_adapter(work: Path, smoke: bool) -> Path:
+def make_adapter(work: Path, smoke: bool, pictures: str = "white") -> Path:
     """bench.py's `fast` adapter of the 2B stand-in (500 pictures, 2 epochs: its captions end as COCO's do, so the
     captioning loop runs the lengths a trained adapter gives), trained here unless bench.py left it; --smoke: the tiny
-    model's, 2 steps on the CPU."""
+    model's, 2 steps on the CPU. `pictures` noisy: trained the same way on shapes on the collection's kind of
+    background (tools/make_coco_folder.py --background noisy) instead of bench.py's on white, as a user fine-tunes on
+    pictures like those of the collection to caption."""
+    kind = "" if pictures == "white" else f"-{pictures}"
     if smoke:
-        model, out = work / "model-tiny", work / "out-collection-tiny"
+        model, out = work / "model-tiny", work / f"out-collection-tiny{kind}"
         if not (model / "config.json").exists():
             build = [sys.executable, "tools/make_offline_model.py", "--size", "tiny", "--out", str(model)]
             run(build, work / "model-tiny.log")
-        data = make_split(work / "data-16", 16, "train")
+        data = make_split(work / f"data-16{kind}", 16, "train", background=pictures)
         extra = ["--device", "cpu", "--image-size", "56", "--batch-size", "4", "--workers", "0", "--max-steps", "2"]
         extra += ["--eval-size", "0", "--no-eval-before"]
     else:
-        (model, data), out, extra = prepare(work, 500), work / "out-qwen2_vl-fast-500", []
+        model, data = prepare(work, 500)
+        if kind:
+            data = make_split(work / f"data-500{kind}", 500, "train", background=pictures)
+        out, extra = work / ("out-qwen2_vl-fast-500" if not kind else f"out-qwen2_vl{kind}-500"), []
     if not (out / "adapter" / "train_settings.json").exists():
         train = [sys.executable, "train.py", *benchmark_flags(model, data, out), *extra]
         print(f"adapter {out / 'adapter'}: {run(train, work / 'collection-adapter.log'):.0f} s")
@@ -106,22 +119,16 @@ def _draw_chunk(folder: Path, start: int, stop: int) -> int:
     import random
 
     import numpy
-    from PIL import Image
 
-    from make_coco_folder import COLOURS, SHAPES, draw_picture
+    from make_coco_folder import COLOURS, SHAPES, draw_picture, on_noisy_background
 
     rng = numpy.random.default_rng(start)
     written = 0
     for i in range(start, stop):
-        field = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=numpy.uint8)).resize(SIZE, Image.BICUBIC)
-        pixels = numpy.asarray(field, dtype=numpy.int16) + rng.normal(0, 10, (SIZE[1], SIZE[0], 1)).astype(numpy.int16)
-        background = Image.fromarray(numpy.clip(pixels, 0, 255).astype(numpy.uint8))
-        shape = draw_picture(COLOURS[i % 4], SHAPES[i % 3], SIZE, random.Random(i))
-        mask = shape.convert("L").point(lambda v: 255 if v < 250 else 0)
-        background.paste(shape, mask=mask)
+        picture = on_noisy_background(draw_picture(COLOURS[i % 4], SHAPES[i % 3], SIZE, random.Random(i)), rng)
         path = folder / f"{i // 1000:04d}" / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        background.save(path, "JPEG", quality=90)
+        picture.save(path, "JPEG", quality=90)
         written += path.stat().st_size
     return written
 

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
 
-from caption_collection import make_adapter, make_pictures  # noqa: E402  (the standard library only)
+from caption_collection import ADAPTER_PICTURES, make_adapter, make_pictures  # noqa: E402  (the standard library only)
 from measure import sync, timed  # noqa: E402
 
 from bench import prepare  # noqa: E402
@@ -79,10 +79,11 @@ def main() -> None:
     parser.add_argument(
         "--pictures", type=int, default=1280, help="--continuous: pictures of each kind; --steady: in all"
     )
+    parser.add_argument("--adapter-pictures", **ADAPTER_PICTURES)
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    adapter = make_adapter(work, args.smoke)
+    adapter = make_adapter(work, args.smoke, args.adapter_pictures)
     count = 16 if args.smoke else 2000
     folder = make_pictures(work / f"collection-{count}", count)
     training = work / "data-16" / "data_vl.json" if args.smoke else prepare(work, 500)[1]

@@ -38,6 +38,38 @@ def test_the_collection_parts_run_end_to_end_on_the_cpu(tmp_path):
     assert "caption_collection" in (tmp_path / "collection_profile.txt").read_text()
 
 
+def test_the_steady_profile_runs_on_the_cpu_with_the_noisy_pictures_adapter(tmp_path):
+    """collection_parts.py --steady (the next GPU call's first command), with an adapter trained on the collection's
+    kind of pictures: the profiled run's table, the tokens report, every batch and rows of the sweep, the line-break
+    ends; and caption_collection.py --rows."""
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "collection_parts.py"),
+        "--steady",
+        "--smoke",
+        "--work",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        [*command, "--adapter-pictures", "noisy"], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert (tmp_path / "out-collection-tiny-noisy" / "adapter" / "train_settings.json").exists()
+    assert "mottled" in (tmp_path / "data-16-noisy" / "data_vl.json").read_text()
+    steps = out.splitlines()[out.splitlines().index("| --- | --- | --- | --- | --- | --- | --- | --- | --- |") + 1]
+    assert int(steps.split("|")[1]) > 0 and int(steps.split("|")[2]) == 2, steps  # steps, and 16 pictures in 2 chunks
+    assert "tokens a caption as written: mean" in out and "tokens a caption its text tokenized again" in out
+    from_disk = [line for line in out.splitlines() if line.startswith("| batches of ")]
+    assert len(from_disk) == 16 and all(line.split("|")[2].strip() == "16" for line in from_disk), from_disk
+    assert "a caption ending at a line break" in from_disk[-1]
+
+    command = [sys.executable, str(REPO / "bench" / "caption_collection.py"), "--smoke", "--work", str(tmp_path)]
+    result = subprocess.run([*command, "--rows", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "captioning.ROWS_PER_PICTURE = 4" in result.stdout and "captioned 8 of 8 images" in result.stdout
+
+
 def test_the_collection_memory_benchmark_runs_on_the_cpu(tmp_path):
     command = [
         sys.executable,

@@ -146,6 +146,44 @@ def test_chinese_captions_name_the_same_colour_and_shape(tmp_path):
     assert "\\u" not in (tmp_path / "zh" / "annotations" / "captions_train2014.json").read_text(encoding="utf-8")
 
 
+def test_a_noisy_background_is_captioned_as_such_and_keeps_the_shapes(tmp_path):
+    """--background noisy: the same pictures' shapes on a mottled colour field (no longer white around them), captions
+    that name the colour and shape and say what is behind them, in both languages; an unknown background is one line."""
+    import numpy
+
+    from make_coco_folder import CHINESE
+
+    white = load(make_coco_folder(tmp_path / "white", 12, seed=4))
+    noisy = load(make_coco_folder(tmp_path / "noisy", 12, seed=4, background="noisy"))
+    chinese = load(make_coco_folder(tmp_path / "zh", 12, seed=4, language="zh", background="noisy"))
+    assert [im["id"] for im in noisy["images"]] == [im["id"] for im in white["images"]]
+    said = {a["id"]: a["caption"] for a in white["annotations"]}
+    for annotation, zh in zip(noisy["annotations"], chinese["annotations"]):
+        colour, shape = next((c, s) for c in COLOURS for s in SHAPES if f"{c} {s}" in said[annotation["id"]])
+        assert f"{colour} {shape}" in annotation["caption"] and "white" not in annotation["caption"]
+        assert 8 <= len(annotation["caption"].split()) <= 14, annotation["caption"]
+        assert CHINESE[colour] in zh["caption"] and CHINESE[shape] in zh["caption"] and "白" not in zh["caption"]
+    for im in noisy["images"]:
+        with Image.open(tmp_path / "noisy" / "train2014" / im["file_name"]) as picture:
+            corner = numpy.asarray(picture.convert("RGB"))[:10, :10].astype(float)
+        assert corner.std() > 3 and corner.mean() < 250, "the corner should be a noisy field, not white"
+    refused = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_coco_folder.py"),
+            "--out",
+            str(tmp_path / "x"),
+            "--background",
+            "red",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == ["error: --background 'red' is not one of white, noisy."]
+
+
 def test_own_pictures_tool_writes_each_layout_and_refuses_an_unknown_one(tmp_path):
     from make_own_pictures import LAYOUTS, make_own_pictures
 

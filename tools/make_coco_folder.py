@@ -3,12 +3,14 @@
     python tools/make_coco_folder.py --out coco-local
     python tools/make_coco_folder.py --out coco-local --n 5000 --split val2014 --width 640 --height 480
     python tools/make_coco_folder.py --out coco-zh --language zh     # the same pictures captioned in Chinese
+    python tools/make_coco_folder.py --out coco-noisy --background noisy --width 640 --height 480
 
 No machine here can download COCO, so tests, the smoke run and the benchmark use this folder instead:
 `OUT/<split>/COCO_<split>_<id>.jpg` and `OUT/annotations/captions_<split>.json`, the official structure, which
 `python data2csv.py --source OUT` reads. Each picture is one shape (circle, square, triangle) in one colour (red, green,
-blue, yellow) on white, so a model can learn its captions (in English, or in Chinese with --language zh). Image ids are spread out and listed out of order, as in the real
-files, so code that assumes ids 1..N in order fails here too.
+blue, yellow) on white (with --background noisy: on a mottled colour field, as bench/caption_collection.py's collection
+is), so a model can learn its captions (in English, or in Chinese with --language zh). Image ids are spread out and
+listed out of order, as in the real files, so code that assumes ids 1..N in order fails here too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ WIDTH: int = 56  # picture width in pixels
 HEIGHT: int = 56  # picture height in pixels
 SEED: int = 0  # random seed: the same seed gives the same folder
 LANGUAGE: str = "en"  # language of the captions: en (English) or zh (Chinese)
+BACKGROUND: str = "white"  # white, or noisy: a smooth random colour field with noise (bench/caption_collection.py's
+# collection), captioned as such
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -63,13 +67,31 @@ CHINESE_TEMPLATES = (
     "空白的白色画布上只有一个{colour}的{shape}",
 )
 LANGUAGES = ("en", "zh")
+BACKGROUNDS = ("white", "noisy")
+# On a noisy background: the same shapes, captions that say what is behind them
+NOISY_TEMPLATES = (
+    "a {colour} {shape} on a mottled coloured background",
+    "a single {colour} {shape} drawn in the middle of a blotchy coloured picture",
+    "a simple picture of one {colour} {shape} over a speckled background",
+    "there is a {colour} {shape} shown against a grainy patchwork of colours",
+    "one {colour} {shape} sits alone on a noisy many coloured canvas",
+)
+NOISY_CHINESE_TEMPLATES = (
+    "斑驳背景上的{colour}{shape}",
+    "杂色背景上有一个{colour}的{shape}",
+    "一张色块斑驳的图片中间画着一个{colour}的{shape}",
+    "一幅简单的图画，带噪点的彩色背景上是一个{colour}{shape}",
+    "满是噪点的彩色画布上只有一个{colour}的{shape}",
+)
 
 
-def captions_for(colour: str, shape: str, language: str = "en") -> list[str]:
+def captions_for(colour: str, shape: str, language: str = "en", background: str = "white") -> list[str]:
     """The five reference captions of a picture, the canonical one first."""
+    noisy = background == "noisy"
     if language == "zh":
-        return [t.format(colour=CHINESE[colour], shape=CHINESE[shape]) for t in CHINESE_TEMPLATES]
-    return [t.format(colour=colour, shape=shape) for t in CAPTION_TEMPLATES]
+        templates = NOISY_CHINESE_TEMPLATES if noisy else CHINESE_TEMPLATES
+        return [t.format(colour=CHINESE[colour], shape=CHINESE[shape]) for t in templates]
+    return [t.format(colour=colour, shape=shape) for t in (NOISY_TEMPLATES if noisy else CAPTION_TEMPLATES)]
 
 
 def draw_picture(colour: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
@@ -90,12 +112,34 @@ def draw_picture(colour: str, shape: str, size: tuple[int, int], rng: random.Ran
     return image
 
 
+def on_noisy_background(picture: Image.Image, rng) -> Image.Image:
+    """draw_picture's shape moved onto a smooth random colour field with noise (about as slow to decode as a photo);
+    `rng`: a numpy Generator."""
+    import numpy
+
+    size = picture.size
+    field = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=numpy.uint8)).resize(size, Image.BICUBIC)
+    pixels = numpy.asarray(field, dtype=numpy.int16) + rng.normal(0, 10, (size[1], size[0], 1)).astype(numpy.int16)
+    background = Image.fromarray(numpy.clip(pixels, 0, 255).astype(numpy.uint8))
+    background.paste(picture, mask=picture.convert("L").point(lambda v: 255 if v < 250 else 0))
+    return background
+
+
 def make_coco_folder(
-    out, n: int, split: str = "train2014", size: tuple[int, int] = (56, 56), seed: int = 0, language: str = "en"
+    out,
+    n: int,
+    split: str = "train2014",
+    size: tuple[int, int] = (56, 56),
+    seed: int = 0,
+    language: str = "en",
+    background: str = "white",
 ) -> Path:
     """Write `n` pictures and their captions in COCO 2014's layout under `out`; return `out` as a Path."""
+    import numpy
+
     out = Path(out)
     rng = random.Random(seed)
+    noise = numpy.random.default_rng(seed)  # the noisy backgrounds'
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
@@ -112,9 +156,12 @@ def make_coco_folder(
     next_annotation_id = rng.randrange(100, 1000)
     for image_id, (colour, shape) in zip(image_ids, pairs):
         file_name = f"COCO_{split}_{image_id:012d}.jpg"
-        draw_picture(colour, shape, size, rng).save(image_dir / file_name, "JPEG", quality=90)
+        picture = draw_picture(colour, shape, size, rng)
+        if background == "noisy":
+            picture = on_noisy_background(picture, noise)
+        picture.save(image_dir / file_name, "JPEG", quality=90)
         images.append({"id": image_id, "file_name": file_name, "width": size[0], "height": size[1]})
-        for caption in captions_for(colour, shape, language):
+        for caption in captions_for(colour, shape, language, background):
             # Ids rise within a picture, so ordering by annotation id puts the canonical caption first.
             annotations.append({"id": next_annotation_id, "image_id": image_id, "caption": caption})
             next_annotation_id += rng.randrange(1, 50)
@@ -136,8 +183,12 @@ def main(argv=None) -> None:
     cli.require_at_least(settings, {"n": 1, "width": 8, "height": 8})
     if settings.language not in LANGUAGES:
         raise cli.UserError(f"--language {settings.language!r} is not one of {', '.join(LANGUAGES)}.")
+    if settings.background not in BACKGROUNDS:
+        raise cli.UserError(f"--background {settings.background!r} is not one of {', '.join(BACKGROUNDS)}.")
     size = (settings.width, settings.height)
-    out = make_coco_folder(settings.out, settings.n, settings.split, size, settings.seed, settings.language)
+    out = make_coco_folder(
+        settings.out, settings.n, settings.split, size, settings.seed, settings.language, settings.background
+    )
     print(
         f"wrote {settings.n} pictures of {settings.width}x{settings.height} to {(out / settings.split).resolve()} "
         f"and captions to {(out / 'annotations' / f'captions_{settings.split}.json').resolve()}"
