@@ -94,7 +94,7 @@ def make_adapter(work: Path, smoke: bool, pictures: str = "white") -> Path:
         model, data = prepare(work, 500)
         if kind:
             data = make_split(work / f"data-500{kind}", 500, "train", background=pictures)
-        out, extra = work / ("out-qwen2_vl-fast-500" if not kind else f"out-qwen2_vl{kind}-500"), []
+        out, extra = work / f"out-qwen2_vl{kind or '-fast'}-500", []
     if not (out / "adapter" / "train_settings.json").exists():
         train = [sys.executable, "train.py", *benchmark_flags(model, data, out), *extra]
         print(f"adapter {out / 'adapter'}: {run(train, work / 'collection-adapter.log'):.0f} s")
@@ -139,8 +139,9 @@ def caption(adapter: Path, folder: Path, work: Path, n: int, smoke: bool, extra:
     batching's rows a picture (captioning.ROWS_PER_PICTURE) set to this in infer.py's process."""
     out = work / "collection-captions.jsonl"
     script = ["infer.py"]
-    if rows is not None:  # infer.py run by runpy after the setting is made (its time line then counts that import
-        # of torch as python's start-up; the wall time is what it is)
+    if rows is not None:
+        # infer.py run by runpy once the setting is made (its time line then counts that import of torch as python's
+        # start-up; the wall time is what it is)
         setup = f"from vlcap import captioning; captioning.ROWS_PER_PICTURE = {int(rows)}"
         script = [
             "-c",
