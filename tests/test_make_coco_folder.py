@@ -21,6 +21,12 @@ def load(folder: Path, split="train2014") -> dict:
     return json.loads((folder / "annotations" / f"captions_{split}.json").read_text())
 
 
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    """tools/make_coco_folder.py run as a user runs it."""
+    command = [sys.executable, str(ROOT / "tools" / "make_coco_folder.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
 def test_layout_ids_and_captions(tmp_path):
     out = make_coco_folder(tmp_path / "coco", 24, seed=3)
     coco = load(out)
@@ -94,26 +100,19 @@ def test_fast_enough_for_5000_pictures(tmp_path):
 
 
 def test_command_line_bench_size(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_coco_folder.py"),
-            "--out",
-            str(tmp_path / "v"),
-            "--n",
-            "3",
-            "--split",
-            "val2014",
-            "--width",
-            "640",
-            "--height",
-            "480",
-            "--seed",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = run_tool(
+        "--out",
+        str(tmp_path / "v"),
+        "--n",
+        "3",
+        "--split",
+        "val2014",
+        "--width",
+        "640",
+        "--height",
+        "480",
+        "--seed",
+        "2",
     )
     assert done.returncode == 0, done.stderr
     assert "wrote 3 pictures of 640x480" in done.stdout
@@ -123,9 +122,7 @@ def test_command_line_bench_size(tmp_path):
         with Image.open(tmp_path / "v" / "val2014" / im["file_name"]) as picture:
             assert picture.size == (640, 480)
 
-    missing = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "make_coco_folder.py")], capture_output=True, text=True
-    )
+    missing = run_tool()
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "error: --out is required: name the folder to create, e.g. --out coco-local."
@@ -167,19 +164,7 @@ def test_a_noisy_background_is_captioned_as_such_and_keeps_the_shapes(tmp_path):
         with Image.open(tmp_path / "noisy" / "train2014" / im["file_name"]) as picture:
             corner = numpy.asarray(picture.convert("RGB"))[:10, :10].astype(float)
         assert corner.std() > 3 and corner.mean() < 250, "the corner should be a noisy field, not white"
-    refused = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "make_coco_folder.py"),
-            "--out",
-            str(tmp_path / "x"),
-            "--background",
-            "red",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = run_tool("--out", str(tmp_path / "x"), "--background", "red")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == ["error: --background 'red' is not one of white, noisy."]
 
