@@ -14,18 +14,17 @@ them past the tokenizer, the text's tokens, captions at the limit, and the first
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tools"), str(ROOT / "tests")]
 
 from caption_collection import make_pictures  # noqa: E402
 from collection_parts import patched  # noqa: E402
 
-from bench import make_split  # noqa: E402
+from bench import make_split, run  # noqa: E402
+from helpers import LEARN_ARGS  # noqa: E402  (the tests' learning recipe)
 
 ROWS = 151_936  # the full configs' embedding rows
 
@@ -64,15 +63,9 @@ def build(folder: Path, rows: str) -> Path:
 
 def train(model: Path, data: Path, out: Path, steps: int) -> Path:
     """An adapter by train.py on the CPU, with the tests' learning recipe (tests/helpers.py LEARN_ARGS), `steps` long."""
-    import train as training
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import LEARN_ARGS
-
     if not (out / "adapter" / "train_settings.json").exists():
         flags = ["--model-dir", str(model), "--data-json", str(data), "--output-dir", str(out), "--test-size", "36"]
-        with contextlib.redirect_stdout(io.StringIO()):
-            training.main([*flags, "--max-steps", str(steps), *LEARN_ARGS])
+        run([sys.executable, "train.py", *flags, "--max-steps", str(steps), *LEARN_ARGS], out.parent / "train.log")
     return out / "adapter"
 
 
